@@ -1,0 +1,257 @@
+"""The one codec: Avro records to bytes and back, in either of the two wire formats.
+
+* Without a schema registry: Avro single-object encoding, as the Avro specification
+  defines it: ``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer
+  schema's Parsing Canonical Form, then the Avro binary body. The fingerprint is looked up
+  among the bundled schemas in ``avro/``.
+* With a schema registry (``GATEWAY_SCHEMA_REGISTRY_URL``): the Confluent framing (magic
+  byte ``0``, 4-byte big-endian schema id, body), written by confluent-kafka's
+  ``AvroSerializer`` under the record-name subject strategy (several event types share
+  the events topic).
+
+The decoder accepts both, whatever this process writes, and reads with the bundled
+schema of the same full name as reader schema, so records written under an older or newer
+compatible schema resolve. Everything it cannot read raises :class:`DecodeError`, whose
+message says what was wrong with the bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+
+__all__ = ["Codec", "DecodeError", "EncodeError", "SchemaSet", "SINGLE_OBJECT_MAGIC", "schema_dir"]
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = 0
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a record this gateway can read; the message says why."""
+
+
+class EncodeError(ValueError):
+    """A record that does not fit its schema; the message names the schema."""
+
+
+def schema_dir() -> Path:
+    """The ``avro/`` folder: inside the installed package, or at the root of a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "avro", here.parent / "avro"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no avro/ schema folder beside {here} or its parent")
+
+
+@dataclass(frozen=True)
+class _Schema:
+    name: str
+    parsed: Any
+    """fastavro's parsed form, used to read and write."""
+    canonical: str
+    """Parsing Canonical Form: self-contained JSON, what fingerprints are taken of."""
+    fingerprint: bytes
+    full: str = ""
+    """Self-contained JSON with docs and defaults: what is registered in a schema registry."""
+
+
+class SchemaSet:
+    """The bundled schemas, by full name and by CRC-64-AVRO fingerprint."""
+
+    # Records that reference another by name come after it.
+    ORDER = (
+        "gateway.events.Message",
+        "gateway.events.RateMessage",
+        "gateway.events.Ticket",
+        "gateway.events.CreateLead",
+        "gateway.Endpoint",
+        "gateway.Delivery",
+        "gateway.DeadLetter",
+    )
+
+    def __init__(self, folder: Path | None = None) -> None:
+        folder = folder or schema_dir()
+        named: dict[str, Any] = {}
+        raws: dict[str, Any] = {}
+        self.by_name: dict[str, _Schema] = {}
+        self.by_fingerprint: dict[bytes, _Schema] = {}
+        for name in self.ORDER:
+            raw = json.loads((folder / f"{name}.avsc").read_text())
+            raws[name] = raw
+            parsed = parse_schema(raw, named_schemas=named)
+            canonical = to_parsing_canonical_form(parsed)
+            schema = _Schema(
+                name,
+                parsed,
+                canonical,
+                bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
+                json.dumps(_inline(raw, raws, set())),
+            )
+            self.by_name[name] = schema
+            self.by_fingerprint[schema.fingerprint] = schema
+
+    def __getitem__(self, name: str) -> _Schema:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise KeyError(f"no bundled schema named {name!r}") from None
+
+
+def _inline(node: Any, raws: Mapping[str, Any], defined: set[str]) -> Any:
+    """``node`` with references to other bundled records replaced by their definitions."""
+    if isinstance(node, str):
+        if node in raws and node not in defined:
+            defined.add(node)
+            return _inline(raws[node], raws, defined)
+        return node
+    if isinstance(node, list):
+        return [_inline(item, raws, defined) for item in node]
+    if isinstance(node, dict):
+        if node.get("type") == "record":
+            defined.add(f"{node['namespace']}.{node['name']}" if "namespace" in node else node["name"])
+        return {key: _inline(value, raws, defined) if key in ("type", "fields", "items") else value
+                for key, value in node.items()}
+    return node
+
+
+@cache
+def _bundled() -> SchemaSet:
+    return SchemaSet()
+
+
+class Codec:
+    """Encodes and decodes the gateway's Avro records. One per process: it caches schemas,
+    and with a registry it holds the registry client."""
+
+    def __init__(self, schema_registry_url: str | None = None) -> None:
+        self.schemas = _bundled()
+        self._registry: Any = None
+        self._serializers: dict[str, Any] = {}
+        self._writers_by_id: dict[int, _Schema] = {}
+        self._lock = threading.Lock()
+        if schema_registry_url:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
+            self._registry = SchemaRegistryClient.new_client({"url": schema_registry_url})
+
+    @property
+    def uses_registry(self) -> bool:
+        return self._registry is not None
+
+    def encode(self, schema_name: str, record: Mapping[str, Any], *, topic: str) -> bytes:
+        """Encode ``record`` with the bundled schema ``schema_name`` for ``topic``."""
+        schema = self.schemas[schema_name]
+        if self._registry is not None:
+            return self._encode_confluent(schema, record, topic)
+        buf = io.BytesIO()
+        buf.write(SINGLE_OBJECT_MAGIC)
+        buf.write(schema.fingerprint)
+        try:
+            fastavro.schemaless_writer(buf, schema.parsed, record, strict=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise EncodeError(f"record does not fit schema {schema_name}: {exc}") from exc
+        return buf.getvalue()
+
+    def _encode_confluent(self, schema: _Schema, record: Mapping[str, Any], topic: str) -> bytes:
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        serializer = self._serializers.get(schema.name)
+        if serializer is None:
+            from confluent_kafka.schema_registry import record_subject_name_strategy
+            from confluent_kafka.schema_registry.avro import AvroSerializer
+
+            with self._lock:
+                serializer = self._serializers.setdefault(
+                    schema.name,
+                    AvroSerializer(
+                        self._registry,
+                        schema.full,
+                        conf={"subject.name.strategy": record_subject_name_strategy},
+                    ),
+                )
+        try:
+            data: bytes = serializer(dict(record), SerializationContext(topic, MessageField.VALUE))
+        except Exception as exc:  # the serializer wraps fastavro's errors in its own types
+            raise EncodeError(f"record does not fit schema {schema.name}: {exc}") from exc
+        return data
+
+    def decode(self, data: bytes | None) -> tuple[str, dict[str, Any]]:
+        """Decode either wire format; returns the record's full schema name and the record."""
+        if not data:
+            raise DecodeError("empty value (a tombstone or an empty record), not an Avro record")
+        if data[:2] == SINGLE_OBJECT_MAGIC:
+            if len(data) < 10:
+                raise DecodeError(f"single-object header cut short: {len(data)} bytes")
+            writer = self.schemas.by_fingerprint.get(data[2:10])
+            if writer is None:
+                raise DecodeError(
+                    f"single-object record with unknown schema fingerprint {data[2:10].hex()}; "
+                    "it was not written with one of the gateway's schemas"
+                )
+            return writer.name, self._read(data, 10, writer)
+        if data[0] == CONFLUENT_MAGIC and len(data) >= 5:
+            (schema_id,) = struct.unpack(">I", data[1:5])
+            return self._decode_confluent(schema_id, data)
+        raise DecodeError(
+            f"unknown framing: starts with {data[:4].hex()}, neither Avro single-object "
+            f"encoding (c301) nor the Confluent framing (00 + schema id); {len(data)} bytes"
+        )
+
+    def _decode_confluent(self, schema_id: int, data: bytes) -> tuple[str, dict[str, Any]]:
+        writer = self._writers_by_id.get(schema_id)
+        if writer is None:
+            if self._registry is None:
+                raise DecodeError(
+                    f"Confluent-framed record (schema id {schema_id}) but no schema registry is "
+                    "configured (set GATEWAY_SCHEMA_REGISTRY_URL)"
+                )
+            try:
+                registered = self._registry.get_schema(schema_id)
+            except Exception as exc:
+                raise DecodeError(
+                    f"schema id {schema_id} could not be fetched from the registry: {exc}"
+                ) from exc
+            try:
+                parsed = parse_schema(json.loads(registered.schema_str))
+                canonical = to_parsing_canonical_form(parsed)
+            except Exception as exc:
+                raise DecodeError(f"schema id {schema_id} is not a usable Avro schema: {exc}") from exc
+            name = parsed.get("name") if isinstance(parsed, dict) else None
+            if name not in self.schemas.by_name:
+                raise DecodeError(f"schema id {schema_id} is {name!r}, not one of the gateway's records")
+            writer = _Schema(name, parsed, canonical, b"")
+            self._writers_by_id[schema_id] = writer
+        return writer.name, self._read(data, 5, writer)
+
+    def _read(self, data: bytes, offset: int, writer: _Schema) -> dict[str, Any]:
+        reader = self.schemas.by_name[writer.name]
+        buf = io.BytesIO(data)
+        buf.seek(offset)
+        try:
+            record = fastavro.schemaless_reader(
+                buf, writer.parsed, reader.parsed if reader is not writer else None
+            )
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"{writer.name}: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        except (EOFError, StopIteration) as exc:
+            raise DecodeError(f"{writer.name}: record is truncated ({len(data)} bytes)") from exc
+        except Exception as exc:  # fastavro raises assorted types on corrupt input
+            raise DecodeError(f"{writer.name}: corrupt Avro body: {type(exc).__name__}: {exc}") from exc
+        if buf.tell() != len(data):
+            raise DecodeError(
+                f"{writer.name}: {len(data) - buf.tell()} bytes left over after the record "
+                "(corrupt, or written with another schema)"
+            )
+        if not isinstance(record, dict):
+            raise DecodeError(f"{writer.name}: decoded to {type(record).__name__}, not a record")
+        return record

@@ -1,0 +1,215 @@
+"""The one configuration object, and the table of settings behind it.
+
+Every setting has one entry in ``SETTINGS``: its field on :class:`Config`, its
+``GATEWAY_*`` environment variable, its command-line flag, its parser and its help. The
+CLI builds its options from that table, and :meth:`Config.from_env` reads the same
+variables, so a setting cannot be spelled two ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "Setting", "SETTINGS", "parse_delays"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value the gateway cannot use; the message names it and the value."""
+
+
+def parse_delays(text: str) -> tuple[int, ...]:
+    """Parse retry delays such as ``"60,300,900"`` or ``"1m,5m,15m"`` into whole seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    delays: list[int] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        scale = units.get(part[-1], 0)
+        number = part[:-1] if scale else part
+        try:
+            seconds = int(number) * (scale or 1)
+        except ValueError:
+            raise ConfigError(
+                f"retry delay {part!r} is not a whole number of seconds "
+                "(write e.g. 60,300,900 or 1m,5m,15m)"
+            ) from None
+        if seconds < 1:
+            raise ConfigError(f"retry delay {part!r} must be at least 1 second")
+        delays.append(seconds)
+    if not delays:
+        raise ConfigError(f"retry delays {text!r} name no delay (write e.g. 60,300,900)")
+    return tuple(delays)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _parse_networks(
+    text: str,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{part!r} is not a network in CIDR form (e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise ConfigError(f"{text!r} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise ConfigError(f"{text!r} is not a TCP port (1-65535)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _optional_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: where it lives and how it is read."""
+
+    name: str
+    """Field name on :class:`Config`."""
+    flag: str
+    """Command-line flag, e.g. ``--bootstrap``."""
+    parse: Callable[[str], Any]
+    """Turns the text of a flag or environment variable into the value."""
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "GATEWAY_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("bootstrap_servers", "--bootstrap", str.strip, "Kafka bootstrap servers, host:port[,…]."),
+    Setting("topic_prefix", "--topic-prefix", str.strip, "Prefix of every topic name."),
+    Setting("retry_delays", "--retry-delays", parse_delays,
+            "Retry tier delays in seconds (or with s/m/h), comma-separated."),
+    Setting("partitions", "--partitions", _positive_int,
+            "Partition count used by `topics create` (bounds parallelism)."),
+    Setting("replication_factor", "--replication-factor", _positive_int,
+            "Replication factor used by `topics create`."),
+    Setting("schema_registry_url", "--schema-registry-url", _optional_str,
+            "Confluent schema registry URL; without it records use Avro single-object encoding."),
+    Setting("group_id", "--group-id", str.strip,
+            "Consumer group id prefix; each tier consumes in its own group under it."),
+    Setting("metrics_port", "--metrics-port", _port, "Port of the /metrics endpoint."),
+    Setting("concurrency", "--concurrency", _positive_int,
+            "Deliveries in flight per worker process, across all partitions."),
+    Setting("endpoint_concurrency", "--endpoint-concurrency", _positive_int,
+            "Requests in flight to one endpoint at once."),
+    Setting("request_timeout", "--request-timeout", _positive_float,
+            "Seconds a webhook request may take, connect to last byte."),
+    Setting("max_response_bytes", "--max-response-bytes", _positive_int,
+            "Bytes of a response body read; the rest is discarded."),
+    Setting("shutdown_timeout", "--shutdown-timeout", _positive_float,
+            "Seconds a stopping worker waits for in-flight deliveries."),
+    Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
+            "Kafka consumer session timeout; a dead worker's partitions move after it."),
+    Setting("allow_private_networks", "--allow-private-networks", _parse_bool,
+            "Deliver to loopback/private/link-local addresses (demo and tests only)."),
+    Setting("allowed_networks", "--allowed-networks", _parse_networks,
+            "Non-public networks (CIDR, comma-separated) that deliveries may reach."),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the gateway's processes are configured by. Immutable; build a new one
+    with :meth:`replace`."""
+
+    bootstrap_servers: str = "localhost:9092"
+    topic_prefix: str = "webhooks"
+    retry_delays: tuple[int, ...] = (60, 300, 900)
+    partitions: int = 6
+    replication_factor: int = 1
+    schema_registry_url: str | None = None
+    group_id: str = "webhook-gateway"
+    metrics_port: int = 9400
+    concurrency: int = 1000
+    endpoint_concurrency: int = 20
+    request_timeout: float = 15.0
+    max_response_bytes: int = 64 * 1024
+    shutdown_timeout: float = 30.0
+    session_timeout_ms: int = 10_000
+    allow_private_networks: bool = False
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default_factory=tuple
+    )
+
+    def __post_init__(self) -> None:
+        if not self.topic_prefix or any(c in self.topic_prefix for c in "/\\ "):
+            raise ConfigError(f"topic prefix {self.topic_prefix!r} is not a usable topic name")
+        if not self.bootstrap_servers:
+            raise ConfigError("bootstrap servers are empty (set GATEWAY_BOOTSTRAP_SERVERS)")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Config:
+        """Read ``GATEWAY_*`` variables; ``overrides`` (already parsed values) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            text = environ.get(setting.env)
+            if text is not None:
+                try:
+                    values[setting.name] = setting.parse(text)
+                except ConfigError as exc:
+                    raise ConfigError(f"{setting.env}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def kafka_common(self) -> dict[str, Any]:
+        """librdkafka settings every client of the gateway shares."""
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            # Topics are created explicitly (`gateway topics create`); a typo must not
+            # silently create a new, empty topic.
+            "allow.auto.create.topics": False,
+            # librdkafka's own log lines go through Python logging, one line each.
+            "logger": logging.getLogger("gateway.kafka"),
+        }

@@ -1,0 +1,59 @@
+"""Structured logs: one event per line, ``key=value`` pairs (or JSON with
+``GATEWAY_LOG_FORMAT=json``).
+
+Call sites log an event name and its fields: ``log.info("delivered",
+extra={"event_id": ..., "endpoint_id": ...})``. Signing secrets are never passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+__all__ = ["configure_logging", "KeyValueFormatter", "JsonFormatter"]
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z",
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "event": record.getMessage(),
+    }
+    fields.update((k, v) for k, v in record.__dict__.items() if k not in _STANDARD)
+    if record.exc_info:
+        fields["error"] = logging.Formatter().formatException(record.exc_info)
+    return fields
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\n\t'):
+        return text
+    return json.dumps(text)
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"{k}={_quote(v)}" for k, v in _fields(record).items())
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_fields(record), default=str)
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Log to stderr at ``level`` (default ``GATEWAY_LOG_LEVEL`` or INFO)."""
+    handler = logging.StreamHandler(sys.stderr)
+    as_json = os.environ.get("GATEWAY_LOG_FORMAT", "").lower() == "json"
+    handler.setFormatter(JsonFormatter() if as_json else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("GATEWAY_LOG_LEVEL") or "INFO").upper())

@@ -1,0 +1,252 @@
+"""The gateway's own records: endpoint registrations, deliveries with their attempt log,
+and dead letters. Each maps one-to-one onto its ``.avsc`` schema in ``avro/``.
+
+Times are integers of milliseconds since the Unix epoch, as in the schemas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "Endpoint",
+    "Attempt",
+    "Delivery",
+    "DeadLetter",
+    "DeadLetterReason",
+    "ENDPOINT_SCHEMA",
+    "DELIVERY_SCHEMA",
+    "DEAD_LETTER_SCHEMA",
+]
+
+ENDPOINT_SCHEMA = "gateway.Endpoint"
+DELIVERY_SCHEMA = "gateway.Delivery"
+DEAD_LETTER_SCHEMA = "gateway.DeadLetter"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A registered webhook endpoint of one bot."""
+
+    id: str
+    bot_id: str
+    url: str
+    secret: str
+    """``whsec_<base64>``; never logged, never in metrics or dead letters."""
+    created_at: int
+    updated_at: int
+    event_types: tuple[str, ...] = ()
+    """Event types delivered; empty means all."""
+    enabled: bool = True
+    description: str | None = None
+    previous_secret: str | None = None
+    previous_secret_expires_at: int | None = None
+
+    def admits(self, event_type: str) -> bool:
+        """Does this endpoint want events of ``event_type``?"""
+        return self.enabled and (not self.event_types or event_type in self.event_types)
+
+    def secrets_at(self, now_ms: int) -> tuple[str, ...]:
+        """Secrets to sign with: the current one, and the previous one during its grace."""
+        if self.previous_secret and (
+            self.previous_secret_expires_at is None or now_ms < self.previous_secret_expires_at
+        ):
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
+
+    def __repr__(self) -> str:  # keeps the secrets out of logs and tracebacks
+        return (
+            f"Endpoint(id={self.id!r}, bot_id={self.bot_id!r}, url={self.url!r}, "
+            f"event_types={self.event_types!r}, enabled={self.enabled!r})"
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "botId": self.bot_id,
+            "url": self.url,
+            "secret": self.secret,
+            "previousSecret": self.previous_secret,
+            "previousSecretExpiresAt": self.previous_secret_expires_at,
+            "eventTypes": list(self.event_types),
+            "enabled": self.enabled,
+            "description": self.description,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Endpoint:
+        return cls(
+            id=r["id"],
+            bot_id=r["botId"],
+            url=r["url"],
+            secret=r["secret"],
+            previous_secret=r.get("previousSecret"),
+            previous_secret_expires_at=r.get("previousSecretExpiresAt"),
+            event_types=tuple(r.get("eventTypes") or ()),
+            enabled=r.get("enabled", True),
+            description=r.get("description"),
+            created_at=r["createdAt"],
+            updated_at=r["updatedAt"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP attempt and how it ended."""
+
+    at: int
+    tier: str
+    duration_ms: float
+    status: int | None = None
+    error: str | None = None
+    response_snippet: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300 and self.error is None
+
+    def describe(self) -> str:
+        """``HTTP 503``, ``timeout after 15.0 s``, …: the outcome in a few words."""
+        if self.error:
+            return self.error if self.status is None else f"HTTP {self.status}: {self.error}"
+        return f"HTTP {self.status}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "tier": self.tier,
+            "durationMs": self.duration_ms,
+            "status": self.status,
+            "error": self.error,
+            "responseSnippet": self.response_snippet,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Attempt:
+        return cls(
+            at=r["at"],
+            tier=r["tier"],
+            duration_ms=r["durationMs"],
+            status=r.get("status"),
+            error=r.get("error"),
+            response_snippet=r.get("responseSnippet"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event on its way to one endpoint, as carried by the retry tiers."""
+
+    event_id: str
+    event_type: str
+    bot_id: str
+    session_id: str
+    occurred_at: int
+    payload: str
+    """The JSON document, exactly as POSTed on every attempt."""
+    endpoint_id: str
+    attempt: int
+    """Attempts made in the current schedule (a replay resets it to 0)."""
+    due_at: int
+    attempts: tuple[Attempt, ...] = field(default=())
+    """Every attempt ever made, oldest first."""
+    replay_of: str | None = None
+
+    def after(self, attempt: Attempt, *, due_at: int) -> Delivery:
+        """This delivery with one more attempt logged and the next one due at ``due_at``."""
+        return replace(
+            self, attempt=self.attempt + 1, due_at=due_at, attempts=(*self.attempts, attempt)
+        )
+
+    @property
+    def last_attempt(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "eventId": self.event_id,
+            "eventType": self.event_type,
+            "botId": self.bot_id,
+            "sessionId": self.session_id,
+            "occurredAt": self.occurred_at,
+            "payload": self.payload,
+            "endpointId": self.endpoint_id,
+            "attempt": self.attempt,
+            "dueAt": self.due_at,
+            "attempts": [a.to_record() for a in self.attempts],
+            "replayOf": self.replay_of,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Delivery:
+        return cls(
+            event_id=r["eventId"],
+            event_type=r["eventType"],
+            bot_id=r["botId"],
+            session_id=r["sessionId"],
+            occurred_at=r["occurredAt"],
+            payload=r["payload"],
+            endpoint_id=r["endpointId"],
+            attempt=r["attempt"],
+            due_at=r["dueAt"],
+            attempts=tuple(Attempt.from_record(a) for a in r.get("attempts") or ()),
+            replay_of=r.get("replayOf"),
+        )
+
+
+class DeadLetterReason(StrEnum):
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    UNDECODABLE = "undecodable"
+    INVALID = "invalid"
+    ENDPOINT_REMOVED = "endpoint_removed"
+    ENDPOINT_DISABLED = "endpoint_disabled"
+    BLOCKED_DESTINATION = "blocked_destination"
+    GONE = "gone"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record the gateway gave up on, with why and where it came from."""
+
+    reason: str
+    detail: str
+    dead_at: int
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    original_key: bytes | None = None
+    original_value: bytes | None = None
+    delivery: Delivery | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "detail": self.detail,
+            "deadAt": self.dead_at,
+            "sourceTopic": self.source_topic,
+            "sourcePartition": self.source_partition,
+            "sourceOffset": self.source_offset,
+            "originalKey": self.original_key,
+            "originalValue": self.original_value,
+            "delivery": self.delivery.to_record() if self.delivery else None,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> DeadLetter:
+        delivery = r.get("delivery")
+        return cls(
+            reason=r["reason"],
+            detail=r["detail"],
+            dead_at=r["deadAt"],
+            source_topic=r["sourceTopic"],
+            source_partition=r["sourcePartition"],
+            source_offset=r["sourceOffset"],
+            original_key=r.get("originalKey"),
+            original_value=r.get("originalValue"),
+            delivery=Delivery.from_record(delivery) if delivery else None,
+        )
