@@ -98,6 +98,9 @@ class Broker:
             stdout=self._log_file if self._log_file else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             env=env,
+            # Its own session: a Ctrl-C in the terminal reaches the gateway, which stops the
+            # broker only after the workers have drained and committed.
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout

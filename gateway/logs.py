@@ -49,11 +49,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), default=str)
 
 
-def configure_logging(level: str | None = None) -> None:
-    """Log to stderr at ``level`` (default ``GATEWAY_LOG_LEVEL`` or INFO)."""
+def configure_logging(level: str | None = None, *, default: str = "WARNING") -> None:
+    """Log to stderr at ``level`` (else ``GATEWAY_LOG_LEVEL``, else ``default``)."""
     handler = logging.StreamHandler(sys.stderr)
     as_json = os.environ.get("GATEWAY_LOG_FORMAT", "").lower() == "json"
     handler.setFormatter(JsonFormatter() if as_json else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel((level or os.environ.get("GATEWAY_LOG_LEVEL") or "INFO").upper())
+    root.setLevel((level or os.environ.get("GATEWAY_LOG_LEVEL") or default).upper())
+    # One line per request at INFO would drown the gateway's own events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -136,3 +136,78 @@ def decode_all(messages: list[Any], codec: Codec | None = None) -> list[tuple[st
 
 
 DOCS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "webhook-events.md"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Any]:
+    from .receiver import Receiver
+
+    with Receiver() as running:
+        yield running
+
+
+class WorkerProcess:
+    """A real `gateway run` subprocess with its log in a file."""
+
+    def __init__(self, config: Config, log: Path, *args: str) -> None:
+        self.config = config
+        self.log = log
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait_assigned: bool = True, timeout: float = 30.0) -> WorkerProcess:
+        self._log_file = open(self.log, "ab")  # noqa: SIM115
+        self._offset = self.log.stat().st_size
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--no-metrics", *self.args],
+            stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=gateway_env(self.config, GATEWAY_LOG_LEVEL="info"),
+        )
+        if wait_assigned:
+            tiers = len(self.config.retry_delays) + 1
+            if "--tiers" in self.args:
+                tiers = len(self.args[self.args.index("--tiers") + 1].split(","))
+            deadline = time.monotonic() + timeout
+            while self.text().count("partitions assigned") < tiers:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.text()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"worker not assigned within {timeout} s:\n{self.text()}")
+                time.sleep(0.05)
+        return self
+
+    def text(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self._offset)
+            return f.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self._log_file.close()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        code = self.process.wait(timeout)
+        self._log_file.close()
+        return code
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[WorkerProcess] = []
+
+    def make(config: Config, *args: str, **kwargs: Any) -> WorkerProcess:
+        worker = WorkerProcess(config, tmp_path / f"worker-{len(started)}.log", *args)
+        started.append(worker)
+        return worker.start(**kwargs)
+
+    yield make
+    for worker in started:
+        if worker.process is not None and worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
+        if not worker._log_file.closed:
+            worker._log_file.close()

@@ -1,0 +1,249 @@
+"""The dispatcher: what happens to one record of the events topic or of a retry tier.
+
+* An event is fanned out to the enabled endpoints of its bot whose filter admits it; from
+  then on each (event, endpoint) pair is a :class:`~gateway.records.Delivery` that travels
+  alone, so a retry never re-sends to an endpoint that already answered 2xx.
+* A delivery from a retry tier is attempted once more, for its own endpoint only.
+* After each attempt, :func:`gateway.retry.next_step` decides: done, next tier, or dead
+  letter. The record is settled (its offset may be committed) only once every delivery it
+  produced is done or its next record was acknowledged by the broker.
+* A record that cannot be decoded or validated is dead-lettered with its original bytes,
+  and the partition moves on.
+
+:meth:`Dispatcher.run` never raises: whatever goes wrong ends as a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .codec import Codec, DecodeError
+from .config import Config
+from .endpoints import EndpointTable
+from .events import SCHEMA_NAMES, Event, InvalidEvent
+from .kafka_io import AckedProducer, dead_letter_headers, delivery_headers
+from .metrics import (
+    ATTEMPTS,
+    DEAD_LETTERS,
+    DELIVERY_SECONDS,
+    END_TO_END_SECONDS,
+    EVENTS_CONSUMED,
+    EVENTS_WITHOUT_ENDPOINT,
+    LAST_SUCCESS,
+    RETRIES_SCHEDULED,
+    outcome_of,
+)
+from .records import (
+    DEAD_LETTER_SCHEMA,
+    DELIVERY_SCHEMA,
+    DeadLetter,
+    DeadLetterReason,
+    Delivery,
+    Endpoint,
+)
+from .retry import Delivered, GiveUp, Retry, next_step
+from .sender import Sender
+from .topics import Tier, Topics
+
+__all__ = ["Dispatcher", "Job", "BadRecord", "now_ms"]
+
+log = logging.getLogger(__name__)
+
+_EVENT_SCHEMAS = frozenset(SCHEMA_NAMES.values())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record that could not be decoded or validated."""
+
+    reason: DeadLetterReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A received record, decoded, with the time it may be processed."""
+
+    message: Any
+    """The confluent_kafka Message."""
+    content: Event | Delivery | BadRecord
+    due_at: int
+
+    @property
+    def offset(self) -> int:
+        return int(self.message.offset())
+
+
+class Dispatcher:
+    """Turns records into HTTP attempts and their consequences. One per process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        codec: Codec,
+        endpoints: EndpointTable,
+        sender: Sender,
+        producer: AckedProducer,
+    ) -> None:
+        self.config = config
+        self.topics = Topics.from_config(config)
+        self.tiers = self.topics.tiers
+        self.codec = codec
+        self.endpoints = endpoints
+        self.sender = sender
+        self.producer = producer
+
+    def prepare(self, tier: Tier, message: Any) -> Job:
+        """Decode and validate a received record; cheap enough for the poll path."""
+        value = message.value()
+        try:
+            name, record = self.codec.decode(value)
+            if tier.index == 0:
+                if name not in _EVENT_SCHEMAS:
+                    raise DecodeError(f"a {name} record on the events topic, not an event")
+                event = Event.from_record(record)
+                EVENTS_CONSUMED.labels(event.type.value).inc()
+                return Job(message, event, 0)
+            if name != DELIVERY_SCHEMA:
+                raise DecodeError(f"a {name} record on a retry tier, not a delivery")
+            delivery = Delivery.from_record(record)
+            return Job(message, delivery, delivery.due_at)
+        except DecodeError as exc:
+            if tier.index == 0:
+                EVENTS_CONSUMED.labels("undecodable").inc()
+            return Job(message, BadRecord(DeadLetterReason.UNDECODABLE, str(exc)), 0)
+        except InvalidEvent as exc:
+            EVENTS_CONSUMED.labels("invalid").inc()
+            return Job(message, BadRecord(DeadLetterReason.INVALID, str(exc)), 0)
+
+    async def run(self, tier: Tier, job: Job) -> None:
+        """Process a due job to the end: delivered, forwarded or dead-lettered."""
+        try:
+            content = job.content
+            if isinstance(content, Event):
+                await self._fan_out(tier, job, content)
+            elif isinstance(content, Delivery):
+                await self._retry(tier, job, content)
+            else:
+                await self._dead_letter_record(job, content.reason, content.detail)
+        except Exception as exc:  # a bug must not stop the partition: keep the record
+            log.exception("record processing failed; dead-lettering it",
+                          extra={"topic": job.message.topic(), "offset": job.offset})
+            await self._dead_letter_record(job, DeadLetterReason.INVALID,
+                                           f"internal error while processing: {exc!r}")
+
+    async def _fan_out(self, tier: Tier, job: Job, event: Event) -> None:
+        targets = self.endpoints.for_event(event.bot_id, event.type.value)
+        if not targets:
+            EVENTS_WITHOUT_ENDPOINT.labels(event.type.value).inc()
+            return
+        body = event.json_body()
+        base = Delivery(
+            event_id=event.event_id,
+            event_type=event.type.value,
+            bot_id=event.bot_id,
+            session_id=event.session_id,
+            occurred_at=event.occurred_at,
+            payload=body.decode(),
+            endpoint_id="",
+            attempt=0,
+            due_at=now_ms(),
+        )
+        if len(targets) == 1:
+            await self._attempt(tier, job, replace(base, endpoint_id=targets[0].id), targets[0], body)
+            return
+        await asyncio.gather(*(
+            self._attempt(tier, job, replace(base, endpoint_id=e.id), e, body) for e in targets
+        ))
+
+    async def _retry(self, tier: Tier, job: Job, delivery: Delivery) -> None:
+        endpoint = self.endpoints.get(delivery.endpoint_id)
+        if endpoint is None:
+            await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_REMOVED,
+                                    f"endpoint {delivery.endpoint_id} was removed")
+        elif not endpoint.enabled:
+            await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_DISABLED,
+                                    f"endpoint {delivery.endpoint_id} is disabled")
+        else:
+            await self._attempt(tier, job, delivery, endpoint, delivery.payload.encode())
+
+    async def _attempt(
+        self, tier: Tier, job: Job, delivery: Delivery, endpoint: Endpoint, body: bytes
+    ) -> None:
+        attempt = await self.sender.send(endpoint, delivery.event_id, body, tier.name)
+        outcome, status_class = outcome_of(attempt.status, attempt.error)
+        ATTEMPTS.labels(tier.name, outcome, status_class).inc()
+        DELIVERY_SECONDS.labels(tier.name).observe(attempt.duration_ms / 1000)
+        step = next_step(self.tiers, tier, attempt)
+        if isinstance(step, Delivered):
+            now = time.time()
+            LAST_SUCCESS.set(now)
+            END_TO_END_SECONDS.labels(delivery.event_type).observe(max(0.0, now - delivery.occurred_at / 1000))
+            return
+        fields = {
+            "event_id": delivery.event_id,
+            "endpoint_id": delivery.endpoint_id,
+            "tier": tier.name,
+            "outcome": attempt.describe(),
+        }
+        if isinstance(step, Retry):
+            forwarded = delivery.after(attempt, due_at=step.due_at)
+            value = self.codec.encode(DELIVERY_SCHEMA, forwarded.to_record(), topic=step.tier.topic)
+            await self.producer.send(
+                step.tier.topic,
+                delivery.endpoint_id.encode(),
+                value,
+                delivery_headers(forwarded, source=_source(job)),
+            )
+            RETRIES_SCHEDULED.labels(step.tier.name).inc()
+            log.info("delivery failed, retry scheduled", extra=fields | {"next_tier": step.tier.name})
+            return
+        assert isinstance(step, GiveUp)
+        await self._dead_letter(job, delivery.after(attempt, due_at=delivery.due_at), step.reason, step.detail)
+
+    async def _dead_letter(
+        self, job: Job, delivery: Delivery, reason: DeadLetterReason, detail: str
+    ) -> None:
+        topic, partition, offset = _source(job)
+        dead = DeadLetter(
+            reason=reason.value, detail=detail, dead_at=now_ms(), source_topic=topic,
+            source_partition=partition, source_offset=offset, delivery=delivery,
+        )
+        await self._write_dead_letter(dead, delivery.endpoint_id.encode())
+        log.warning("delivery dead-lettered", extra={
+            "event_id": delivery.event_id, "endpoint_id": delivery.endpoint_id,
+            "reason": reason.value, "detail": detail,
+        })
+
+    async def _dead_letter_record(self, job: Job, reason: DeadLetterReason, detail: str) -> None:
+        topic, partition, offset = _source(job)
+        message = job.message
+        dead = DeadLetter(
+            reason=reason.value, detail=detail, dead_at=now_ms(), source_topic=topic,
+            source_partition=partition, source_offset=offset,
+            original_key=message.key(), original_value=message.value(),
+        )
+        await self._write_dead_letter(dead, message.key())
+        log.warning("record dead-lettered", extra={
+            "topic": topic, "partition": partition, "offset": offset,
+            "reason": reason.value, "detail": detail,
+        })
+
+    async def _write_dead_letter(self, dead: DeadLetter, key: bytes | None) -> None:
+        value = self.codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic=self.topics.dlq)
+        await self.producer.send(self.topics.dlq, key, value, dead_letter_headers(dead))
+        DEAD_LETTERS.labels(dead.reason).inc()
+
+
+def _source(job: Job) -> tuple[str, int, int]:
+    message = job.message
+    return message.topic(), message.partition(), message.offset()

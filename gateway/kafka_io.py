@@ -1,0 +1,128 @@
+"""Kafka plumbing shared by the workers: the acknowledged producer and the plain headers
+written on retry and dead-letter records.
+
+:class:`AckedProducer` turns librdkafka's delivery callbacks into awaitables: a worker
+settles a record only once the broker acknowledged what the record turned into. A
+record that cannot be produced is tried again (with backoff) rather than dropped; its
+source offset stays uncommitted meanwhile, so nothing is lost even if the process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from .config import Config
+from .records import DeadLetter, Delivery
+
+__all__ = ["AckedProducer", "Headers", "delivery_headers", "dead_letter_headers"]
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+class AckedProducer:
+    """An idempotent producer (``acks=all``) whose sends complete on acknowledgement."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._producer = Producer(
+            config.kafka_common()
+            | {
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "message.timeout.ms": 60_000,
+            }
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="producer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
+        """Produce and wait for the broker's acknowledgement, retrying until it comes."""
+        delay = 0.1
+        while True:
+            error = await self._send_once(topic, key, value, headers)
+            if error is None:
+                return
+            log.error("produce failed, retrying",
+                      extra={"topic": topic, "error": error.str(), "retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _send_once(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers
+    ) -> KafkaError | None:
+        loop = self._loop
+        future: asyncio.Future[KafkaError | None] = loop.create_future()
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
+            loop.call_soon_threadsafe(_resolve, future, err)
+
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers,
+                                       on_delivery=on_delivery)
+                break
+            except BufferError:
+                await asyncio.sleep(0.01)
+        return await future
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._stop.set()
+        self._thread.join(2)
+
+
+def _resolve(future: asyncio.Future[KafkaError | None], err: KafkaError | None) -> None:
+    if not future.done():
+        future.set_result(err)
+
+
+def _source_headers(topic: str, partition: int, offset: int) -> Headers:
+    return [
+        ("source-topic", topic.encode()),
+        ("source-partition", str(partition).encode()),
+        ("source-offset", str(offset).encode()),
+    ]
+
+
+def delivery_headers(delivery: Delivery, *, source: Sequence[Any]) -> Headers:
+    """Plain headers of a retry record, for tools that do not read Avro (kcat, …)."""
+    last = delivery.last_attempt
+    headers: Headers = [
+        ("event-id", delivery.event_id.encode()),
+        ("event-type", delivery.event_type.encode()),
+        ("endpoint-id", delivery.endpoint_id.encode()),
+        ("attempt", str(delivery.attempt).encode()),
+        ("due-at", str(delivery.due_at).encode()),
+    ]
+    if last is not None:
+        headers.append(("last-error", last.describe().encode()))
+    return headers + _source_headers(*source)
+
+
+def dead_letter_headers(dead: DeadLetter) -> Headers:
+    headers: Headers = [("reason", dead.reason.encode())]
+    if dead.delivery is not None:
+        d = dead.delivery
+        headers += [
+            ("event-id", d.event_id.encode()),
+            ("event-type", d.event_type.encode()),
+            ("endpoint-id", d.endpoint_id.encode()),
+            ("attempt", str(d.attempt).encode()),
+        ]
+        if d.last_attempt is not None:
+            headers.append(("last-error", d.last_attempt.describe().encode()))
+    return headers + _source_headers(dead.source_topic, dead.source_partition, dead.source_offset)

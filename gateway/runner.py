@@ -1,0 +1,127 @@
+"""One gateway process: the endpoint table, the tier workers, the sender, the producer, and
+an orderly shutdown on SIGTERM or SIGINT.
+
+Start order matters: the endpoint table is loaded to the end of its topic before any
+worker subscribes, so no event is routed against a partial table. Stop order too: the
+workers drain and commit first, then the producer flushes, then the HTTP clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+from confluent_kafka.admin import AdminClient
+
+from .codec import Codec
+from .config import Config
+from .dispatcher import Dispatcher
+from .endpoints import EndpointRegistry, EndpointTable
+from .kafka_io import AckedProducer
+from .metrics import ENDPOINTS
+from .sender import Sender
+from .topics import Tier, Topics
+from .worker import Capacity, TierWorker
+
+__all__ = ["serve", "run", "RunnerError", "resolve_tiers"]
+
+log = logging.getLogger(__name__)
+
+
+class RunnerError(RuntimeError):
+    """The workers cannot start; the message says what is missing."""
+
+
+def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
+    """The tiers named (``events``, ``retry-1m``, …; ``all`` or nothing for every tier)."""
+    topics = Topics.from_config(config)
+    if not names or list(names) == ["all"]:
+        return list(topics.tiers)
+    try:
+        return [topics.tier(name) for name in dict.fromkeys(names)]
+    except ValueError as exc:
+        raise RunnerError(str(exc)) from None
+
+
+def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
+    topics = Topics.from_config(config)
+    wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints}
+    wanted |= {t.topic for t in topics.tiers if t.index > min(x.index for x in tiers)}
+    try:
+        existing = AdminClient(config.kafka_common()).list_topics(timeout=15).topics
+    except Exception as exc:
+        raise RunnerError(f"no Kafka broker answered at {config.bootstrap_servers}: {exc}") from None
+    missing = sorted(wanted - set(existing))
+    if missing:
+        raise RunnerError(
+            f"topics missing on {config.bootstrap_servers}: {', '.join(missing)}; "
+            "run `gateway topics create` with the same prefix and retry delays"
+        )
+
+
+def _count_endpoints(table: EndpointTable) -> None:
+    endpoints = table.all()
+    ENDPOINTS.labels("enabled").set(sum(1 for e in endpoints if e.enabled))
+    ENDPOINTS.labels("disabled").set(sum(1 for e in endpoints if not e.enabled))
+
+
+async def serve(
+    config: Config,
+    tiers: Sequence[Tier],
+    stop: asyncio.Event,
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run the workers of ``tiers`` until ``stop`` is set; then drain, commit and return."""
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(_check_topics, config, tiers)
+    codec = Codec(config.schema_registry_url)
+    registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints)
+    await asyncio.to_thread(registry.start)
+    producer = AckedProducer(config, loop)
+    sender = Sender(config)
+    dispatcher = Dispatcher(config, codec=codec, endpoints=registry.table, sender=sender,
+                            producer=producer)
+    capacity = Capacity(config.concurrency)
+    workers = [TierWorker(tier, config, dispatcher, capacity, loop) for tier in tiers]
+    for worker in workers:
+        worker.start()
+    log.info("workers started", extra={"tiers": ",".join(t.name for t in tiers),
+                                       "bootstrap": config.bootstrap_servers})
+    try:
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+    finally:
+        log.info("stopping: draining in-flight deliveries",
+                 extra={"timeout_s": config.shutdown_timeout})
+        # Draining is bounded by shutdown_timeout; closing the consumers (leave the group,
+        # final commit) gets a little more. A broker that is gone cannot make us hang.
+        bound = config.shutdown_timeout + 10
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.stop() for w in workers)), bound)
+            await asyncio.wait_for(asyncio.to_thread(producer.close), 15)
+        except TimeoutError:
+            raise RunnerError(
+                f"shutdown did not finish within {bound:g} s (is the broker reachable?); "
+                "uncommitted records will be delivered again after a restart"
+            ) from None
+        finally:
+            await sender.aclose()
+            registry.stop()
+        log.info("stopped")
+
+
+def run(config: Config, tiers: Sequence[Tier], *, on_ready: Callable[[], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down in order. Blocks."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, tiers, stop, on_ready=on_ready)
+
+    asyncio.run(main())

@@ -1,0 +1,131 @@
+"""The HTTP sender: one signed POST of one delivery, and how it ended.
+
+Each endpoint gets its own small ``httpx.AsyncClient`` (its own connection pool) and its
+own concurrency limit. Many small pools are cheaper than one big one (httpcore walks
+every connection of a pool for every request), and a slow endpoint can only ever fill
+its own pool, never another endpoint's.
+
+Every attempt is bounded by one overall deadline (``request_timeout``), connect to last
+byte read, so a receiver that trickles bytes cannot hold a worker. Redirects are not
+followed: a 3xx is a failed attempt. At most ``max_response_bytes`` of the body are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from .config import Config
+from .records import Attempt, Endpoint
+from .signing import secret_key, signature_header
+
+__all__ = ["Sender", "SNIPPET_CHARS"]
+
+SNIPPET_CHARS = 512
+USER_AGENT = "webhook-gateway/0.1"
+
+
+@dataclass
+class _Pool:
+    client: httpx.AsyncClient
+    limit: asyncio.Semaphore
+    url: str
+
+
+class Sender:
+    """Sends deliveries to endpoints. One per process, used from its event loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._pools: dict[str, _Pool] = {}
+        self._keys: dict[str, bytes] = {}
+
+    def _pool(self, endpoint: Endpoint) -> _Pool:
+        pool = self._pools.get(endpoint.id)
+        if pool is None or pool.url != endpoint.url:
+            if pool is not None:
+                asyncio.get_running_loop().create_task(pool.client.aclose())
+            limit = self.config.endpoint_concurrency
+            pool = _Pool(
+                httpx.AsyncClient(
+                    follow_redirects=False,
+                    timeout=httpx.Timeout(self.config.request_timeout),
+                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                    headers={"user-agent": USER_AGENT},
+                    trust_env=False,
+                ),
+                asyncio.Semaphore(limit),
+                endpoint.url,
+            )
+            self._pools[endpoint.id] = pool
+        return pool
+
+    def _key(self, secret: str) -> bytes:
+        key = self._keys.get(secret)
+        if key is None:
+            key = self._keys[secret] = secret_key(secret)
+        return key
+
+    def waiting(self, endpoint_id: str) -> int:
+        """Requests to this endpoint queued behind its concurrency limit."""
+        pool = self._pools.get(endpoint_id)
+        return 0 if pool is None else len(getattr(pool.limit, "_waiters", None) or ())
+
+    async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
+        """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
+        pool = self._pool(endpoint)
+        async with pool.limit:
+            started_at = time.time_ns() // 1_000_000
+            started = time.perf_counter()
+            timestamp = int(time.time())
+            keys = tuple(self._key(s) for s in endpoint.secrets_at(started_at))
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": event_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": signature_header(keys, event_id, timestamp, body),
+            }
+            status: int | None = None
+            error: str | None = None
+            snippet: str | None = None
+            try:
+                async with asyncio.timeout(self.config.request_timeout):
+                    async with pool.client.stream("POST", endpoint.url, content=body, headers=headers) as response:
+                        status = response.status_code
+                        raw = await self._read_bounded(response)
+                snippet = raw[:SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS] or None
+                if 300 <= status < 400:
+                    error = f"redirect to {response.headers.get('location', '?')} (not followed)"
+            except TimeoutError:
+                error = f"timeout after {self.config.request_timeout:g} s"
+            except httpx.TimeoutException:
+                error = f"timeout after {self.config.request_timeout:g} s"
+            except httpx.ConnectError as exc:
+                error = f"connection error: {exc or type(exc).__name__}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            except OSError as exc:
+                error = f"connection error: {exc}"
+            duration_ms = (time.perf_counter() - started) * 1000
+        return Attempt(
+            at=started_at, tier=tier, duration_ms=round(duration_ms, 3), status=status,
+            error=error, response_snippet=snippet,
+        )
+
+    async def _read_bounded(self, response: httpx.Response) -> bytes:
+        limit = self.config.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_raw():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+        return b"".join(chunks)[:limit]
+
+    async def aclose(self) -> None:
+        pools, self._pools = self._pools, {}
+        await asyncio.gather(*(p.client.aclose() for p in pools.values()), return_exceptions=True)

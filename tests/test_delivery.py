@@ -1,0 +1,187 @@
+"""Delivery end to end: real broker, real `gateway run` processes, a real HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from gateway.codec import Codec
+from gateway.config import Config
+from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.events import parse_event
+from gateway.publisher import Publisher
+from gateway.records import DeadLetter, Endpoint
+from gateway.verify import verify
+
+from .conftest import read_topic
+from .receiver import Receiver
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "events.jsonl"
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+OTHER_BOT = "0b0b0b0b-1111-4222-8333-444444444444"
+
+
+def documented() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
+
+
+def register(config: Config, url: str, *, bot: str = BOT, events: tuple[str, ...] = ()) -> Endpoint:
+    endpoint = new_endpoint(bot_id=bot, url=url, event_types=events)
+    save_endpoint(config, endpoint)
+    return endpoint
+
+
+def publish(config: Config, events: list[dict[str, Any]]) -> list[str]:
+    with Publisher(config) as publisher:
+        results = publisher.publish_many([parse_event(e) for e in events])
+    assert all(r.ok for r in results)
+    return [r.event.event_id for r in results]
+
+
+def dead_letters(config: Config, expect: int | None = None, timeout: float = 15) -> list[DeadLetter]:
+    messages = read_topic(config, f"{config.topic_prefix}.dlq", expect=expect, timeout=timeout)
+    codec = Codec()
+    return [DeadLetter.from_record(codec.decode(m.value())[1]) for m in messages]
+
+
+def test_documented_payloads_arrive_exactly_and_signed(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    endpoint = register(topics, receiver.url("/hook"))
+    worker_factory(topics)
+    ids = publish(topics, documented())
+    receiver.wait_for(lambda: len(receiver.at("/hook")) >= 4, 20, "4 deliveries")
+    time.sleep(0.5)
+    got = {r.event_id: r for r in receiver.at("/hook")}
+    assert sorted(got) == sorted(ids) and len(receiver.at("/hook")) == 4
+    for event_id, doc in zip(ids, documented(), strict=True):
+        request = got[event_id]
+        assert request.json == doc
+        assert list(request.json) == list(doc)
+        assert request.headers["content-type"] == "application/json"
+        assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 60
+        verify(endpoint.secret, request.headers, request.body)  # raises if not authentic
+
+
+def test_fan_out_follows_bots_and_filters(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    register(topics, receiver.url("/all"))
+    register(topics, receiver.url("/tickets"), events=("TICKET",))
+    register(topics, receiver.url("/other-bot"), bot=OTHER_BOT)
+    worker_factory(topics)
+    ids = publish(topics, documented())
+    receiver.wait_for(lambda: len(receiver.at("/all")) >= 4 and len(receiver.at("/tickets")) >= 1, 20)
+    time.sleep(1.0)
+    assert sorted(r.event_id for r in receiver.at("/all")) == sorted(ids)
+    assert [r.json["event"] for r in receiver.at("/tickets")] == ["TICKET"]
+    assert receiver.at("/other-bot") == []
+
+
+def test_retry_schedule_then_dead_letter_and_recovery(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    receiver.respond("/down", lambda request, seen: 503)
+    receiver.respond("/flaky", lambda request, seen: 500 if seen < 2 else 200)
+    down = register(topics, receiver.url("/down"), events=("MESSAGE",))
+    flaky = register(topics, receiver.url("/flaky"), events=("MESSAGE",))
+    worker_factory(topics)
+    (event_id,) = publish(topics, documented()[:1])
+
+    receiver.wait_for(lambda: len(receiver.at("/down")) >= 4, 30, "4 attempts at /down")
+    (dead,) = dead_letters(topics, expect=1)
+    time.sleep(4)  # anything early or extra would show up by now
+    attempts = receiver.at("/down")
+    assert len(attempts) == 4
+    gaps = [b.at - a.at for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 1 and gaps[1] >= 2 and gaps[2] >= 3, gaps
+    assert {r.event_id for r in attempts} == {event_id}
+
+    assert dead.reason == "retries_exhausted"
+    assert dead.delivery is not None
+    assert dead.delivery.endpoint_id == down.id and dead.delivery.event_id == event_id
+    assert [a.status for a in dead.delivery.attempts] == [503] * 4
+    assert [a.tier for a in dead.delivery.attempts] == ["events", "retry-1s", "retry-2s", "retry-3s"]
+    assert json.loads(dead.delivery.payload) == documented()[0]
+    assert dead_letters(topics) == [dead]  # exactly one
+
+    flaky_attempts = receiver.at("/flaky")
+    assert len(flaky_attempts) == 3
+    assert all(r.event_id == event_id for r in flaky_attempts)
+    assert all(d.delivery is None or d.delivery.endpoint_id != flaky.id for d in dead_letters(topics))
+
+
+def test_garbage_is_dead_lettered_and_the_partition_moves_on(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    register(topics, receiver.url("/hook"))
+    worker_factory(topics)
+    session = documented()[0]["sessionId"]
+    producer = Producer({"bootstrap.servers": topics.bootstrap_servers})
+    # Same key as the valid event: same partition, garbage first.
+    producer.produce(f"{topics.topic_prefix}.events", key=session.encode(), value=b"\xc3\x01garbage!")
+    producer.flush(10)
+    (event_id,) = publish(topics, documented()[:1])
+    receiver.wait_for(lambda: len(receiver.at("/hook")) >= 1, 20, "the valid event")
+    assert receiver.at("/hook")[0].event_id == event_id
+    (dead,) = dead_letters(topics, expect=1)
+    assert dead.reason == "undecodable"
+    assert dead.original_value == b"\xc3\x01garbage!"
+    assert dead.original_key == session.encode()
+    assert "single-object" in dead.detail
+
+
+def test_invalid_record_is_dead_lettered_with_the_field(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    register(topics, receiver.url("/hook"))
+    worker_factory(topics)
+    record = {**documented()[0], "botId": "not-a-uuid", "eventId": str(uuid.uuid4()), "occurredAt": 1}
+    value = Codec().encode("gateway.events.Message", record, topic="x")
+    producer = Producer({"bootstrap.servers": topics.bootstrap_servers})
+    producer.produce(f"{topics.topic_prefix}.events", key=b"k", value=value)
+    producer.flush(10)
+    (dead,) = dead_letters(topics, expect=1, timeout=20)
+    assert dead.reason == "invalid"
+    assert "botId" in dead.detail and "not-a-uuid" in dead.detail
+    assert dead.original_value == value
+
+
+def test_a_new_endpoint_receives_events_within_seconds(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    worker_factory(topics)
+    publish(topics, documented()[:1])  # no endpoint yet: counted and skipped
+    register(topics, receiver.url("/late"))
+    time.sleep(1.0)
+    (event_id,) = publish(topics, documented()[1:2])
+    receiver.wait_for(lambda: len(receiver.at("/late")) >= 1, 10, "delivery to the new endpoint")
+    assert [r.event_id for r in receiver.at("/late")] == [event_id]
+
+
+def test_sigterm_drains_commits_and_exits_zero(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    register(topics, receiver.url("/hook"))
+    worker = worker_factory(topics, "--tiers", "events")
+    events = [dict(documented()[0], messageId=str(uuid.uuid4())) for _ in range(50)]
+    ids = publish(topics, events)
+    try:
+        receiver.wait_for(lambda: len(receiver.at("/hook")) >= 50, 20, "50 deliveries")
+    except AssertionError:
+        print(len(receiver.at("/hook")), worker.text())
+        raise
+    assert worker.terminate() == 0, worker.text()
+    assert "stopped" in worker.text()
+    # Everything was committed: a new worker in the same group delivers nothing again.
+    worker_factory(topics, "--tiers", "events")
+    time.sleep(2)
+    assert sorted(r.event_id for r in receiver.at("/hook")) == sorted(ids)
