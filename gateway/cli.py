@@ -318,6 +318,7 @@ def endpoints() -> None:
 
 
 ENDPOINT_SETTINGS = ("bootstrap_servers", "topic_prefix", "schema_registry_url")
+ADD_SETTINGS = (*ENDPOINT_SETTINGS, "allow_private_networks")
 
 
 def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
@@ -344,7 +345,7 @@ def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
 @click.option("--secret", default=None, help="Signing secret whsec_<base64> (default: generated).")
 @click.option("--description", default=None, help="Free text, shown by `endpoints list`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoint as one JSON object.")
-@config_options(*ENDPOINT_SETTINGS)
+@config_options(*ADD_SETTINGS)
 def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, description: str | None,
                   as_json: bool, **settings: str | None) -> None:
     """Register an endpoint. Its signing secret is printed once: keep it."""
@@ -356,7 +357,7 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
     try:
         endpoint = new_endpoint(bot_id=bot_id, url=url, event_types=events.split(","),
                                 secret=secret, description=description)
-        if is_private_destination(url):
+        if is_private_destination(url) and not config.allow_private_networks:
             click.echo(f"warning: {url} is not a public address; deliveries to it are refused "
                        "unless GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS "
                        "covers it", err=True)

@@ -49,11 +49,19 @@ class EndpointError(ValueError):
 
 
 def validate_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port out of range)
+    except ValueError as exc:
+        raise EndpointError(f"url {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise EndpointError(f"url {url!r} is not an http:// or https:// URL with a host")
     if parts.username or parts.password:
-        raise EndpointError(f"url {url!r} carries credentials; put them in the receiver, not the URL")
+        shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+        raise EndpointError(f"url {shown!r} carries credentials before the host; "
+                            "the receiver must authenticate us by the signature instead")
+    if any(c.isspace() for c in url):
+        raise EndpointError(f"url {url!r} contains whitespace")
     return url
 
 
@@ -84,6 +92,7 @@ def new_endpoint(
     """Validate a registration and build the endpoint (a new id, a new secret if none)."""
     if not is_uuid(bot_id):
         raise EndpointError(f"bot id {bot_id!r} is not a UUID")
+    bot_id = bot_id.lower()  # routing compares lower-case ids
     validate_url(url)
     types = tuple(dict.fromkeys(t.strip().upper() for t in event_types if t.strip()))
     known = {t.value for t in EventType}
@@ -128,8 +137,8 @@ class EndpointTable:
             self._by_id.pop(endpoint_id, None)
         else:
             self._by_id[endpoint_id] = endpoint
-        for bot in {e.bot_id for e in (old, endpoint) if e is not None}:
-            members = tuple(e for e in self._by_id.values() if e.bot_id == bot)
+        for bot in {e.bot_id.lower() for e in (old, endpoint) if e is not None}:
+            members = tuple(e for e in self._by_id.values() if e.bot_id.lower() == bot)
             if members:
                 self._by_bot[bot] = members
             else:
@@ -139,8 +148,11 @@ class EndpointTable:
         return self._by_id.get(endpoint_id)
 
     def for_event(self, bot_id: str, event_type: str) -> list[Endpoint]:
-        """The enabled endpoints of ``bot_id`` whose filter admits ``event_type``."""
-        return [e for e in self._by_bot.get(bot_id, ()) if e.admits(event_type)]
+        """The enabled endpoints of ``bot_id`` whose filter admits ``event_type``.
+
+        UUIDs are compared case-insensitively: ``6434515B-…`` and ``6434515b-…`` are one bot.
+        """
+        return [e for e in self._by_bot.get(bot_id.lower(), ()) if e.admits(event_type)]
 
     def all(self) -> list[Endpoint]:
         return sorted(self._by_id.values(), key=lambda e: (e.bot_id, e.created_at, e.id))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import httpx
 
 from .config import Config
+from .destinations import DestinationPolicy
 from .records import Attempt, Endpoint
 from .signing import secret_key, signature_header
 
@@ -42,6 +43,9 @@ class Sender:
         self.config = config
         self._pools: dict[str, _Pool] = {}
         self._keys: dict[str, bytes] = {}
+        self.policy = DestinationPolicy(
+            allow_private=config.allow_private_networks, allowed=config.allowed_networks
+        )
 
     def _pool(self, endpoint: Endpoint) -> _Pool:
         pool = self._pools.get(endpoint.id)
@@ -77,6 +81,11 @@ class Sender:
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
         pool = self._pool(endpoint)
+        if not self.policy.allow_private:
+            url = httpx.URL(endpoint.url)
+            blocked = await self.policy.check(url.host, url.port or (443 if url.scheme == "https" else 80))
+            if blocked is not None:
+                return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, error=blocked)
         async with pool.limit:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()

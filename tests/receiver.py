@@ -65,6 +65,9 @@ class Receiver:
         class Server(ThreadingHTTPServer):
             request_queue_size = 512  # the default backlog of 5 resets bursts of connections
 
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client killed mid-request (kill -9 tests) is expected here
+
         self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]

@@ -185,3 +185,45 @@ def test_sigterm_drains_commits_and_exits_zero(
     worker_factory(topics, "--tiers", "events")
     time.sleep(2)
     assert sorted(r.event_id for r in receiver.at("/hook")) == sorted(ids)
+
+
+def test_kill_9_mid_stream_loses_nothing(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    register(topics, receiver.url("/hook"))
+    first = worker_factory(topics)
+    sessions = [str(uuid.uuid4()) for _ in range(30)]
+    events = [
+        dict(documented()[0], sessionId=sessions[i % 30], messageId=str(uuid.uuid4()))
+        for i in range(2000)
+    ]
+    ids = publish(topics, events)
+    receiver.wait_for(lambda: len(receiver.at("/hook")) >= 300, 60, "300 deliveries before the kill")
+    first.kill()
+    at_kill = len(receiver.at("/hook"))
+    worker_factory(topics)
+    receiver.wait_for(lambda: len({r.event_id for r in receiver.at("/hook")}) >= 2000, 120,
+                      "every event after the restart")
+    delivered = [r.event_id for r in receiver.at("/hook")]
+    assert set(delivered) == set(ids)
+    repeats = len(delivered) - len(set(delivered))
+    print(f"\nkill -9 after {at_kill} of 2000 deliveries: all 2000 delivered, {repeats} repeated")
+    assert at_kill < 2000, "the kill came too late to test anything"
+    assert dead_letters(topics) == []
+
+
+def test_private_destinations_are_dead_lettered_at_once_unless_allowed(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    strict = topics.replace(allow_private_networks=False)
+    endpoint = register(strict, receiver.url("/private"))
+    worker_factory(strict)
+    publish(strict, documented()[:1])
+    (dead,) = dead_letters(strict, expect=1, timeout=20)
+    assert dead.reason == "blocked_destination"
+    assert dead.delivery is not None and dead.delivery.endpoint_id == endpoint.id
+    assert "127.0.0.1 (loopback)" in dead.detail
+    assert len(dead.delivery.attempts) == 1
+    time.sleep(1.5)
+    assert receiver.at("/private") == []
+    assert dead_letters(strict) == [dead]  # no retry tier saw it
