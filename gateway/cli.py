@@ -448,5 +448,229 @@ def endpoints_enable(endpoint_id: str, **settings: str | None) -> None:
     _change_endpoint(endpoint_id, settings, "enable")
 
 
+@cli.group()
+def dlq() -> None:
+    """Inspect, count, export and replay dead letters.
+
+    Every dlq command takes the same filters. Reading never joins the workers' consumer
+    groups and stops at the end of the topic.
+    """
+
+
+DLQ_SETTINGS = ("bootstrap_servers", "topic_prefix", "retry_delays", "schema_registry_url", "group_id")
+
+
+def dlq_filters(func: F) -> F:
+    """The selection flags shared by every dlq command."""
+    options = [
+        click.option("--event-type", help="MESSAGE, RATE_MESSAGE, TICKET or CREATE_LEAD."),
+        click.option("--bot-id", help="Only this bot's deliveries."),
+        click.option("--endpoint-id", help="Only deliveries that failed for this endpoint."),
+        click.option("--reason", help="retries_exhausted, undecodable, invalid, endpoint_removed, "
+                     "endpoint_disabled, blocked_destination, gone."),
+        click.option("--status", help="Last attempt's outcome: 5xx, 404, timeout or connection."),
+        click.option("--since", help="Dead since: ISO time (2026-11-28T10:00Z) or relative (2h ago)."),
+        click.option("--until", help="Dead until: ISO time or relative."),
+        click.option("--partition", type=int, help="Only this partition of the dead-letter topic."),
+        click.option("--from-offset", type=click.IntRange(0), help="Start at this offset."),
+        click.option("--to-offset", type=click.IntRange(0), help="Stop after this offset."),
+        click.option("--limit", type=click.IntRange(1), help="At most this many dead letters."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return config_options(*DLQ_SETTINGS)(func)
+
+
+def _split_dlq_args(kwargs: dict[str, Any]) -> tuple[Any, dict[str, str | None]]:
+    from .dlq import DlqError, Filters, parse_time
+
+    settings = {k: kwargs.pop(k) for k in DLQ_SETTINGS}
+    try:
+        filters = Filters(
+            event_type=kwargs.pop("event_type"), bot_id=kwargs.pop("bot_id"),
+            endpoint_id=kwargs.pop("endpoint_id"), reason=kwargs.pop("reason"),
+            status=kwargs.pop("status"),
+            since=parse_time(s) if (s := kwargs.pop("since")) else None,
+            until=parse_time(u) if (u := kwargs.pop("until")) else None,
+            partition=kwargs.pop("partition"), from_offset=kwargs.pop("from_offset"),
+            to_offset=kwargs.pop("to_offset"), limit=kwargs.pop("limit"),
+        )
+    except DlqError as exc:
+        raise click.UsageError(str(exc)) from None
+    return filters, settings
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+@click.option("--raw", "raw_file", type=click.File("w"), default=None,
+              help="Also write the selected records' original bytes (base64) as JSON lines to FILE.")
+@dlq_filters
+def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
+    """One line per dead letter: when, reason, event type, bot, endpoint, attempts, last
+    outcome, event id."""
+    import base64
+    import json
+
+    from .dlq import DlqError, read_dead_letters
+
+    filters, settings = _split_dlq_args(kwargs)
+    config = build_config(settings)
+    count = 0
+    try:
+        for entry in read_dead_letters(config, filters):
+            count += 1
+            row = entry.summary()
+            if as_json:
+                click.echo(json.dumps(row))
+            else:
+                if count == 1:
+                    click.echo(f"{'P:OFFSET':10} {'DEAD AT':24} {'REASON':20} {'EVENT':12} {'BOT':8} "
+                               f"{'ENDPOINT':8} {'N':>2} {'LAST':24} EVENT ID")
+                click.echo(
+                    f"{entry.partition}:{entry.offset:<8} {row['deadAt'] or '-':24} {row['reason']:20} "
+                    f"{row['eventType'] or '-':12} {(row['botId'] or '-')[:8]:8} "
+                    f"{(row['endpointId'] or '-')[:8]:8} {row['attempts']:>2} "
+                    f"{str(row['lastOutcome'])[:24]:24} {row['eventId'] or '-'}"
+                )
+            if raw_file is not None:
+                dead = entry.dead
+                raw_file.write(json.dumps({
+                    "coordinate": entry.coordinate, "reason": row["reason"],
+                    "detail": dead.detail if dead else entry.error,
+                    "key": base64.b64encode(dead.original_key).decode() if dead and dead.original_key else None,
+                    "value": base64.b64encode(dead.original_value).decode() if dead and dead.original_value else None,
+                }) + "\n")
+    except DlqError as exc:
+        fail(str(exc))
+    click.echo(f"{count} dead letters", err=True)
+
+
+@dlq.command("show")
+@click.argument("selector")
+@config_options(*DLQ_SETTINGS)
+def dlq_show(selector: str, **settings: str | None) -> None:
+    """The whole record with its attempt log. SELECTOR is an event id (every dead letter
+    of that event) or PARTITION:OFFSET."""
+    import json
+
+    from .dlq import DlqError, Filters, read_dead_letters
+    from .events import is_uuid
+
+    config = build_config(settings)
+    match = selector.split(":")
+    if is_uuid(selector):
+        filters = Filters(event_id=selector)
+    elif len(match) == 2 and all(part.isdigit() for part in match):
+        filters = Filters(partition=int(match[0]), from_offset=int(match[1]), to_offset=int(match[1]))
+    else:
+        raise click.BadParameter(f"{selector!r} is neither an event id (UUID) nor PARTITION:OFFSET",
+                                 param_hint="SELECTOR")
+    try:
+        entries = list(read_dead_letters(config, filters))
+    except DlqError as exc:
+        fail(str(exc))
+        return
+    if not entries:
+        fail(f"no dead letter matches {selector}")
+    for entry in entries:
+        click.echo(json.dumps(entry.full(), indent=2))
+
+
+@dlq.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as one JSON object.")
+@dlq_filters
+def dlq_stats(as_json: bool, **kwargs: Any) -> None:
+    """Counts of the selected dead letters by reason, event type, endpoint and hour."""
+    import json
+
+    from .dlq import DlqError, read_dead_letters, stats
+
+    filters, settings = _split_dlq_args(kwargs)
+    config = build_config(settings)
+    try:
+        counts = stats(read_dead_letters(config, filters))
+    except DlqError as exc:
+        fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps({k: dict(v) for k, v in counts.items()}))
+        return
+    click.echo(f"total  {sum(counts['reason'].values())}")
+    for name, counter in counts.items():
+        click.echo(f"\nby {name}")
+        for key, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
+            click.echo(f"  {n:>7}  {key}")
+
+
+@dlq.command("replay")
+@click.option("--dry-run", is_flag=True, help="Print what would be replayed; send nothing.")
+@click.option("--rate", default=None, metavar="N/s", help="At most this many replays per second (e.g. 50/s).")
+@click.option("--to-endpoint", default=None, metavar="ID", help="Replay to this endpoint instead.")
+@click.option("--again", is_flag=True, help="Also replay dead letters that were replayed before.")
+@dlq_filters
+def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: bool, **kwargs: Any) -> None:
+    """Send the selected deliveries back into the first retry tier, due now.
+
+    Each goes only to the endpoint it failed for (or --to-endpoint), with its attempt
+    counter reset so it gets the whole retry schedule again, and headers replay-id and
+    replay-of. Dead letters replayed before are skipped unless --again. Records that are
+    not deliveries (undecodable or invalid events) are refused: export them with
+    `dlq list --raw FILE`.
+    """
+    from .dlq import DlqError, Replayer, parse_rate, read_dead_letters
+    from .endpoints import EndpointError, load_endpoints
+
+    filters, settings = _split_dlq_args(kwargs)
+    config = build_config(settings)
+    try:
+        per_second = parse_rate(rate) if rate else None
+        known = {e.id for e in load_endpoints(config).all()}
+        if to_endpoint is not None and to_endpoint not in known:
+            fail(f"no endpoint with id {to_endpoint!r} (see `gateway endpoints list`)")
+        replayer = Replayer(config)
+        entries = list(read_dead_letters(config, filters))
+        planned, report = replayer.plan(entries, again=again, to_endpoint=to_endpoint, known_endpoints=known)
+    except (DlqError, EndpointError) as exc:
+        fail(str(exc))
+        return
+    for entry in report.refused:
+        why = ("not a delivery: an undecodable or invalid record has no endpoint to send to; "
+               "export it with `gateway dlq list --raw FILE`") if entry.delivery is None else (
+               f"endpoint {entry.delivery.endpoint_id} is no longer registered; use --to-endpoint")
+        click.echo(f"refused {entry.coordinate}: {why}", err=True)
+    if dry_run:
+        for entry, delivery in planned:
+            click.echo(f"would replay {entry.coordinate}  event {delivery.event_id}  "
+                       f"{delivery.event_type}  to endpoint {delivery.endpoint_id}")
+        click.echo(
+            f"dry run: {len(planned)} of {report.selected} selected would be replayed into "
+            f"{replayer.first_tier.topic}; {report.skipped_already_replayed} already replayed "
+            f"(--again to include); {len(report.refused)} refused; nothing sent", err=True)
+        sys.exit(1 if report.refused else 0)
+    try:
+        if planned:
+            with click.progressbar(length=len(planned), label="replaying", file=sys.stderr,
+                                   show_pos=True, show_eta=True) as bar:
+                done = 0
+
+                def progress(n: int) -> None:
+                    nonlocal done
+                    bar.update(n - done)
+                    done = n
+
+                replayer.send(planned, report, rate=per_second, on_progress=progress)
+    except DlqError as exc:
+        fail(str(exc))
+    click.echo(
+        f"replayed {report.replayed} of {report.selected} selected into {replayer.first_tier.topic} "
+        f"in {report.seconds:.1f} s ({report.rate:.1f}/s), replay id {report.replay_id}; "
+        f"{report.skipped_already_replayed} skipped as already replayed (--again to include); "
+        f"{len(report.refused)} refused",
+        err=True,
+    )
+    if report.refused:
+        sys.exit(1)
+
+
 def main() -> None:
     cli()

@@ -77,6 +77,7 @@ class SchemaSet:
         "gateway.Endpoint",
         "gateway.Delivery",
         "gateway.DeadLetter",
+        "gateway.Replay",
     )
 
     def __init__(self, folder: Path | None = None) -> None:
@@ -89,13 +90,12 @@ class SchemaSet:
             raw = json.loads((folder / f"{name}.avsc").read_text())
             raws[name] = raw
             parsed = parse_schema(raw, named_schemas=named)
-            canonical = to_parsing_canonical_form(parsed)
+            full = json.dumps(_inline(raw, raws, set()))
+            # The fingerprint is of the self-contained form: references to other records
+            # expanded, as any other Avro implementation computes it.
+            canonical = to_parsing_canonical_form(parse_schema(json.loads(full)))
             schema = _Schema(
-                name,
-                parsed,
-                canonical,
-                bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
-                json.dumps(_inline(raw, raws, set())),
+                name, parsed, canonical, bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")), full
             )
             self.by_name[name] = schema
             self.by_fingerprint[schema.fingerprint] = schema
@@ -158,7 +158,7 @@ class Codec:
         buf.write(schema.fingerprint)
         try:
             fastavro.schemaless_writer(buf, schema.parsed, record, strict=True)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise EncodeError(f"record does not fit schema {schema_name}: {exc}") from exc
         return buf.getvalue()
 
@@ -243,7 +243,7 @@ class Codec:
             )
         except UnicodeDecodeError as exc:
             raise DecodeError(f"{writer.name}: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-        except (EOFError, StopIteration) as exc:
+        except (EOFError, StopIteration, IndexError) as exc:
             raise DecodeError(f"{writer.name}: record is truncated ({len(data)} bytes)") from exc
         except Exception as exc:  # fastavro raises assorted types on corrupt input
             raise DecodeError(f"{writer.name}: corrupt Avro body: {type(exc).__name__}: {exc}") from exc

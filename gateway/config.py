@@ -45,6 +45,8 @@ def parse_delays(text: str) -> tuple[int, ...]:
         delays.append(seconds)
     if not delays:
         raise ConfigError(f"retry delays {text!r} name no delay (write e.g. 60,300,900)")
+    if len(set(delays)) != len(delays):
+        raise ConfigError(f"retry delays {text!r} repeat a delay; each tier needs its own topic")
     return tuple(delays)
 
 
@@ -198,7 +200,12 @@ class Config:
                 except ConfigError as exc:
                     raise ConfigError(f"{setting.env}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if "topic prefix" in str(exc) and "topic_prefix" not in overrides:
+                raise ConfigError(f"GATEWAY_TOPIC_PREFIX: {exc}") from None
+            raise
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -209,7 +209,8 @@ class Event:
         if not is_uuid(event_id):
             raise InvalidEvent("eventId", event_id, "is not a UUID")
         occurred_at = record.get("occurredAt")
-        if isinstance(occurred_at, bool) or not isinstance(occurred_at, int) or occurred_at < 0:
+        if (isinstance(occurred_at, bool) or not isinstance(occurred_at, int)
+                or not 0 <= occurred_at < 2**63):
             raise InvalidEvent("occurredAt", occurred_at, "must be milliseconds since the epoch")
         body = {name: record[name] for name, _ in FIELDS[event_type]}
         return cls(event_type, str(event_id), occurred_at, body)

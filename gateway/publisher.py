@@ -161,7 +161,9 @@ def read_events(text: str) -> list[InputItem]:
             raise ValueError("the input is an empty JSON array: there are no events to publish")
         return [_validated(f"item {i}", item) for i, item in enumerate(items, start=1)]
     result = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only \n ends a line: str.splitlines() would also split on U+2028 and friends, which
+    # JSON allows unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

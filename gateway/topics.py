@@ -69,6 +69,11 @@ class Topics:
         return f"{self.prefix}.endpoints"
 
     @property
+    def dlq_replays(self) -> str:
+        """Which dead letters were replayed (compacted, keyed by the dead letter)."""
+        return f"{self.prefix}.dlq-replays"
+
+    @property
     def tiers(self) -> tuple[Tier, ...]:
         """The events stage followed by one tier per retry delay."""
         tiers = [Tier(0, "events", self.events, 0)]
@@ -85,7 +90,7 @@ class Topics:
         raise ValueError(f"unknown tier {name!r}; this configuration has: {known}")
 
     def all(self) -> tuple[str, ...]:
-        return (*(t.topic for t in self.tiers), self.dlq, self.endpoints)
+        return (*(t.topic for t in self.tiers), self.dlq, self.endpoints, self.dlq_replays)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ def create_topics(
     month_ms = str(30 * 24 * 3600 * 1000)
     special = {
         topics.endpoints: {"cleanup.policy": "compact"},
+        topics.dlq_replays: {"cleanup.policy": "compact"},
         topics.dlq: {"retention.ms": month_ms},
     }
     new = [

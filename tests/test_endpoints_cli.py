@@ -53,7 +53,8 @@ def test_endpoint_lifecycle(topics: Config) -> None:
         topics,
         ("endpoints", "add", "--bot-id", BOT_A, "--url", PUBLIC_URL, "--events", "TICKET,message",
          "--description", "crm", "--json"),
-        ("endpoints", "add", "--bot-id", BOT_B, "--url", PRIVATE_URL),
+        ("endpoints", "add", "--bot-id", BOT_B, "--url", PRIVATE_URL,
+         "--allow-private-networks", "false"),
     )
 
     # add --json: one object with the full secret.

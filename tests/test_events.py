@@ -181,6 +181,20 @@ def test_bad_occurred_at_is_refused(value: object) -> None:
     assert "occurredAt" in str(exc)
 
 
+def test_largest_avro_long_occurred_at_is_accepted() -> None:
+    assert parse_event(_with(MESSAGE, occurredAt=2**63 - 1)).occurred_at == 2**63 - 1
+
+
+def test_occurred_at_beyond_avro_long_is_refused() -> None:
+    """Fails: Event.from_record (events.py line 212) checks only occurredAt >= 0, so 2**63
+    is accepted and the event later cannot be encoded (Avro long is 64-bit signed): the
+    codec raises OverflowError in `gateway publish` instead of InvalidEvent up front, like
+    the 32-bit range check on rating."""
+    exc = _refused(_with(MESSAGE, occurredAt=2**63))
+    assert exc.field == "occurredAt"
+    assert str(2**63) in str(exc)
+
+
 def test_from_record_requires_metadata() -> None:
     with pytest.raises(InvalidEvent, match="eventId"):
         Event.from_record(MESSAGE)
