@@ -212,7 +212,7 @@ def publish(source: Any, skip_invalid: bool, as_json: bool, **settings: str | No
 WORKER_SETTINGS = (
     "bootstrap_servers", "topic_prefix", "retry_delays", "schema_registry_url", "group_id",
     "metrics_port", "concurrency", "endpoint_concurrency", "request_timeout",
-    "max_response_bytes", "shutdown_timeout", "session_timeout_ms",
+    "max_response_bytes", "max_record_bytes", "shutdown_timeout", "session_timeout_ms",
     "allow_private_networks", "allowed_networks",
 )
 
@@ -670,6 +670,47 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
     )
     if report.refused:
         sys.exit(1)
+
+
+@endpoints.command("rotate-secret")
+@click.argument("endpoint_id")
+@click.option("--secret", default=None, help="The new secret whsec_<base64> (default: generated).")
+@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
+              help="How long the old secret keeps signing too (e.g. 30m, 24h, 7d).")
+@config_options(*ENDPOINT_SETTINGS)
+def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **settings: str | None) -> None:
+    """Give an endpoint a new signing secret; the old one signs too until the grace ends.
+
+    During the grace period every request carries two signatures, space-separated, as
+    the Standard Webhooks specification allows, so the receiver can switch secrets
+    without losing a request. The new secret is printed once.
+    """
+    import time
+    from dataclasses import replace
+
+    from .config import parse_delays
+    from .endpoints import EndpointError, load_endpoints, new_endpoint, save_endpoint
+
+    config = build_config(settings)
+    try:
+        (grace_seconds,) = parse_delays(grace)
+    except (ValueError, ConfigError):
+        raise click.BadParameter(f"{grace!r} is not a duration such as 30m, 24h or 7d",
+                                 param_hint="--grace") from None
+    try:
+        current = load_endpoints(config).get(endpoint_id)
+        if current is None:
+            fail(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
+            return
+        fresh = new_endpoint(bot_id=current.bot_id, url=current.url, secret=secret).secret
+        now = time.time_ns() // 1_000_000
+        rotated = replace(current, secret=fresh, previous_secret=current.secret,
+                          previous_secret_expires_at=now + grace_seconds * 1000, updated_at=now)
+        save_endpoint(config, rotated)
+    except EndpointError as exc:
+        fail(str(exc))
+        return
+    click.echo(f"secret  {fresh}   (shown once; the old secret keeps signing for {grace})")
 
 
 def main() -> None:

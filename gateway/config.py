@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 def parse_delays(text: str) -> tuple[int, ...]:
     """Parse retry delays such as ``"60,300,900"`` or ``"1m,5m,15m"`` into whole seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     delays: list[int] = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -144,6 +144,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a webhook request may take, connect to last byte."),
     Setting("max_response_bytes", "--max-response-bytes", _positive_int,
             "Bytes of a response body read; the rest is discarded."),
+    Setting("max_record_bytes", "--max-record-bytes", _positive_int,
+            "Largest event record accepted; larger ones are dead-lettered as invalid."),
     Setting("shutdown_timeout", "--shutdown-timeout", _positive_float,
             "Seconds a stopping worker waits for in-flight deliveries."),
     Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
@@ -172,6 +174,7 @@ class Config:
     endpoint_concurrency: int = 20
     request_timeout: float = 15.0
     max_response_bytes: int = 64 * 1024
+    max_record_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0
     session_timeout_ms: int = 10_000
     allow_private_networks: bool = False

@@ -16,8 +16,12 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["DestinationPolicy", "BLOCKED_PREFIX"]
+import httpcore
+from httpcore._backends.auto import AutoBackend
+
+__all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination", "GuardedBackend"]
 
 BLOCKED_PREFIX = "blocked destination"
 
@@ -46,19 +50,81 @@ class DestinationPolicy:
         return None
 
     async def check(self, host: str, port: int) -> str | None:
-        """None when ``host`` may be reached, else the error of a blocked attempt."""
+        """None when ``host`` may be reached, else why not (for warnings at registration)."""
         if self.allow_private:
             return None
         try:
-            addresses: list[Address] = [ipaddress.ip_address(host.strip("[]"))]
-        except ValueError:
-            try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError:
-                return None  # the attempt itself will fail with a connection error
-            addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+            addresses = await _resolve(host, port)
+        except httpcore.ConnectError:
+            return None  # an attempt would fail with a connection error
         for address in addresses:
             why = self.refusal(address)
             if why is not None:
                 return f"{BLOCKED_PREFIX}: {host} is {address} ({why})"
         return None
+
+
+class BlockedDestination(Exception):
+    """A connection the policy refuses; the message starts with ``blocked destination``."""
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend with the policy applied at connection time.
+
+    The hostname is resolved once, here; every address is checked, and the connection
+    goes to a checked address. A name that resolves to a public address when checked and
+    to 127.0.0.1 a moment later (DNS rebinding) cannot slip through, because nothing
+    resolves it again. TLS still verifies the certificate against the hostname (httpcore
+    passes it to ``start_tls`` separately).
+    """
+
+    def __init__(self, policy: DestinationPolicy) -> None:
+        self.policy = policy
+        self._inner = AutoBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await _resolve(host, port)
+        for address in addresses:
+            why = self.policy.refusal(address)
+            if why is not None:
+                raise BlockedDestination(f"{BLOCKED_PREFIX}: {host} is {address} ({why})")
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    str(address), port, timeout=timeout, local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except httpcore.ConnectError as exc:
+                error = exc
+        raise error or httpcore.ConnectError(f"{host} resolved to no address")
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise BlockedDestination(f"{BLOCKED_PREFIX}: unix socket {path}")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+async def _resolve(host: str, port: int) -> list[Address]:
+    try:
+        return [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+    seen: dict[Address, None] = {}
+    for info in infos:
+        seen[ipaddress.ip_address(str(info[4][0]).split("%")[0])] = None
+    return list(seen)

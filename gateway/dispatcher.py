@@ -40,6 +40,7 @@ from .metrics import (
 from .records import (
     DEAD_LETTER_SCHEMA,
     DELIVERY_SCHEMA,
+    ENDPOINT_SCHEMA,
     DeadLetter,
     DeadLetterReason,
     Delivery,
@@ -54,6 +55,7 @@ __all__ = ["Dispatcher", "Job", "BadRecord", "now_ms"]
 log = logging.getLogger(__name__)
 
 _EVENT_SCHEMAS = frozenset(SCHEMA_NAMES.values())
+_KEPT_BYTES = 64 * 1024
 
 
 def now_ms() -> int:
@@ -105,6 +107,14 @@ class Dispatcher:
     def prepare(self, tier: Tier, message: Any) -> Job:
         """Decode and validate a received record; cheap enough for the poll path."""
         value = message.value()
+        if value is not None and len(value) > self.config.max_record_bytes:
+            if tier.index == 0:
+                EVENTS_CONSUMED.labels("invalid").inc()
+            return Job(message, BadRecord(
+                DeadLetterReason.INVALID,
+                f"record of {len(value)} bytes is larger than the {self.config.max_record_bytes}-byte "
+                "limit (GATEWAY_MAX_RECORD_BYTES)",
+            ), 0)
         try:
             name, record = self.codec.decode(value)
             if tier.index == 0:
@@ -208,7 +218,21 @@ class Dispatcher:
             log.info("delivery failed, retry scheduled", extra=fields | {"next_tier": step.tier.name})
             return
         assert isinstance(step, GiveUp)
+        if step.reason is DeadLetterReason.GONE:
+            await self._disable(endpoint)
         await self._dead_letter(job, delivery.after(attempt, due_at=delivery.due_at), step.reason, step.detail)
+
+    async def _disable(self, endpoint: Endpoint) -> None:
+        """A 410 Gone says the receiver is gone for good: stop sending to it."""
+        current = self.endpoints.get(endpoint.id) or endpoint
+        if not current.enabled:
+            return
+        disabled = replace(current, enabled=False, updated_at=now_ms())
+        topic = self.topics.endpoints
+        await self.producer.send(
+            topic, endpoint.id.encode(), self.codec.encode(ENDPOINT_SCHEMA, disabled.to_record(), topic=topic), []
+        )
+        log.warning("endpoint disabled: it answered 410 Gone", extra={"endpoint_id": endpoint.id})
 
     async def _dead_letter(
         self, job: Job, delivery: Delivery, reason: DeadLetterReason, detail: str
@@ -227,10 +251,15 @@ class Dispatcher:
     async def _dead_letter_record(self, job: Job, reason: DeadLetterReason, detail: str) -> None:
         topic, partition, offset = _source(job)
         message = job.message
+        value = message.value()
+        if value is not None and len(value) > _KEPT_BYTES:
+            # The dead letter must fit in a Kafka record itself.
+            detail += f" (original value cut to its first {_KEPT_BYTES} of {len(value)} bytes)"
+            value = value[:_KEPT_BYTES]
         dead = DeadLetter(
             reason=reason.value, detail=detail, dead_at=now_ms(), source_topic=topic,
             source_partition=partition, source_offset=offset,
-            original_key=message.key(), original_value=message.value(),
+            original_key=(message.key() or b"")[:_KEPT_BYTES] or None, original_value=value,
         )
         await self._write_dead_letter(dead, message.key())
         log.warning("record dead-lettered", extra={

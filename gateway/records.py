@@ -105,6 +105,8 @@ class Attempt:
     status: int | None = None
     error: str | None = None
     response_snippet: str | None = None
+    retry_after: float | None = field(default=None, compare=False)
+    """Seconds a 429/503 answer's Retry-After asked for; steers the next tier, not stored."""
 
     @property
     def succeeded(self) -> bool:

@@ -4,7 +4,9 @@ An attempt on the events topic (tier 0) or a retry tier either delivered the eve
 (2xx), or failed. A failure moves the delivery to the next tier, due ``delay`` seconds
 after the failure ended; after the last tier it is dead-lettered as
 ``retries_exhausted``. Failures that no retry can mend (a refused destination, 410 Gone)
-are dead-lettered at once.
+are dead-lettered at once. A 429 or 503 with ``Retry-After`` longer than the next tier's
+delay skips ahead to the first tier that waits at least that long: never earlier than
+the receiver asked (up to the longest tier delay), never earlier than the schedule.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ def next_step(tiers: tuple[Tier, ...], current: Tier, attempt: Attempt) -> Step:
             f"{retries} retries exhausted; last attempt: {attempt.describe()}",
         )
     tier = tiers[following]
+    if attempt.retry_after is not None and attempt.retry_after > tier.delay:
+        # The receiver asked us to wait longer than this tier would: go on to the first
+        # tier that waits at least that long (the attempts skipped are ones the receiver
+        # asked us not to make), or the last tier. Never hold a record in a tier past its
+        # own delay: its partition's head would block every record behind it.
+        for tier in tiers[following:]:
+            if tier.delay >= attempt.retry_after:
+                break
     failed_at = attempt.at + int(attempt.duration_ms)
     return Retry(tier, failed_at + tier.delay * 1000)
 

@@ -13,20 +13,37 @@ followed: a 3xx is a failed attempt. At most ``max_response_bytes`` of the body 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import time
 from dataclasses import dataclass
 
 import httpx
 
 from .config import Config
-from .destinations import DestinationPolicy
+from .destinations import BlockedDestination, DestinationPolicy, GuardedBackend
 from .records import Attempt, Endpoint
 from .signing import secret_key, signature_header
 
-__all__ = ["Sender", "SNIPPET_CHARS"]
+__all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
 
 SNIPPET_CHARS = 512
 USER_AGENT = "webhook-gateway/0.1"
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass
@@ -53,11 +70,19 @@ class Sender:
             if pool is not None:
                 asyncio.get_running_loop().create_task(pool.client.aclose())
             limit = self.config.endpoint_concurrency
+            transport = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                trust_env=False,
+            )
+            if not self.policy.allow_private:
+                # httpx does not expose httpcore's network_backend; the pool reads this
+                # attribute for every new connection (tests/test_hostile.py fails if not).
+                transport._pool._network_backend = GuardedBackend(self.policy)
             pool = _Pool(
                 httpx.AsyncClient(
+                    transport=transport,
                     follow_redirects=False,
                     timeout=httpx.Timeout(self.config.request_timeout),
-                    limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
                     headers={"user-agent": USER_AGENT},
                     trust_env=False,
                 ),
@@ -81,11 +106,6 @@ class Sender:
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
         pool = self._pool(endpoint)
-        if not self.policy.allow_private:
-            url = httpx.URL(endpoint.url)
-            blocked = await self.policy.check(url.host, url.port or (443 if url.scheme == "https" else 80))
-            if blocked is not None:
-                return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, error=blocked)
         async with pool.limit:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()
@@ -100,14 +120,19 @@ class Sender:
             status: int | None = None
             error: str | None = None
             snippet: str | None = None
+            retry_after: float | None = None
             try:
                 async with asyncio.timeout(self.config.request_timeout):
                     async with pool.client.stream("POST", endpoint.url, content=body, headers=headers) as response:
                         status = response.status_code
+                        if status in (429, 503):
+                            retry_after = parse_retry_after(response.headers.get("retry-after"))
                         raw = await self._read_bounded(response)
                 snippet = raw[:SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS] or None
                 if 300 <= status < 400:
                     error = f"redirect to {response.headers.get('location', '?')} (not followed)"
+            except BlockedDestination as exc:
+                error = str(exc)
             except TimeoutError:
                 error = f"timeout after {self.config.request_timeout:g} s"
             except httpx.TimeoutException:
@@ -121,7 +146,7 @@ class Sender:
             duration_ms = (time.perf_counter() - started) * 1000
         return Attempt(
             at=started_at, tier=tier, duration_ms=round(duration_ms, 3), status=status,
-            error=error, response_snippet=snippet,
+            error=error, response_snippet=snippet, retry_after=retry_after,
         )
 
     async def _read_bounded(self, response: httpx.Response) -> bytes:

@@ -62,7 +62,7 @@ def test_parse_delays(text: str, expected: tuple[int, ...]) -> None:
         ("1.5m", "not a whole number"),
         ("m", "not a whole number"),
         ("60,abc,900", "not a whole number"),
-        ("5d", "not a whole number"),
+        ("5w", "not a whole number"),
     ],
 )
 def test_parse_delays_errors(text: str, problem: str) -> None:
@@ -357,3 +357,7 @@ def test_read_events_unicode_line_separators_inside_strings(separator: str) -> N
     assert [(i.where, i.error) for i in items] == [("line 1", None), ("line 2", None)]
     assert items[0].event is not None
     assert items[0].event.body["message"] == f"one{separator}two"
+
+
+def test_parse_delays_accepts_days() -> None:
+    assert parse_delays("1d") == (86400,)
