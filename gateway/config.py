@@ -134,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("schema_registry_url", "--schema-registry-url", _optional_str,
             "Confluent schema registry URL; without it records use Avro single-object encoding."),
     Setting("group_id", "--group-id", str.strip,
-            "Consumer group id prefix; each tier consumes in its own group under it."),
+            "Consumer group id prefix (default: the topic prefix); each tier consumes in its "
+            "own group under it."),
     Setting("metrics_port", "--metrics-port", _port, "Port of the /metrics endpoint."),
     Setting("concurrency", "--concurrency", _positive_int,
             "Deliveries in flight per worker process, across all partitions."),
@@ -150,6 +151,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a stopping worker waits for in-flight deliveries."),
     Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
             "Kafka consumer session timeout; a dead worker's partitions move after it."),
+    Setting("fetch_wait_ms", "--fetch-wait-ms", _positive_int,
+            "Longest a fetch waits for new records (latency when idle; Tansu always waits it out)."),
     Setting("allow_private_networks", "--allow-private-networks", _parse_bool,
             "Deliver to loopback/private/link-local addresses (demo and tests only)."),
     Setting("allowed_networks", "--allowed-networks", _parse_networks,
@@ -168,7 +171,8 @@ class Config:
     partitions: int = 6
     replication_factor: int = 1
     schema_registry_url: str | None = None
-    group_id: str = "webhook-gateway"
+    group_id: str = ""
+    """Empty: derived from the topic prefix (see :attr:`consumer_group`)."""
     metrics_port: int = 9400
     concurrency: int = 1000
     endpoint_concurrency: int = 20
@@ -177,6 +181,7 @@ class Config:
     max_record_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0
     session_timeout_ms: int = 10_000
+    fetch_wait_ms: int = 25
     allow_private_networks: bool = False
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default_factory=tuple
@@ -209,6 +214,12 @@ class Config:
             if "topic prefix" in str(exc) and "topic_prefix" not in overrides:
                 raise ConfigError(f"GATEWAY_TOPIC_PREFIX: {exc}") from None
             raise
+
+    @property
+    def consumer_group(self) -> str:
+        """Prefix of the gateway's consumer groups. Derived from the topic prefix unless
+        set, so two gateways with different topics never share (and rebalance) a group."""
+        return self.group_id or f"{self.topic_prefix}-gateway"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -235,7 +235,7 @@ def _reader(config: Config) -> Consumer:
         | {
             # A throwaway group id: assigned partitions, never committed, so the workers'
             # groups never see this reader.
-            "group.id": f"{config.group_id}.dlq-reader.{uuid.uuid4()}",
+            "group.id": f"{config.consumer_group}.dlq-reader.{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,

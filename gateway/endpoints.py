@@ -187,7 +187,7 @@ class EndpointRegistry:
             | {
                 # Not a member of any group the workers use: it reads every partition
                 # from the beginning and never commits.
-                "group.id": f"{config.group_id}.endpoints-reader.{uuid.uuid4()}",
+                "group.id": f"{config.consumer_group}.endpoints-reader.{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
                 "auto.offset.reset": "earliest",

@@ -1,0 +1,388 @@
+"""The gateway's benchmark: throughput, its two ceilings, latency, memory, scaling.
+
+    python bench/run.py [--events 100000] [--rate 500] [--steady-seconds 20]
+
+Starts the bundled broker, a fast HTTP receiver in its own process and `gateway run`
+worker processes, all on 127.0.0.1, and prints, from one run on one machine:
+
+* burst: a backlog of N events (all four types) drained by 1 worker, then by 2 workers:
+  deliveries per second end to end, per worker process, and the worker's peak RSS;
+* the two ceilings, same machine, same run: the gateway's own HTTP sender (configured
+  as the gateway configures it) posting the same bodies to the same receiver with the
+  same concurrency and no Kafka; and a bare consumer reading and decoding the same topic
+  with no HTTP. The gateway's throughput is reported as a ratio of the lower one;
+* steady: end-to-end latency (event time to receipt) p50/p95/p99 at a steady rate.
+
+Writes the numbers as JSON and a PNG plot under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer
+
+from gateway.broker import Broker
+from gateway.codec import Codec
+from gateway.config import Config
+from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.events import Event, parse_event
+from gateway.publisher import Publisher
+from gateway.sender import Sender
+from gateway.topics import create_topics
+
+HERE = Path(__file__).resolve().parent
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_events(n: int) -> list[Event]:
+    """n events cycling through the four documented types, 1,000 sessions."""
+    sessions = [str(uuid.uuid4()) for _ in range(1000)]
+    shapes = [
+        lambda s: {"event": "MESSAGE", "botId": BOT, "sessionId": s, "role": "USER",
+                   "message": "hi, I would like to know more about pricing", "messageId": str(uuid.uuid4())},
+        lambda s: {"event": "RATE_MESSAGE", "botId": BOT, "sessionId": s, "rating": 1,
+                   "messageId": str(uuid.uuid4())},
+        lambda s: {"event": "TICKET", "customerName": "jd", "customerEmail": "test@email.com",
+                   "customerMessage": "hello", "botId": BOT, "sessionId": s},
+        lambda s: {"event": "CREATE_LEAD", "userId": str(uuid.uuid4()), "email": "jane@example.com",
+                   "intent": "pricing", "name": "Jane", "botId": BOT, "sessionId": s},
+    ]
+    return [parse_event(shapes[i % 4](sessions[i % 1000])) for i in range(n)]
+
+
+class ReceiverProcess:
+    def __init__(self, out: Path) -> None:
+        self.port = free_port()
+        self.out = out
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "receiver.py"), str(self.port), str(out)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        _children.append(self.process)
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "ready"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def count(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
+            return int(json.load(r)["count"])
+
+    def arrivals(self) -> dict[str, float]:
+        self.process.terminate()
+        self.process.wait(30)
+        result: dict[str, float] = {}
+        for line in self.out.read_text().splitlines():
+            event_id, at = line.split()
+            result.setdefault(event_id, float(at))
+        return result
+
+
+def worker_env(config: Config) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        GATEWAY_BOOTSTRAP_SERVERS=config.bootstrap_servers,
+        GATEWAY_TOPIC_PREFIX=config.topic_prefix,
+        GATEWAY_SESSION_TIMEOUT_MS=str(config.session_timeout_ms),
+        GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
+        GATEWAY_LOG_LEVEL="warning",
+    )
+    return env
+
+
+def start_workers(config: Config, n: int) -> list[subprocess.Popen[bytes]]:
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "gateway", "run", "--tiers", "events", "--no-metrics"],
+                         env=worker_env(config))
+        for _ in range(n)
+    ]
+    _children.extend(workers)
+    return workers
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def setup(broker: Broker, prefix: str, receiver: ReceiverProcess, partitions: int) -> Config:
+    config = Config(bootstrap_servers=broker.bootstrap, topic_prefix=prefix, partitions=partitions,
+                    session_timeout_ms=2000, allow_private_networks=True)
+    create_topics(config)
+    save_endpoint(config, new_endpoint(bot_id=BOT, url=receiver.url))
+    return config
+
+
+def publish(config: Config, events: list[Event]) -> float:
+    started = time.perf_counter()
+    with Publisher(config) as publisher:
+        results = publisher.publish_many(events, timeout=120)
+    assert all(r.ok for r in results), "publishing failed"
+    return time.perf_counter() - started
+
+
+def burst(broker: Broker, workdir: Path, events: list[Event], workers: int, partitions: int) -> dict[str, Any]:
+    """Publish the backlog first, then start the workers and time the drain."""
+    receiver = ReceiverProcess(workdir / f"burst-{workers}.txt")
+    config = setup(broker, f"burst{workers}-{uuid.uuid4().hex[:6]}", receiver, partitions)
+    publish(config, events)
+    processes = start_workers(config, workers)
+    started = time.time()
+    timeline: list[tuple[float, int]] = []
+    peaks = {p.pid: 0.0 for p in processes}
+    while True:
+        count = receiver.count()
+        timeline.append((time.time() - started, count))
+        for p in processes:
+            peaks[p.pid] = max(peaks[p.pid], peak_rss_mb(p.pid))
+        if count >= len(events):
+            break
+        if time.time() - started > 600:
+            raise RuntimeError(f"burst did not drain: {count} of {len(events)} after 600 s")
+        time.sleep(0.25)
+    arrivals = receiver.arrivals()
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.wait(60)
+    assert set(arrivals) >= {e.event_id for e in events}
+    # From the first to the last delivery: excludes the group join, which Tansu makes slow.
+    first, last = min(arrivals.values()), max(arrivals.values())
+    rate = len(events) / (last - first)
+    return {
+        "workers": workers,
+        "events": len(events),
+        "deliveries_per_second": round(rate),
+        "per_worker_process": round(rate / workers),
+        "drain_seconds": round(last - first, 2),
+        "peak_rss_mb_per_worker": [round(v, 1) for v in peaks.values()],
+        "timeline": [(round(t, 2), c) for t, c in timeline],
+    }
+
+
+def http_ceiling(receiver_url: str, events: list[Event], config: Config) -> float:
+    """The gateway's sender, configured as the gateway does, same bodies, no Kafka."""
+    endpoint = new_endpoint(bot_id=BOT, url=receiver_url)
+    bodies = [(e.event_id, e.json_body()) for e in events]
+
+    async def run() -> float:
+        sender = Sender(config)
+        gate = asyncio.Semaphore(config.concurrency)
+
+        async def one(event_id: str, body: bytes) -> None:
+            async with gate:
+                attempt = await sender.send(endpoint, event_id, body, "events")
+                assert attempt.succeeded, attempt
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i, b) for i, b in bodies))
+        elapsed = time.perf_counter() - started
+        await sender.aclose()
+        return len(bodies) / elapsed
+
+    return asyncio.run(run())
+
+
+def consumer_ceiling(config: Config, expected: int) -> float:
+    """A bare consumer reading and decoding (and validating) the events topic, no HTTP."""
+    codec = Codec()
+    consumer = Consumer(config.kafka_common() | {
+        "group.id": f"bench-bare-{uuid.uuid4()}", "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "session.timeout.ms": 2000, "heartbeat.interval.ms": 500,
+    })
+    consumer.subscribe([f"{config.topic_prefix}.events"])
+    seen = 0
+    started = None
+    while seen < expected:
+        batch = consumer.consume(1000, 1.0)
+        if batch and started is None:
+            started = time.perf_counter()
+        for msg in batch:
+            if msg.error():
+                continue
+            _, record = codec.decode(msg.value())
+            Event.from_record(record).json_body()
+            seen += 1
+    assert started is not None
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return expected / elapsed
+
+
+def steady(broker: Broker, workdir: Path, rate: int, seconds: int, partitions: int) -> dict[str, Any]:
+    receiver = ReceiverProcess(workdir / "steady.txt")
+    config = setup(broker, f"steady-{uuid.uuid4().hex[:6]}", receiver, partitions)
+    processes = start_workers(config, 1)
+    # Wait for the group join: one warm-up event delivered.
+    publish(config, make_events(1))
+    deadline = time.time() + 60
+    while receiver.count() < 1:
+        assert time.time() < deadline, "worker never delivered the warm-up event"
+        time.sleep(0.1)
+    events = make_events(rate * seconds)
+    sent: dict[str, float] = {}
+    with Publisher(config) as publisher:
+        started = time.perf_counter()
+        for i, event in enumerate(events):
+            wait = started + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            stamped = Event(event.type, event.event_id, time.time_ns() // 1_000_000, event.body)
+            sent[stamped.event_id] = stamped.occurred_at / 1000
+            publisher._producer.produce(  # the same call publish_many makes, without the flush
+                publisher.topic, key=stamped.session_id.encode(),
+                value=publisher.codec.encode(stamped.schema_name, stamped.to_record(), topic=publisher.topic),
+            )
+            publisher._producer.poll(0)
+        publisher._producer.flush(30)
+    deadline = time.time() + 60
+    while receiver.count() < len(events) + 1 and time.time() < deadline:
+        time.sleep(0.2)
+    arrivals = receiver.arrivals()
+    for p in processes:
+        p.terminate()
+        p.wait(60)
+    latencies = sorted((arrivals[i] - t) * 1000 for i, t in sent.items() if i in arrivals)
+    missing = len(sent) - len(latencies)
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 1)
+
+    series = sorted((t - min(sent.values()), (arrivals[i] - t) * 1000) for i, t in sent.items() if i in arrivals)
+    return {"rate": rate, "seconds": seconds, "events": len(events), "missing": missing,
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "max_ms": round(latencies[-1], 1),
+            "series": [(round(a, 3), round(b, 2)) for a, b in series[:: max(1, len(series) // 2000)]]}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for run in results["burst"]:
+        times = [t for t, _ in run["timeline"]]
+        counts = [c for _, c in run["timeline"]]
+        rates = [0.0] + [(c2 - c1) / (t2 - t1) for (t1, c1), (t2, c2) in
+                         zip(run["timeline"], run["timeline"][1:]) if t2 > t1]
+        ax1.plot(times[: len(rates)], rates, label=f"{run['workers']} worker(s)")
+        del counts
+    ax1.axhline(results["ceilings"]["lower"], color="grey", linestyle="--", label="lower ceiling")
+    ax1.set_title(f"Draining {results['burst'][0]['events']:,} events: deliveries/s")
+    ax1.set_xlabel("seconds since the workers started")
+    ax1.legend()
+    series = results["steady"]["series"]
+    ax2.plot([a for a, _ in series], [b for _, b in series], ",", alpha=0.6)
+    ax2.set_title(f"End-to-end latency at {results['steady']['rate']} events/s "
+                  f"(p99 {results['steady']['p99_ms']} ms)")
+    ax2.set_xlabel("seconds")
+    ax2.set_ylabel("ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+_children: list[subprocess.Popen[Any]] = []
+
+
+def main() -> None:
+    try:
+        _main()
+    finally:
+        for child in _children:
+            if child.poll() is None:
+                child.kill()
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--steady-seconds", type=int, default=20)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = args.out / "tmp"
+    workdir.mkdir(exist_ok=True)
+    random.seed(1)
+    events = make_events(args.events)
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
+                   f"{platform.python_version()}, {platform.platform()}",
+    }
+    with Broker(port=free_port(), log=workdir / "broker.log") as broker:
+        print(f"burst: {args.events:,} events, 1 worker …", flush=True)
+        one = burst(broker, workdir, events, 1, args.partitions)
+        print(f"  {one['deliveries_per_second']:,}/s, peak RSS {one['peak_rss_mb_per_worker']} MB", flush=True)
+        print("burst: 2 workers …", flush=True)
+        two = burst(broker, workdir, make_events(args.events), 2, args.partitions)
+        print(f"  {two['deliveries_per_second']:,}/s ({two['per_worker_process']:,}/s per process)", flush=True)
+
+        print("ceilings …", flush=True)
+        receiver = ReceiverProcess(workdir / "ceiling.txt")
+        base = Config(allow_private_networks=True)
+        http = http_ceiling(receiver.url, events[:20_000], base)
+        receiver.arrivals()
+        consumer_config = Config(bootstrap_servers=broker.bootstrap,
+                                 topic_prefix=f"ceiling-{uuid.uuid4().hex[:6]}", partitions=args.partitions)
+        create_topics(consumer_config)
+        publish(consumer_config, events)
+        bare = consumer_ceiling(consumer_config, len(events))
+        lower = min(http, bare)
+        print(f"  HTTP sender alone {http:,.0f}/s; bare consumer+decode {bare:,.0f}/s", flush=True)
+
+        print(f"steady: {args.rate}/s for {args.steady_seconds} s …", flush=True)
+        latency = steady(broker, workdir, args.rate, args.steady_seconds, args.partitions)
+
+    results["burst"] = [one, two]
+    results["ceilings"] = {"http_sender_per_second": round(http), "bare_consumer_per_second": round(bare),
+                           "lower": round(lower)}
+    results["ratio_of_lower_ceiling"] = round(one["deliveries_per_second"] / lower, 3)
+    results["scaling_2_over_1"] = round(two["deliveries_per_second"] / one["deliveries_per_second"], 3)
+    results["steady"] = latency
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
+    (args.out / "latest.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "latest.png")
+    for f in workdir.iterdir():
+        f.unlink()
+    workdir.rmdir()
+    print(json.dumps({k: v for k, v in results.items() if k not in ("burst", "steady")}, indent=1))
+    print(f"""
+machine: {results['machine']}
+burst, 1 worker : {one['deliveries_per_second']:>7,}/s  (drain {one['drain_seconds']} s, peak RSS {one['peak_rss_mb_per_worker'][0]} MB)
+burst, 2 workers: {two['deliveries_per_second']:>7,}/s  ({two['per_worker_process']:,}/s per process; x{results['scaling_2_over_1']} of 1 worker)
+ceilings        : HTTP sender {http:,.0f}/s, bare consumer {bare:,.0f}/s -> gateway at {results['ratio_of_lower_ceiling']:.0%} of the lower
+steady {args.rate}/s    : p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms, p99 {latency['p99_ms']} ms (missing {latency['missing']})
+results         : {args.out}/latest.json, latest.png""")
+
+
+if __name__ == "__main__":
+    main()
