@@ -222,8 +222,10 @@ WORKER_SETTINGS = (
 @click.option("--tiers", default="all", show_default=True, metavar="NAMES",
               help="Comma-separated tiers to run: events, retry-1m, … or all.")
 @click.option("--no-metrics", is_flag=True, help="Do not serve /metrics.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes in the group; worker i serves metrics on --metrics-port + i.")
 @config_options(*WORKER_SETTINGS)
-def run(tiers: str, no_metrics: bool, **settings: str | None) -> None:
+def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> None:
     """Run delivery workers against an existing Kafka, until SIGTERM or Ctrl-C.
 
     Workers of the same group id share the partitions of each tier; run as many as the
@@ -237,6 +239,10 @@ def run(tiers: str, no_metrics: bool, **settings: str | None) -> None:
     config = build_config(settings)
     try:
         chosen = resolve_tiers(config, [t.strip() for t in tiers.split(",") if t.strip()])
+        if workers > 1:
+            from .supervisor import supervise
+
+            sys.exit(supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics))
         if not no_metrics:
             serve_metrics(config.metrics_port)
         run_workers(config, chosen)

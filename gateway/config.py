@@ -221,6 +221,22 @@ class Config:
         set, so two gateways with different topics never share (and rebalance) a group."""
         return self.group_id or f"{self.topic_prefix}-gateway"
 
+    def to_env(self) -> dict[str, str]:
+        """The ``GATEWAY_*`` variables that rebuild this configuration in another process."""
+        env = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if value is None:
+                text = ""
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(map(str, value))
+            else:
+                text = str(value)
+            env[setting.env] = text
+        return env
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 

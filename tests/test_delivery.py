@@ -227,3 +227,25 @@ def test_private_destinations_are_dead_lettered_at_once_unless_allowed(
     time.sleep(1.5)
     assert receiver.at("/private") == []
     assert dead_letters(strict) == [dead]  # no retry tier saw it
+
+
+def test_workers_option_runs_a_supervised_group(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    register(topics, receiver.url("/hook"))
+    supervisor = worker_factory(topics, "--workers", "2", "--tiers", "events", wait_assigned=False)
+    deadline = time.monotonic() + 30
+    # Both processes joined the group: the partitions were split between them.
+    while supervisor.text().count("partitions assigned") < 2:
+        assert time.monotonic() < deadline, supervisor.text()
+        time.sleep(0.1)
+    events = [dict(documented()[0], sessionId=str(uuid.uuid4())) for _ in range(200)]
+    ids = publish(topics, events)
+    receiver.wait_for(lambda: len({r.event_id for r in receiver.at("/hook")}) >= 200, 30, "200 deliveries")
+    assert {r.event_id for r in receiver.at("/hook")} == set(ids)
+    children = [int(p) for p in Path(f"/proc/{supervisor.process.pid}/task/{supervisor.process.pid}/children")
+                .read_text().split()]
+    assert len(children) == 2
+    assert supervisor.terminate() == 0, supervisor.text()
+    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                   for pid in children)
