@@ -287,12 +287,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     for run in results["burst"]:
-        times = [t for t, _ in run["timeline"]]
-        counts = [c for _, c in run["timeline"]]
-        rates = [0.0] + [(c2 - c1) / (t2 - t1) for (t1, c1), (t2, c2) in
-                         zip(run["timeline"], run["timeline"][1:]) if t2 > t1]
-        ax1.plot(times[: len(rates)], rates, label=f"{run['workers']} worker(s)")
-        del counts
+        timeline = run["timeline"]
+        times = [t for t, _ in timeline[1:]]
+        rates = [(c2 - c1) / max(t2 - t1, 1e-3)
+                 for (t1, c1), (t2, c2) in zip(timeline, timeline[1:], strict=False)]
+        ax1.plot(times, rates, label=f"{run['workers']} worker(s)")
     ax1.axhline(results["ceilings"]["lower"], color="grey", linestyle="--", label="lower ceiling")
     ax1.set_title(f"Draining {results['burst'][0]['events']:,} events: deliveries/s")
     ax1.set_xlabel("seconds since the workers started")

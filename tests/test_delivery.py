@@ -249,3 +249,27 @@ def test_workers_option_runs_a_supervised_group(
     assert supervisor.terminate() == 0, supervisor.text()
     assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
                    for pid in children)
+
+
+def test_a_slow_endpoint_does_not_stall_another(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    def slow(request: Any, seen: int) -> int:
+        time.sleep(2)
+        return 204
+
+    receiver.respond("/slow", slow)
+    register(topics, receiver.url("/slow"))
+    register(topics, receiver.url("/fast"))
+    worker_factory(topics, "--tiers", "events")
+    events = [dict(documented()[0], messageId=str(uuid.uuid4())) for _ in range(100)]
+    started = time.monotonic()
+    ids = publish(topics, events)
+    receiver.wait_for(lambda: len(receiver.at("/fast")) >= 100, 30, "100 fast deliveries")
+    fast_done = time.monotonic() - started
+    slow_so_far = len(receiver.at("/slow"))
+    # /slow takes 2 s a request, 20 at a time: 100 need >= 10 s. /fast is not held back.
+    assert fast_done < 6, fast_done
+    assert slow_so_far < 100
+    receiver.wait_for(lambda: len(receiver.at("/slow")) >= 100, 40, "100 slow deliveries")
+    assert {r.event_id for r in receiver.at("/slow")} == set(ids)
