@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .broker import die_with_parent
 from .config import Config
 
 __all__ = ["supervise"]
@@ -44,7 +45,8 @@ def supervise(config: Config, workers: int, tiers: Sequence[str], *, metrics: bo
         args = [sys.executable, "-m", "gateway", "run", "--tiers", ",".join(tiers)]
         if not metrics:
             args.append("--no-metrics")
-        process = subprocess.Popen(args, env=env)
+        # die_with_parent: a supervisor killed with SIGKILL must not leave workers behind.
+        process = subprocess.Popen(args, env=env, preexec_fn=die_with_parent)
         log.info("worker started", extra={"worker": index, "pid": process.pid,
                                            "metrics_port": config.metrics_port + index if metrics else None})
         return process

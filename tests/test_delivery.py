@@ -273,3 +273,19 @@ def test_a_slow_endpoint_does_not_stall_another(
     assert slow_so_far < 100
     receiver.wait_for(lambda: len(receiver.at("/slow")) >= 100, 40, "100 slow deliveries")
     assert {r.event_id for r in receiver.at("/slow")} == set(ids)
+
+
+def test_killing_the_supervisor_leaves_no_worker_behind(topics: Config, worker_factory: Any) -> None:
+    supervisor = worker_factory(topics, "--workers", "2", "--tiers", "events", wait_assigned=False)
+    deadline = time.monotonic() + 20
+    children: list[int] = []
+    while len(children) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        task = Path(f"/proc/{supervisor.process.pid}/task/{supervisor.process.pid}/children")
+        children = [int(p) for p in task.read_text().split()]
+    supervisor.kill()
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, "workers outlived their killed supervisor"
+        time.sleep(0.1)
