@@ -29,6 +29,8 @@ from .kafka_io import AckedProducer, dead_letter_headers, delivery_headers
 from .metrics import (
     ATTEMPTS,
     DEAD_LETTERS,
+    DECODE_ERRORS,
+    DELIVERIES_IN_FLIGHT,
     DELIVERY_SECONDS,
     END_TO_END_SECONDS,
     EVENTS_CONSUMED,
@@ -107,9 +109,11 @@ class Dispatcher:
     def prepare(self, tier: Tier, message: Any) -> Job:
         """Decode and validate a received record; cheap enough for the poll path."""
         value = message.value()
-        if value is not None and len(value) > self.config.max_record_bytes:
-            if tier.index == 0:
-                EVENTS_CONSUMED.labels("invalid").inc()
+        # The limit guards the events topic, which many services write to; the retry tiers
+        # carry the gateway's own records, always larger than the event they wrap.
+        if tier.index == 0 and value is not None and len(value) > self.config.max_record_bytes:
+            EVENTS_CONSUMED.labels("invalid").inc()
+            DECODE_ERRORS.labels(tier.name, DeadLetterReason.INVALID.value).inc()
             return Job(message, BadRecord(
                 DeadLetterReason.INVALID,
                 f"record of {len(value)} bytes is larger than the {self.config.max_record_bytes}-byte "
@@ -130,9 +134,11 @@ class Dispatcher:
         except DecodeError as exc:
             if tier.index == 0:
                 EVENTS_CONSUMED.labels("undecodable").inc()
+            DECODE_ERRORS.labels(tier.name, DeadLetterReason.UNDECODABLE.value).inc()
             return Job(message, BadRecord(DeadLetterReason.UNDECODABLE, str(exc)), 0)
         except InvalidEvent as exc:
             EVENTS_CONSUMED.labels("invalid").inc()
+            DECODE_ERRORS.labels(tier.name, DeadLetterReason.INVALID.value).inc()
             return Job(message, BadRecord(DeadLetterReason.INVALID, str(exc)), 0)
 
     async def run(self, tier: Tier, job: Job) -> None:
@@ -189,7 +195,8 @@ class Dispatcher:
     async def _attempt(
         self, tier: Tier, job: Job, delivery: Delivery, endpoint: Endpoint, body: bytes
     ) -> None:
-        attempt = await self.sender.send(endpoint, delivery.event_id, body, tier.name)
+        with DELIVERIES_IN_FLIGHT.labels(tier.name).track_inprogress():
+            attempt = await self.sender.send(endpoint, delivery.event_id, body, tier.name)
         outcome, status_class = outcome_of(attempt.status, attempt.error)
         ATTEMPTS.labels(tier.name, outcome, status_class).inc()
         DELIVERY_SECONDS.labels(tier.name).observe(attempt.duration_ms / 1000)
@@ -224,9 +231,9 @@ class Dispatcher:
 
     async def _disable(self, endpoint: Endpoint) -> None:
         """A 410 Gone says the receiver is gone for good: stop sending to it."""
-        current = self.endpoints.get(endpoint.id) or endpoint
-        if not current.enabled:
-            return
+        current = self.endpoints.get(endpoint.id)
+        if current is None or not current.enabled:
+            return  # removed meanwhile: writing it back would resurrect it
         disabled = replace(current, enabled=False, updated_at=now_ms())
         topic = self.topics.endpoints
         await self.producer.send(

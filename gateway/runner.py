@@ -19,8 +19,9 @@ from .codec import Codec
 from .config import Config
 from .dispatcher import Dispatcher
 from .endpoints import EndpointRegistry, EndpointTable
+from .health import ENDPOINTS_LOADED, HEALTH, assigned
 from .kafka_io import AckedProducer
-from .metrics import ENDPOINTS
+from .metrics import ENDPOINTS, initialize
 from .sender import Sender
 from .topics import Tier, Topics
 from .worker import Capacity, TierWorker
@@ -76,10 +77,13 @@ async def serve(
 ) -> None:
     """Run the workers of ``tiers`` until ``stop`` is set; then drain, commit and return."""
     loop = asyncio.get_running_loop()
+    HEALTH.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
+    initialize([t.name for t in Topics.from_config(config).tiers])
     await asyncio.to_thread(_check_topics, config, tiers)
     codec = Codec(config.schema_registry_url)
     registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints)
     await asyncio.to_thread(registry.start)
+    HEALTH.met(ENDPOINTS_LOADED)
     producer = AckedProducer(config, loop)
     sender = Sender(config)
     dispatcher = Dispatcher(config, codec=codec, endpoints=registry.table, sender=sender,
@@ -95,6 +99,7 @@ async def serve(
             on_ready()
         await stop.wait()
     finally:
+        HEALTH.stopping()
         log.info("stopping: draining in-flight deliveries",
                  extra={"timeout_s": config.shutdown_timeout})
         # Draining is bounded by shutdown_timeout; closing the consumers (leave the group,

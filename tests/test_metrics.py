@@ -1,0 +1,361 @@
+"""Metrics: names and labels, consumer lag from librdkafka's statistics, /healthz and
+/readyz, and a real worker's numbers while deliveries are stuck and after they drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import metrics
+from gateway.config import Config
+from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.events import parse_event
+from gateway.health import ENDPOINTS_LOADED, Health, assigned
+from gateway.metrics import (
+    CONSUMER_LAG,
+    END_TO_END_BUCKETS,
+    ConsumerLag,
+    initialize,
+    lag_from_stats,
+    outcome_of,
+    serve_metrics,
+)
+from gateway.publisher import Publisher
+from gateway.records import Endpoint
+from gateway.topics import Topics
+
+from .conftest import free_port, gateway_env
+from .receiver import Receiver
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "events.jsonl"
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+UNBOUNDED_LABELS = {"event_id", "endpoint_id", "bot_id", "session_id", "url", "message_id", "offset"}
+
+
+# -- helpers shared with tests/test_prometheus.py ---------------------------------------
+
+
+def documented() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
+
+
+def register(config: Config, url: str, *, events: tuple[str, ...] = ()) -> Endpoint:
+    endpoint = new_endpoint(bot_id=BOT, url=url, event_types=events)
+    save_endpoint(config, endpoint)
+    return endpoint
+
+
+def publish(config: Config, events: list[dict[str, Any]]) -> None:
+    with Publisher(config) as publisher:
+        results = publisher.publish_many([parse_event(e) for e in events])
+    assert all(r.ok for r in results)
+
+
+def publish_undecodable(config: Config) -> None:
+    producer = Producer({"bootstrap.servers": config.bootstrap_servers})
+    producer.produce(Topics.from_config(config).events, key=b"k", value=b"not avro at all")
+    assert producer.flush(10) == 0
+
+
+def scrape(port: int, path: str = "/metrics") -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", trust_env=False, timeout=5)
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples named ``name`` whose labels include ``labels`` (None: none)."""
+    found = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                found = (found or 0.0) + sample.value
+    return found
+
+
+class GatewayProcess:
+    """A real `gateway run` serving /metrics (worker_factory always passes --no-metrics)."""
+
+    def __init__(self, config: Config, log: Path, port: int, *args: str, **env: str) -> None:
+        self.port = port
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--metrics-port", str(port), *args],
+            stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=gateway_env(config, GATEWAY_LOG_LEVEL="info", **env),
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def readiness(self, port: int | None = None) -> tuple[int, str] | None:
+        """(status, body) of /readyz, or None while nothing listens yet."""
+        try:
+            response = scrape(port or self.port, "/readyz")
+        except httpx.TransportError:
+            return None
+        return response.status_code, response.text
+
+    def wait_ready(self, ports: list[int] | None = None, timeout: float = 30) -> list[tuple[int, str]]:
+        """Poll /readyz of every port until each answers 200; returns what was seen."""
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + timeout
+        for port in ports or [self.port]:
+            while True:
+                answer = self.readiness(port)
+                if answer is not None:
+                    seen.append(answer)
+                    if answer[0] == 200:
+                        break
+                if self.process.poll() is not None:
+                    raise AssertionError(f"gateway exited with {self.process.returncode}:\n{self.text()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"port {port} not ready within {timeout} s ({seen[-1:]}):\n{self.text()}")
+                time.sleep(0.05)
+        return seen
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._out.close()
+        return self.process.returncode
+
+
+# -- names, labels, buckets ----------------------------------------------------------
+
+
+def gateway_families() -> list[Any]:
+    initialize([t.name for t in Topics.from_config(Config()).tiers])
+    return [f for f in REGISTRY.collect() if f.name.startswith("gateway_")]
+
+
+def test_metric_names_and_labels_follow_prometheus_conventions() -> None:
+    families = gateway_families()
+    assert len(families) >= 15
+    for family in families:
+        labels = {k for s in family.samples for k in s.labels} - {"le"}
+        assert not labels & UNBOUNDED_LABELS, (family.name, labels)
+        if family.type == "counter":
+            assert all(s.name == family.name + "_total" for s in family.samples), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name
+        assert not re.search(r"_(ms|milliseconds|minutes)(_|$)", family.name), "base units only"
+    exposed = {f.name + ("_total" if f.type == "counter" else "_info" if f.type == "info" else "")
+               for f in families}
+    documented = set(re.findall(r"^(gateway_\w+)", metrics.__doc__ or "", re.MULTILINE))
+    assert documented == exposed, "the table in gateway/metrics.py's docstring is out of date"
+
+
+def test_initialize_creates_every_known_series_at_zero() -> None:
+    families = {f.name: f for f in gateway_families()}
+    dead = {s.labels["reason"] for s in families["gateway_dead_letters"].samples}
+    assert {"retries_exhausted", "undecodable", "blocked_destination", "gone"} <= dead
+    attempts = {(s.labels["tier"], s.labels["outcome"], s.labels["status_class"])
+                for s in families["gateway_delivery_attempts"].samples}
+    assert ("retry-15m", "timeout", "none") in attempts and ("events", "success", "2xx") in attempts
+    retries = {s.labels["tier"] for s in families["gateway_retries_scheduled"].samples}
+    assert retries >= {"retry-1m", "retry-5m", "retry-15m"} and "events" not in retries
+
+
+@pytest.mark.parametrize(("status", "error", "labels"), [
+    (204, None, ("success", "2xx")),
+    (500, None, ("http_error", "5xx")),
+    (404, None, ("http_error", "4xx")),
+    (302, "redirect to /x (not followed)", ("http_error", "3xx")),
+    (None, "timeout after 15 s", ("timeout", "none")),
+    (None, "blocked destination: 10.0.0.1 is private", ("blocked", "none")),
+    (None, "connection error: refused", ("connection_error", "none")),
+])
+def test_outcome_labels(status: int | None, error: str | None, labels: tuple[str, str]) -> None:
+    assert outcome_of(status, error) == labels
+
+
+def test_end_to_end_buckets_resolve_each_stage_of_the_default_schedule() -> None:
+    config = Config()
+    stage_start = 0
+    for delay in (0, *config.retry_delays):
+        stage_start += delay
+        # A delivery on this stage lands within its first minute (request timeout 15 s).
+        window = [b for b in END_TO_END_BUCKETS if stage_start <= b <= stage_start + 60]
+        assert len(window) >= 3, (stage_start, window)
+    assert END_TO_END_BUCKETS[-1] > sum(config.retry_delays) + 4 * config.request_timeout
+    durations = metrics.DELIVERY_SECONDS._upper_bounds
+    assert config.request_timeout in durations and durations[-2] > config.request_timeout
+
+
+# -- consumer lag --------------------------------------------------------------------
+
+
+def stats(**partitions: dict[str, int]) -> dict[str, Any]:
+    """A librdkafka statistics document with partitions of topic ``t``."""
+    return {"topics": {"t": {"partitions": {
+        p.lstrip("p"): {"hi_offset": -1001, "lo_offset": -1001, "stored_offset": -1001,
+                        "committed_offset": -1001} | fields
+        for p, fields in partitions.items()}}}}
+
+
+def test_lag_counts_from_the_stored_then_committed_offset_then_the_log_start() -> None:
+    document = stats(
+        p0={"hi_offset": 100, "stored_offset": 90, "committed_offset": 80, "lo_offset": 0},
+        p1={"hi_offset": 100, "committed_offset": 70, "lo_offset": 0},
+        p2={"hi_offset": 100, "lo_offset": 10},
+        p3={"hi_offset": 100},
+        p4={"lo_offset": 0},  # no fetch answered yet: unknown, left out
+        p5={"hi_offset": 100, "stored_offset": 0},  # not assigned here
+    )
+    assigned_here = [("t", p) for p in range(5)] + [("other", 0)]
+    assert lag_from_stats(document, assigned_here) == {
+        ("t", 0): 10, ("t", 1): 30, ("t", 2): 90, ("t", 3): 100,
+    }
+
+
+def lag_series(tier: str) -> dict[tuple[str, str], float]:
+    return {(s.labels["topic"], s.labels["partition"]): s.value
+            for f in REGISTRY.collect() if f.name == CONSUMER_LAG._name
+            for s in f.samples if s.labels["tier"] == tier}
+
+
+class _TP:
+    def __init__(self, topic: str, partition: int) -> None:
+        self.topic, self.partition = topic, partition
+
+
+def test_lag_series_follow_the_assignment() -> None:
+    lag = ConsumerLag("unit-tier")
+    lag.assign([_TP("t", 0), _TP("t", 1)])
+    lag.update(json.dumps(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
+                                p2={"hi_offset": 9, "stored_offset": 0})))
+    assert lag_series("unit-tier") == {("t", "0"): 3, ("t", "1"): 0}
+    lag.revoke([_TP("t", 0)])  # another process owns it now: it must not count twice
+    assert lag_series("unit-tier") == {("t", "1"): 0}
+    lag.update("{not json")  # logged, never raised into poll()
+    lag.clear()
+    assert lag_series("unit-tier") == {}
+
+
+# -- health ----------------------------------------------------------------------------
+
+
+def test_readiness_needs_the_endpoint_table_and_every_tier_assigned() -> None:
+    health = Health()
+    assert health.readiness() == (False, "starting") and health.liveness() == (True, "ok")
+    health.expect([ENDPOINTS_LOADED, assigned("events"), assigned("retry-1m")])
+    health.met(ENDPOINTS_LOADED)
+    health.met(assigned("events"))
+    assert health.readiness() == (False, "waiting for: partitions assigned (retry-1m)")
+    health.met(assigned("retry-1m"))
+    health.met(assigned("retry-1m"))  # a second assignment (rebalance) changes nothing
+    assert health.readiness() == (True, "ready")
+    health.broken("consumer events", "consumer loop failed")
+    assert health.liveness() == (False, "broken: consumer events: consumer loop failed")
+    assert health.readiness()[0] is False
+    health.expect([])
+    health.stopping()
+    assert health.readiness() == (False, "stopping") and health.liveness()[0]
+
+
+def test_metrics_port_serves_metrics_health_and_readiness(monkeypatch: pytest.MonkeyPatch) -> None:
+    health = Health()
+    monkeypatch.setattr("gateway.health.HEALTH", health)
+    monkeypatch.setattr("gateway.metrics.HEALTH", health)
+    port = free_port()
+    server = serve_metrics(port, host="127.0.0.1")
+    try:
+        assert scrape(port, "/readyz").status_code == 503
+        assert scrape(port, "/healthz").text == "ok\n"
+        health.expect([ENDPOINTS_LOADED])
+        response = scrape(port, "/readyz")
+        assert (response.status_code, response.text) == (503, "waiting for: endpoint table loaded\n")
+        assert value(scrape(port).text, "gateway_ready") == 0
+        health.met(ENDPOINTS_LOADED)
+        assert scrape(port, "/readyz").status_code == 200
+        text = scrape(port).text
+        assert value(text, "gateway_ready") == 1
+        assert value(text, "gateway_build_info", version=metrics._version()) == 1
+        assert "_created" not in text
+        assert scrape(port, "/nothing").status_code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- a real worker -------------------------------------------------------------------
+
+
+@pytest.fixture
+def gate(receiver: Receiver) -> Iterator[threading.Event]:
+    """Requests to /held wait until the test opens the gate."""
+    opened = threading.Event()
+    receiver.respond("/held", lambda request, seen: 204 if opened.wait(30) else 503)
+    yield opened
+    opened.set()
+
+
+@pytest.mark.integration
+def test_a_worker_reports_readiness_lag_and_in_flight_then_drains(
+    topics: Config, receiver: Receiver, gate: threading.Event, tmp_path: Path
+) -> None:
+    register(topics, receiver.url("/held"))
+    publish(topics, documented() * 3)  # 12 events, before any worker runs
+    publish_undecodable(topics)
+    port = free_port()
+    # Held requests must outlast a statistics interval, and not time out meanwhile.
+    gateway = GatewayProcess(topics, tmp_path / "gateway.log", port, GATEWAY_REQUEST_TIMEOUT="30")
+    try:
+        seen = gateway.wait_ready()
+        assert seen[0][0] == 503 and seen[-1] == (200, "ready\n"), seen
+        assert scrape(port, "/healthz").text == "ok\n"
+
+        def lag(text: str) -> float | None:
+            return value(text, "gateway_consumer_lag_records", tier="events")
+
+        deadline = time.monotonic() + 15
+        while lag(text := scrape(port).text) is None or value(
+                text, "gateway_deliveries_in_flight", tier="events") != 12:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        # Nothing settled but the undecodable record: every event is lag, and in flight.
+        assert 12 <= (lag(text) or 0) <= 13
+        assert value(text, "gateway_in_flight_records", tier="events") == 12
+        assert value(text, "gateway_decode_errors_total", tier="events", reason="undecodable") == 1
+        assert value(text, "gateway_dead_letters_total", reason="undecodable") == 1
+        assert value(text, "gateway_endpoints", state="enabled") == 1
+        partitions = {s.labels["partition"] for f in text_string_to_metric_families(text)
+                      for s in f.samples if s.name == "gateway_consumer_lag_records"
+                      and s.labels["tier"] == "events"}
+        assert partitions == {"0", "1", "2"}
+
+        gate.set()
+        deadline = time.monotonic() + 15
+        while lag(text := scrape(port).text) != 0:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert value(text, "gateway_deliveries_in_flight") == 0
+        assert value(text, "gateway_delivery_attempts_total", tier="events", outcome="success") == 12
+        assert value(text, "gateway_events_consumed_total") == 13
+        assert value(text, "gateway_events_consumed_total", event_type="TICKET") == 3
+        assert value(text, "gateway_end_to_end_latency_seconds_count") == 12
+        assert (value(text, "gateway_last_success_timestamp_seconds") or 0) > time.time() - 60
+    finally:
+        gate.set()
+        code = gateway.stop()
+    assert code == 0, gateway.text()
