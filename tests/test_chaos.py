@@ -1,0 +1,208 @@
+"""The chaos suite: the real pipeline (broker, `gateway run` processes, an HTTP receiver on
+127.0.0.1) under load while faults are injected. Run it apart with ``pytest -m chaos -s``.
+
+Each scenario publishes a few thousand events while it
+
+* kills a worker with SIGKILL three times (a new one takes over each time);
+* stops the broker with SIGSTOP for 10 s, then resumes it (a broker of its own: the
+  session's shared broker is never stopped);
+* makes the receiver fail 30% of the requests at random, then answer slowly (some past
+  the gateway's timeout), then refuse connections for longer than the whole retry
+  schedule, then recover;
+* adds a second worker and removes it again, twice (every tier's group rebalances).
+
+Then, once every tier's consumer group has committed to the end of its topic, it checks
+(:func:`tests.chaos_support.audit`): every published event reached every endpoint (a 2xx
+answer written by the receiver) or is in the dead-letter topic, none is lost; no attempt
+was made before it was due (the rule is spelled out in ``chaos_support``); and it prints
+``chaos <scenario>: published N, delivered D, dead-lettered X, repeated R, lost 0``.
+
+Outside the receiver scenario the receiver also fails 10% of the requests at random, so
+every fault also hits records held in the retry tiers until they are due.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.broker import Broker
+from gateway.config import Config
+from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.records import Endpoint
+from gateway.topics import create_topics
+
+from .chaos_support import Audit, ChaosReceiver, Load, audit, drain, log_trouble, make_events
+from .conftest import free_port
+
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+
+
+def register(config: Config, url: str) -> Endpoint:
+    endpoint = new_endpoint(bot_id=BOT, url=url)
+    save_endpoint(config, endpoint)
+    return endpoint
+
+
+def conclude(
+    scenario: str,
+    request: pytest.FixtureRequest,
+    config: Config,
+    receiver: ChaosReceiver,
+    load: Load,
+    endpoints: dict[str, Endpoint],
+    logs: list[Path],
+    *,
+    notes: str = "",
+    drain_timeout: float = 60,
+) -> Audit:
+    """Wait for the load and the pipeline to finish, audit, report, assert."""
+    load.join(90)
+    by_path = {p: e.id for p, e in endpoints.items()}
+    unacked = [event_id for event_id, _ in load.failed]
+    try:
+        waited = drain(config, timeout=drain_timeout)
+    except AssertionError as exc:
+        so_far = audit(config, receiver, load.published, by_path, unacked=unacked)
+        raise AssertionError(
+            f"{exc}\nso far (lost = not delivered yet): {so_far.line(scenario)}\n"
+            f"{log_trouble(*logs)}") from None
+    result = audit(config, receiver, load.published, by_path, unacked=unacked)
+    line = result.line(scenario)
+    detail = (f"  {len(endpoints)} endpoint(s), {result.arrivals} requests seen, "
+              f"{result.retry_records} retry records, dead letters {result.dead_reasons or {}}, "
+              f"delivered and also dead-lettered {result.both}, drained {waited:.1f} s after "
+              f"the load; {notes}")
+    print(f"\n{line}\n{detail}")
+    for note in result.notes[:5]:
+        print(f"  note: {note}")
+    request.node.user_properties.append(("chaos", line))
+    critical = [l for l in log_trouble(*logs).splitlines() if "level=critical" in l]
+    assert not load.failed, f"the broker did not acknowledge {len(load.failed)} events: {load.failed[:3]}"
+    assert not result.lost, (
+        f"{line}\nLOST {len(result.lost)} deliveries, e.g. {sorted(result.lost)[:5]}\n{log_trouble(*logs)}")
+    assert not result.violations, "\n".join(result.violations[:20]) + f"\n({len(result.violations)} in all)"
+    assert not critical, "\n".join(critical)
+    assert result.pairs == len(result.delivered | result.dead)
+    return result
+
+
+@pytest.mark.timeout(200)
+def test_kill_9_a_worker_three_times(
+    topics: Config, worker_factory: Any, request: pytest.FixtureRequest
+) -> None:
+    config = topics
+    with ChaosReceiver(seed=1) as receiver:
+        receiver.flaky(0.1)
+        endpoints = {"/hook": register(config, receiver.url("/hook"))}
+        worker = worker_factory(config)
+        logs = [worker.log]
+        load = Load(config, make_events(2400, seed=1), chunk=100, interval=0.3).start()
+        at_kill = []
+        rng = random.Random(1)
+        for threshold in (300, 900, 1500):
+            receiver.wait_delivered(threshold, 90)
+            worker.kill()
+            at_kill.append(receiver.delivered())
+            time.sleep(rng.uniform(0, 0.5))
+            worker = worker_factory(config)
+            logs.append(worker.log)
+        conclude("kill-9", request, config, receiver, load, endpoints, logs,
+                 notes=f"SIGKILL after {at_kill} deliveries")
+        assert worker.terminate() == 0, worker.text()[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_broker_stopped_for_10_seconds(
+    config: Config, worker_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    own = Broker(port=free_port(), log=tmp_path / "tansu.log").start()
+    stopped = False
+    try:
+        config = config.replace(bootstrap_servers=own.bootstrap)
+        create_topics(config)
+        with ChaosReceiver(seed=2) as receiver:
+            receiver.flaky(0.1)
+            endpoints = {"/hook": register(config, receiver.url("/hook"))}
+            worker = worker_factory(config)
+            load = Load(config, make_events(2000, seed=2), chunk=100, interval=0.3).start()
+            receiver.wait_delivered(400, 90)
+            assert own.pid is not None
+            os.kill(own.pid, signal.SIGSTOP)
+            stopped = True
+            at_stop = receiver.delivered()
+            time.sleep(10)
+            during = receiver.delivered() - at_stop
+            os.kill(own.pid, signal.SIGCONT)
+            stopped = False
+            conclude("broker-sigstop", request, config, receiver, load, endpoints, [worker.log],
+                     notes=f"broker stopped after {at_stop} deliveries, {during} more during the stop")
+            assert worker.terminate() == 0, worker.text()[-3000:]
+    finally:
+        if stopped and own.pid is not None:
+            os.kill(own.pid, signal.SIGCONT)
+        own.stop()
+
+
+@pytest.mark.timeout(200)
+def test_receiver_fails_then_slows_then_refuses(
+    topics: Config, worker_factory: Any, request: pytest.FixtureRequest
+) -> None:
+    config = topics.replace(request_timeout=2.0)
+    with ChaosReceiver(seed=3) as receiver:
+        endpoints = {"/hook": register(config, receiver.url("/hook"))}
+        worker = worker_factory(config)
+        load = Load(config, make_events(1800, seed=3), chunk=60, interval=0.3).start()
+        phases = []
+        receiver.flaky(0.3)
+        time.sleep(4)
+        phases.append(f"30% failing until {receiver.delivered()}")
+        # 0.05-0.5 s answers; 5% wait 2.5 s, past the 2 s timeout, and then answer 503
+        receiver.slow(0.05, 0.5, too_slow_rate=0.05, too_slow=2.5)
+        time.sleep(4)
+        phases.append(f"slow until {receiver.delivered()}")
+        # Refused longer than the whole schedule (1 + 2 + 3 s): some exhaust their retries.
+        receiver.refuse()
+        time.sleep(8)
+        phases.append(f"refusing until {receiver.delivered()}")
+        receiver.healthy()
+        receiver.accept()
+        result = conclude("receiver-faults", request, config, receiver, load, endpoints, [worker.log],
+                          notes=f"deliveries: {', '.join(phases)}")
+        assert result.dead, "the 8 s refusal dead-lettered nothing: the schedule was not exercised"
+        assert worker.terminate() == 0, worker.text()[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_a_second_worker_joins_and_leaves_twice(
+    topics: Config, worker_factory: Any, request: pytest.FixtureRequest
+) -> None:
+    config = topics
+    with ChaosReceiver(seed=4) as receiver:
+        receiver.flaky(0.1)
+        endpoints = {path: register(config, receiver.url(path)) for path in ("/a", "/b")}
+        first = worker_factory(config)
+        logs = [first.log]
+        load = Load(config, make_events(2000, seed=4), chunk=50, interval=0.3).start()
+        receiver.wait_delivered(200, 90)
+        moves = []
+        for _ in range(2):
+            second = worker_factory(config)  # joins: every tier's group rebalances
+            logs.append(second.log)
+            moves.append(f"joined at {receiver.delivered()}")
+            time.sleep(1.0)
+            code = second.terminate(timeout=40)  # leaves: rebalances back
+            assert code == 0, second.text()[-3000:]
+            moves.append(f"left at {receiver.delivered()}")
+            time.sleep(0.5)
+        conclude("rebalance", request, config, receiver, load, endpoints, logs,
+                 notes=f"second worker {', '.join(moves)}; counts are (event, endpoint) pairs")
+        assert first.terminate() == 0, first.text()[-3000:]
