@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
+from gateway.broker import die_with_parent
 from gateway.config import Config
 from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
@@ -96,6 +97,8 @@ class GatewayProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--metrics-port", str(port), *args],
             stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
+            # A `--workers N` supervisor must not outlive a test run that was killed.
+            preexec_fn=die_with_parent,
             env=gateway_env(config, GATEWAY_LOG_LEVEL="info", **env),
         )
 
