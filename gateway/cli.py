@@ -325,7 +325,7 @@ def endpoints() -> None:
 
 
 ENDPOINT_SETTINGS = ("bootstrap_servers", "topic_prefix", "schema_registry_url")
-ADD_SETTINGS = (*ENDPOINT_SETTINGS, "allow_private_networks")
+ADD_SETTINGS = (*ENDPOINT_SETTINGS, "allow_private_networks", "allowed_networks")
 
 
 def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
@@ -358,16 +358,27 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
     """Register an endpoint. Its signing secret is printed once: keep it."""
     import json
 
-    from .endpoints import EndpointError, is_private_destination, new_endpoint, save_endpoint
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from .destinations import DestinationPolicy
+    from .endpoints import EndpointError, new_endpoint, save_endpoint
 
     config = build_config(settings)
     try:
         endpoint = new_endpoint(bot_id=bot_id, url=url, event_types=events.split(","),
                                 secret=secret, description=description)
-        if is_private_destination(url) and not config.allow_private_networks:
-            click.echo(f"warning: {url} is not a public address; deliveries to it are refused "
-                       "unless GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS "
-                       "covers it", err=True)
+        # The same policy the sender applies at connection time, so the warning and the
+        # refusal cannot disagree.
+        policy = DestinationPolicy(allow_private=config.allow_private_networks,
+                                   allowed=config.allowed_networks)
+        parts = urlsplit(url)
+        refused = asyncio.run(policy.check(parts.hostname or "", parts.port or
+                                           (443 if parts.scheme == "https" else 80)))
+        if refused:
+            click.echo(f"warning: {url}: {refused}; deliveries to it are refused unless "
+                       "GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS covers it",
+                       err=True)
         save_endpoint(config, endpoint)
     except EndpointError as exc:
         fail(str(exc))

@@ -21,9 +21,10 @@ from typing import Any
 import httpcore
 from httpcore._backends.auto import AutoBackend
 
+from .records import BLOCKED_PREFIX  # the error text of a refusal starts with it
+
 __all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination", "GuardedBackend"]
 
-BLOCKED_PREFIX = "blocked destination"
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

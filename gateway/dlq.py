@@ -23,11 +23,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from .codec import Codec, DecodeError
 from .config import Config
-from .kafka_io import delivery_headers
+from .kafka_io import TopicReadError, delivery_headers, read_to_end, reader_consumer
 from .records import DELIVERY_SCHEMA, DeadLetter, Delivery
 from .topics import Topics
 
@@ -219,9 +219,9 @@ def _status_matches(wanted: str, delivery: Delivery) -> bool:
     if last is None:
         return False
     if wanted == "timeout":
-        return last.status is None and (last.error or "").startswith("timeout")
+        return last.outcome == "timeout"
     if wanted == "connection":
-        return last.status is None and (last.error or "").startswith("connection")
+        return last.outcome == "connection_error"
     if last.status is None:
         return False
     if wanted.endswith("xx"):
@@ -229,56 +229,14 @@ def _status_matches(wanted: str, delivery: Delivery) -> bool:
     return last.status == int(wanted)
 
 
-def _reader(config: Config) -> Consumer:
-    return Consumer(
-        config.kafka_common()
-        | {
-            # A throwaway group id: assigned partitions, never committed, so the workers'
-            # groups never see this reader.
-            "group.id": f"{config.consumer_group}.dlq-reader.{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
-
-
 def _read_to_end(
-    config: Config, topic: str, *, partition: int | None = None, start: int = 0, timeout: float = 30.0
+    config: Config, topic: str, *, partition: int | None = None, start: int = 0
 ) -> Iterator[Any]:
-    """Every record of ``topic`` (or one partition) from ``start`` to the end it had when
-    first reached."""
-    consumer = _reader(config)
+    consumer = reader_consumer(config, "dlq-reader")
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
-            raise DlqError(
-                f"topic {topic} does not exist on {config.bootstrap_servers}; run `gateway topics create`"
-            )
-        partitions = sorted(metadata.partitions)
-        if partition is not None:
-            if partition not in partitions:
-                raise DlqError(f"{topic} has no partition {partition} (it has {len(partitions)})")
-            partitions = [partition]
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
-        remaining = set(partitions)
-        idle_since = time.monotonic()
-        while remaining:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                if time.monotonic() - idle_since > timeout:
-                    raise DlqError(f"reading {topic} stalled for {timeout} s")
-                continue
-            idle_since = time.monotonic()
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    remaining.discard(msg.partition())
-                    consumer.pause([TopicPartition(topic, msg.partition())])
-                    continue
-                raise DlqError(f"reading {topic}: {msg.error().str()}")
-            if msg.partition() in remaining:
-                yield msg
+        yield from read_to_end(consumer, config, topic, partition=partition, start=start)
+    except TopicReadError as exc:
+        raise DlqError(str(exc)) from None
     finally:
         consumer.close()
 

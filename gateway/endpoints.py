@@ -11,7 +11,6 @@ anything, then keeps following it, so a new endpoint receives events within seco
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -20,11 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from urllib.parse import urlsplit
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from .codec import Codec, DecodeError
 from .config import Config
 from .events import EventType, is_uuid
+from .kafka_io import TopicReadError, read_to_end, reader_consumer
 from .records import ENDPOINT_SCHEMA, Endpoint
 from .signing import InvalidSecret, new_secret, secret_key
 from .topics import Topics
@@ -63,17 +63,6 @@ def validate_url(url: str) -> str:
     if any(c.isspace() for c in url):
         raise EndpointError(f"url {url!r} contains whitespace")
     return url
-
-
-def is_private_destination(url: str) -> bool:
-    """True when the URL's host is an IP literal or name that is plainly not public."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return not ipaddress.ip_address(host).is_global
-    except ValueError:
-        return False
 
 
 def mask_secret(secret: str) -> str:
@@ -182,44 +171,17 @@ class EndpointRegistry:
         self._on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer = Consumer(
-            config.kafka_common()
-            | {
-                # Not a member of any group the workers use: it reads every partition
-                # from the beginning and never commits.
-                "group.id": f"{config.consumer_group}.endpoints-reader.{uuid.uuid4()}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-            }
-        )
+        # Not a member of any group the workers use: reads every partition, never commits.
+        self._consumer = reader_consumer(config, "endpoints-reader")
 
     def start(self, *, timeout: float = 30.0, follow: bool = True) -> EndpointRegistry:
-        metadata = self._consumer.list_topics(self.topic, timeout=timeout).topics.get(self.topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
-            raise EndpointError(
-                f"the endpoints topic {self.topic} does not exist on "
-                f"{self.config.bootstrap_servers}; run `gateway topics create`"
-            )
-        partitions = list(metadata.partitions)
-        self._consumer.assign([TopicPartition(self.topic, p, 0) for p in partitions])
-        at_end: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while len(at_end) < len(partitions):
-            if time.monotonic() > deadline:
-                raise EndpointError(
-                    f"the endpoints topic {self.topic} was not read to its end within {timeout} s"
-                )
-            msg = self._consumer.poll(0.2)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
-                    continue
-                raise EndpointError(f"reading {self.topic}: {msg.error().str()}")
-            at_end.discard(msg.partition())
-            self._apply(msg)
+        try:
+            for msg in read_to_end(self._consumer, self.config, self.topic, timeout=timeout):
+                self._apply(msg)
+        except TopicReadError as exc:
+            raise EndpointError(str(exc)) from None
+        # read_to_end paused each partition at its end: follow from there.
+        self._consumer.resume(self._consumer.assignment())
         log.info("endpoints loaded", extra={"endpoints": len(self.table), "topic": self.topic})
         if self._on_change:
             self._on_change(self.table)

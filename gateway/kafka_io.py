@@ -1,5 +1,6 @@
-"""Kafka plumbing shared by the workers: the acknowledged producer and the plain headers
-written on retry and dead-letter records.
+"""Kafka plumbing shared by the gateway: the acknowledged producer, the plain headers
+written on retry and dead-letter records, and reading a topic to its end (the endpoint
+table, the dlq tools).
 
 :class:`AckedProducer` turns librdkafka's delivery callbacks into awaitables: a worker
 settles a record only once the broker acknowledged what the record turned into. A
@@ -12,15 +13,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from .config import Config
 from .records import DeadLetter, Delivery
 
-__all__ = ["AckedProducer", "Headers", "delivery_headers", "dead_letter_headers"]
+__all__ = [
+    "AckedProducer",
+    "Headers",
+    "delivery_headers",
+    "dead_letter_headers",
+    "reader_consumer",
+    "read_to_end",
+    "TopicReadError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +137,68 @@ def dead_letter_headers(dead: DeadLetter) -> Headers:
         if d.last_attempt is not None:
             headers.append(("last-error", d.last_attempt.describe().encode()))
     return headers + _source_headers(dead.source_topic, dead.source_partition, dead.source_offset)
+
+
+class TopicReadError(RuntimeError):
+    """A topic could not be read to its end; the message names the topic and why."""
+
+
+def reader_consumer(config: Config, purpose: str) -> Consumer:
+    """A consumer for reading a topic outside the workers' groups: partitions are assigned
+    directly under a throwaway group id, and nothing is ever committed."""
+    return Consumer(
+        config.kafka_common()
+        | {
+            "group.id": f"{config.consumer_group}.{purpose}.{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+
+
+def read_to_end(
+    consumer: Consumer,
+    config: Config,
+    topic: str,
+    *,
+    partition: int | None = None,
+    start: int = 0,
+    timeout: float = 30.0,
+) -> Iterator[Message]:
+    """Assign ``topic`` (or one partition of it) from offset ``start`` and yield its records
+    up to the end each partition had when first reached; then return, never hang.
+
+    Each partition is paused at its end, so records written meanwhile stay unread: resume
+    the assignment to follow the topic from there. The end is found with
+    ``enable.partition.eof``: the bundled broker's listed high watermarks are wrong.
+    """
+    metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        raise TopicReadError(
+            f"topic {topic} does not exist on {config.bootstrap_servers}; run `gateway topics create`"
+        )
+    partitions = sorted(metadata.partitions)
+    if partition is not None:
+        if partition not in partitions:
+            raise TopicReadError(f"{topic} has no partition {partition} (it has {len(partitions)})")
+        partitions = [partition]
+    consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+    remaining = set(partitions)
+    idle_since = time.monotonic()
+    while remaining:
+        msg = consumer.poll(0.2)
+        if msg is None:
+            if time.monotonic() - idle_since > timeout:
+                raise TopicReadError(f"reading {topic} stalled for {timeout} s")
+            continue
+        idle_since = time.monotonic()
+        error = msg.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                raise TopicReadError(f"reading {topic}: {error.str()}")
+            remaining.discard(msg.partition())
+            consumer.pause([TopicPartition(topic, msg.partition())])
+        elif msg.partition() in remaining:
+            yield msg

@@ -62,7 +62,7 @@ from prometheus_client import (
 
 from .events import EventType
 from .health import HEALTH, health_app
-from .records import DeadLetterReason
+from .records import DeadLetterReason, classify
 
 __all__ = [
     "ATTEMPTS",
@@ -218,16 +218,7 @@ def initialize(tiers: Sequence[str]) -> None:
 
 def outcome_of(status: int | None, error: str | None) -> tuple[str, str]:
     """(outcome, status class) labels of an attempt."""
-    if status is None:
-        if error and error.startswith("timeout"):
-            return "timeout", "none"
-        if error and error.startswith("blocked"):
-            return "blocked", "none"
-        return "connection_error", "none"
-    status_class = f"{status // 100}xx"
-    if 200 <= status < 300:
-        return "success", status_class
-    return "http_error", status_class
+    return classify(status, error), "none" if status is None else f"{status // 100}xx"
 
 
 # -- consumer lag ------------------------------------------------------------------------

@@ -12,6 +12,10 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "BLOCKED_PREFIX",
+    "CONNECTION_PREFIX",
+    "TIMEOUT_PREFIX",
+    "classify",
     "Endpoint",
     "Attempt",
     "Delivery",
@@ -21,6 +25,24 @@ __all__ = [
     "DELIVERY_SCHEMA",
     "DEAD_LETTER_SCHEMA",
 ]
+
+# How failed attempts without an HTTP status begin their error text. The sender writes
+# them; classify() reads them back, from live attempts and from stored attempt logs.
+BLOCKED_PREFIX = "blocked destination"
+TIMEOUT_PREFIX = "timeout"
+CONNECTION_PREFIX = "connection error"
+
+
+def classify(status: int | None, error: str | None) -> str:
+    """An attempt's outcome: success, http_error, timeout, blocked or connection_error."""
+    if status is not None:
+        return "success" if 200 <= status < 300 and error is None else "http_error"
+    if error and error.startswith(BLOCKED_PREFIX):
+        return "blocked"
+    if error and error.startswith(TIMEOUT_PREFIX):
+        return "timeout"
+    return "connection_error"
+
 
 ENDPOINT_SCHEMA = "gateway.Endpoint"
 DELIVERY_SCHEMA = "gateway.Delivery"
@@ -109,8 +131,12 @@ class Attempt:
     """Seconds a 429/503 answer's Retry-After asked for; steers the next tier, not stored."""
 
     @property
+    def outcome(self) -> str:
+        return classify(self.status, self.error)
+
+    @property
     def succeeded(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300 and self.error is None
+        return self.outcome == "success"
 
     def describe(self) -> str:
         """``HTTP 503``, ``timeout after 15.0 s``, …: the outcome in a few words."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .destinations import BLOCKED_PREFIX
 from .records import Attempt, DeadLetterReason
 from .topics import Tier
 
@@ -45,7 +44,7 @@ def next_step(tiers: tuple[Tier, ...], current: Tier, attempt: Attempt) -> Step:
     """Decide what follows ``attempt``, made from tier ``current`` of ``tiers``."""
     if attempt.succeeded:
         return Delivered()
-    if attempt.error is not None and attempt.error.startswith(BLOCKED_PREFIX):
+    if attempt.outcome == "blocked":
         return GiveUp(DeadLetterReason.BLOCKED_DESTINATION, attempt.error)
     if attempt.status == 410:
         return GiveUp(DeadLetterReason.GONE, "the endpoint answered 410 Gone")

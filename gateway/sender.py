@@ -23,7 +23,7 @@ import httpx
 
 from .config import Config
 from .destinations import BlockedDestination, DestinationPolicy, GuardedBackend
-from .records import Attempt, Endpoint
+from .records import CONNECTION_PREFIX, TIMEOUT_PREFIX, Attempt, Endpoint
 from .signing import secret_key, signature_header
 
 __all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
@@ -146,16 +146,14 @@ class Sender:
                     error = f"redirect to {response.headers.get('location', '?')} (not followed)"
             except BlockedDestination as exc:
                 error = str(exc)
-            except TimeoutError:
-                error = f"timeout after {self.config.request_timeout:g} s"
-            except httpx.TimeoutException:
-                error = f"timeout after {self.config.request_timeout:g} s"
+            except (TimeoutError, httpx.TimeoutException):  # our deadline, or httpx's own
+                error = f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s"
             except httpx.ConnectError as exc:
-                error = f"connection error: {exc or type(exc).__name__}"
+                error = f"{CONNECTION_PREFIX}: {exc or type(exc).__name__}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             except OSError as exc:
-                error = f"connection error: {exc}"
+                error = f"{CONNECTION_PREFIX}: {exc}"
             duration_ms = (time.perf_counter() - started) * 1000
         finally:
             lanes.release(client)

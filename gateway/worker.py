@@ -53,6 +53,7 @@ from .dispatcher import Dispatcher, Job, now_ms
 from .health import HEALTH, assigned
 from .metrics import IN_FLIGHT, LAG_INTERVAL_MS, ConsumerLag
 from .offsets import OffsetTracker
+from .retry import is_due
 from .topics import Tier
 
 __all__ = ["TierWorker", "Capacity"]
@@ -123,6 +124,10 @@ class TierWorker:
         self._partitions: dict[tuple[str, int], _Partition] = {}
         self._stopping = threading.Event()
         self._requests: queue.SimpleQueue[Callable[[Consumer], None]] = queue.SimpleQueue()
+        # Settled positions waiting to be stored, latest per partition: one store_offsets
+        # call per poll round instead of one request per record.
+        self._positions: dict[tuple[str, int], int] = {}
+        self._positions_lock = threading.Lock()
         self._done: asyncio.Future[None] = loop.create_future()
         session = config.session_timeout_ms
         self._lag = ConsumerLag(tier.name)
@@ -200,6 +205,18 @@ class TierWorker:
             self.loop.call_soon_threadsafe(_finish, self._done)
 
     def _serve_requests(self, consumer: Consumer) -> None:
+        with self._positions_lock:
+            positions, self._positions = self._positions, {}
+        if positions:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+            try:
+                consumer.store_offsets(offsets=offsets)
+            except KafkaException:  # a partition revoked since: store the others one by one
+                for offset in offsets:
+                    try:
+                        consumer.store_offsets(offsets=[offset])
+                    except KafkaException:
+                        pass
         while True:
             try:
                 request = self._requests.get_nowait()
@@ -287,7 +304,7 @@ class TierWorker:
                 self.capacity.give()
                 continue
             job = self.dispatcher.prepare(self.tier, msg)
-            if state.held or job.due_at > now:
+            if state.held or not is_due(job.due_at, now):
                 state.held.append(job)
                 self.capacity.give()
                 self._hold(state)
@@ -308,7 +325,7 @@ class TierWorker:
         if state.revoked:
             return
         now = now_ms()
-        while state.held and state.held[0].due_at <= now:
+        while state.held and is_due(state.held[0].due_at, now):
             self.capacity.take(1)
             self._start(state, state.held.popleft())
         if state.held:
@@ -342,8 +359,9 @@ class TierWorker:
                 self._store(state.tp, position)
 
     def _store(self, tp: TopicPartition, position: int) -> None:
-        offsets = [TopicPartition(tp.topic, tp.partition, position)]
-        self._requests.put(lambda c: c.store_offsets(offsets=offsets))
+        """Ask the consumer thread to store ``position`` (carried out between polls)."""
+        with self._positions_lock:
+            self._positions[(tp.topic, tp.partition)] = position
 
 
 def _finish(future: asyncio.Future[None]) -> None:
