@@ -16,14 +16,12 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
-from typing import Any
 
-import httpcore
-from httpcore._backends.auto import AutoBackend
+import httpx
 
 from .records import BLOCKED_PREFIX  # the error text of a refusal starts with it
 
-__all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination", "GuardedBackend"]
+__all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination"]
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -55,65 +53,32 @@ class DestinationPolicy:
         if self.allow_private:
             return None
         try:
-            addresses = await _resolve(host, port)
-        except httpcore.ConnectError:
-            return None  # an attempt would fail with a connection error
+            await self.addresses(host, port)
+        except BlockedDestination as exc:
+            return str(exc)
+        except httpx.ConnectError:
+            pass  # an attempt would fail with a connection error
+        return None
+
+    async def addresses(self, host: str, port: int) -> list[Address]:
+        """The addresses to connect to for ``host``, every one checked.
+
+        The name is resolved once, here, and the connection goes to one of these
+        addresses: a name that resolves to a public address when checked and to
+        127.0.0.1 a moment later (DNS rebinding) cannot slip through, because nothing
+        resolves it again. Raises :class:`BlockedDestination` if any address is refused,
+        ``httpx.ConnectError`` if the name does not resolve.
+        """
+        addresses = await _resolve(host, port)
         for address in addresses:
             why = self.refusal(address)
             if why is not None:
-                return f"{BLOCKED_PREFIX}: {host} is {address} ({why})"
-        return None
+                raise BlockedDestination(f"{BLOCKED_PREFIX}: {host} is {address} ({why})")
+        return addresses
 
 
 class BlockedDestination(Exception):
     """A connection the policy refuses; the message starts with ``blocked destination``."""
-
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend with the policy applied at connection time.
-
-    The hostname is resolved once, here; every address is checked, and the connection
-    goes to a checked address. A name that resolves to a public address when checked and
-    to 127.0.0.1 a moment later (DNS rebinding) cannot slip through, because nothing
-    resolves it again. TLS still verifies the certificate against the hostname (httpcore
-    passes it to ``start_tls`` separately).
-    """
-
-    def __init__(self, policy: DestinationPolicy) -> None:
-        self.policy = policy
-        self._inner = AutoBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await _resolve(host, port)
-        for address in addresses:
-            why = self.policy.refusal(address)
-            if why is not None:
-                raise BlockedDestination(f"{BLOCKED_PREFIX}: {host} is {address} ({why})")
-        error: Exception | None = None
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    str(address), port, timeout=timeout, local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except httpcore.ConnectError as exc:
-                error = exc
-        raise error or httpcore.ConnectError(f"{host} resolved to no address")
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise BlockedDestination(f"{BLOCKED_PREFIX}: unix socket {path}")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 async def _resolve(host: str, port: int) -> list[Address]:
@@ -124,7 +89,7 @@ async def _resolve(host: str, port: int) -> list[Address]:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from exc
     seen: dict[Address, None] = {}
     for info in infos:
         seen[ipaddress.ip_address(str(info[4][0]).split("%")[0])] = None

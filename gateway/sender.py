@@ -1,11 +1,12 @@
 """The HTTP sender: one signed POST of one delivery, and how it ended.
 
-Each endpoint gets ``endpoint_concurrency`` lanes: one ``httpx.AsyncClient`` holding a
-single keep-alive connection each. A request takes an idle lane (or waits for one), so
-the lanes are also the endpoint's concurrency limit. Single-connection clients are
-measured ~2x faster than one client pooling 20 connections (httpcore walks every
-connection of a pool for every request; see bench/), and a slow endpoint can only ever
-fill its own lanes, never another endpoint's.
+Each endpoint gets ``endpoint_concurrency`` lanes: one
+:class:`~gateway.transport.Connection` (an httpx transport holding a single keep-alive
+connection) each. A request takes an idle lane (or waits for one), so the lanes are also
+the endpoint's concurrency limit, and a slow endpoint can only ever fill its own lanes,
+never another endpoint's. Requests are ``httpx.Request`` objects handed straight to the
+lane: ``httpx.AsyncClient`` adds auth, cookies, redirects and hooks the gateway does not
+use, at a cost measured in ``bench/http_clients.py``.
 
 Every attempt is bounded by one overall deadline (``request_timeout``), connect to last
 byte read, so a receiver that trickles bytes cannot hold a worker. Redirects are not
@@ -22,9 +23,10 @@ from collections.abc import Callable
 import httpx
 
 from .config import Config
-from .destinations import BlockedDestination, DestinationPolicy, GuardedBackend
+from .destinations import BlockedDestination, DestinationPolicy
 from .records import CONNECTION_PREFIX, TIMEOUT_PREFIX, Attempt, Endpoint
 from .signing import secret_key, signature_header
+from .transport import Connection
 
 __all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
 
@@ -49,27 +51,28 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 class _Lanes:
-    """The single-connection clients of one endpoint, made as they are first needed."""
+    """The single-connection lanes of one endpoint, made as they are first needed."""
 
-    def __init__(self, url: str, limit: int, make: Callable[[], httpx.AsyncClient]) -> None:
+    def __init__(self, url: str, limit: int, make: Callable[[], Connection]) -> None:
         self.url = url
+        self.parsed = httpx.URL(url)  # parsed once, not per request
         self.limit = limit
         self.make = make
-        self.clients: list[httpx.AsyncClient] = []
-        self.idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        self.lanes: list[Connection] = []
+        self.idle: asyncio.Queue[Connection] = asyncio.Queue()
 
-    async def acquire(self) -> httpx.AsyncClient:
-        if self.idle.empty() and len(self.clients) < self.limit:
-            client = self.make()
-            self.clients.append(client)
-            return client
+    async def acquire(self) -> Connection:
+        if self.idle.empty() and len(self.lanes) < self.limit:
+            lane = self.make()
+            self.lanes.append(lane)
+            return lane
         return await self.idle.get()
 
-    def release(self, client: httpx.AsyncClient) -> None:
-        self.idle.put_nowait(client)
+    def release(self, lane: Connection) -> None:
+        self.idle.put_nowait(lane)
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self.clients), return_exceptions=True)
+        await asyncio.gather(*(lane.aclose() for lane in self.lanes), return_exceptions=True)
 
 
 class Sender:
@@ -82,30 +85,17 @@ class Sender:
         self.policy = DestinationPolicy(
             allow_private=config.allow_private_networks, allowed=config.allowed_networks
         )
-        self._timeout = httpx.Timeout(config.request_timeout)
-        self._ssl = httpx.create_ssl_context()  # one for every client: building one costs ms
+        self._ssl = httpx.create_ssl_context()  # one for every lane: building one costs ms
 
-    def _client(self) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(
-            verify=self._ssl,
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            trust_env=False,
-        )
-        if not self.policy.allow_private:
-            # httpx does not expose httpcore's network_backend; the pool reads this
-            # attribute for every new connection (tests/test_hostile_receivers.py fails if not).
-            transport._pool._network_backend = GuardedBackend(self.policy)
-        return httpx.AsyncClient(
-            transport=transport, follow_redirects=False, timeout=self._timeout,
-            headers={"user-agent": USER_AGENT}, trust_env=False,
-        )
+    def _connection(self) -> Connection:
+        return Connection(self.policy, self._ssl)
 
     def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
         lanes = self._lanes.get(endpoint.id)
         if lanes is None or lanes.url != endpoint.url:
             if lanes is not None:
                 asyncio.get_running_loop().create_task(lanes.aclose())
-            lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._client)
+            lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._connection)
             self._lanes[endpoint.id] = lanes
         return lanes
 
@@ -118,35 +108,39 @@ class Sender:
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
         lanes = self._lanes_of(endpoint)
-        client = await lanes.acquire()
+        lane = await lanes.acquire()
         try:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()
             timestamp = int(time.time())
             keys = tuple(self._key(s) for s in endpoint.secrets_at(started_at))
-            headers = {
+            request = httpx.Request("POST", lanes.parsed, content=body, headers={
+                "user-agent": USER_AGENT,
                 "content-type": "application/json",
                 "webhook-id": event_id,
                 "webhook-timestamp": str(timestamp),
                 "webhook-signature": signature_header(keys, event_id, timestamp, body),
-            }
+            })
             status: int | None = None
             error: str | None = None
             snippet: str | None = None
             retry_after: float | None = None
             try:
                 async with asyncio.timeout(self.config.request_timeout):
-                    async with client.stream("POST", endpoint.url, content=body, headers=headers) as response:
+                    response = await lane.handle_async_request(request)
+                    try:
                         status = response.status_code
                         if status in (429, 503):
                             retry_after = parse_retry_after(response.headers.get("retry-after"))
                         raw = await self._read_bounded(response)
+                    finally:
+                        await response.aclose()
                 snippet = raw[:SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS] or None
                 if 300 <= status < 400:
                     error = f"redirect to {response.headers.get('location', '?')} (not followed)"
             except BlockedDestination as exc:
                 error = str(exc)
-            except (TimeoutError, httpx.TimeoutException):  # our deadline, or httpx's own
+            except TimeoutError:
                 error = f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s"
             except httpx.ConnectError as exc:
                 error = f"{CONNECTION_PREFIX}: {exc or type(exc).__name__}"
@@ -156,7 +150,7 @@ class Sender:
                 error = f"{CONNECTION_PREFIX}: {exc}"
             duration_ms = (time.perf_counter() - started) * 1000
         finally:
-            lanes.release(client)
+            lanes.release(lane)
         return Attempt(
             at=started_at, tier=tier, duration_ms=round(duration_ms, 3), status=status,
             error=error, response_snippet=snippet, retry_after=retry_after,

@@ -1,0 +1,332 @@
+"""The HTTP/1.1 connection every delivery goes through: an httpx transport of our own.
+
+httpx describes the exchange (``httpx.Request``, ``httpx.Response``, its exception
+types); this module moves the bytes. A :class:`Connection` holds at most one keep-alive
+TCP or TLS connection and carries one request at a time; the sender gives each endpoint
+``endpoint_concurrency`` of them (its lanes).
+
+Why not httpx's default transport (httpcore over anyio, parsing with h11): it costs
+most of a millisecond of CPU per request, which held a worker near 1,100 deliveries/s.
+An asyncio protocol parsing with httptools (llhttp, the C parser of Node.js, which
+uvicorn uses too) and called without ``AsyncClient``'s machinery (auth, cookies,
+redirects, hooks: the gateway uses none) does the same work several times cheaper:
+``bench/http_clients.py`` measures the options side by side.
+
+What a connection does:
+
+* Connects only to addresses the :class:`~gateway.destinations.DestinationPolicy` checked
+  (the name is resolved once, there); TLS verifies the certificate against the hostname.
+* Reuses a connection for the next request unless it was idle longer than
+  ``keepalive_expiry`` (servers commonly close idle connections after 5 s; a request
+  racing that close would fail). A reused connection closed before a single byte of the
+  answer came back is retried once on a fresh one, the stale-keep-alive race every
+  HTTP client meets; at least once is the contract anyway.
+* Reads bodies framed by ``content-length``, chunked, or delimited by the close; skips
+  1xx interim answers; refuses response heads over 64 KiB; streams the body, pausing the
+  socket while more than 256 KiB wait unread. Bodies are passed on as received (a gzip
+  body is never inflated).
+* Has no deadline of its own: the caller bounds the whole exchange (the sender wraps it
+  in ``asyncio.timeout``). Cancelling at any point closes the connection, since its state
+  is then unknown.
+* No proxies, no HTTP/2, no ``Expect: 100-continue``, no request bodies but bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+
+import httptools
+import httpx
+
+from .destinations import DestinationPolicy
+
+__all__ = ["Connection", "MAX_HEAD_BYTES"]
+
+MAX_HEAD_BYTES = 64 * 1024
+_HIGH_WATER = 256 * 1024
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_FORBIDDEN = (b"\r", b"\n", b"\0")
+
+
+class _Wire(asyncio.Protocol):
+    """One TCP (or TLS) connection and the state of the response being read from it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.begin()
+        self.active = False
+
+    def begin(self) -> None:
+        """Forget the last response: a request is about to be written."""
+        self.active = True
+        self.failure: httpx.TransportError | None = None
+        self.answered = False  # any byte of the answer received
+        self.head_bytes = 0
+        self.head_size = 0
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.framed = False  # content-length or chunked: the close does not end the body
+        self.head_done = False
+        self.keep_alive = False
+        self.complete = False
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.reading_paused = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:
+            self.fail(httpx.RemoteProtocolError("the server sent data while no request was outstanding"))
+            return
+        self.answered = True
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # After a complete answer (an upgrade, bytes beyond the body): the answer
+            # stands, the connection is not reused.
+            self.fail(None if self.complete else httpx.RemoteProtocolError(f"invalid HTTP response: {exc}"))
+            return
+        if not self.head_done:
+            # Counted as bytes arrive (the parser buffers an unfinished header) and per
+            # header (a whole head can come in one read).
+            self.head_bytes += len(data)
+            if max(self.head_bytes, self.head_size) > MAX_HEAD_BYTES:
+                self.fail(httpx.RemoteProtocolError(f"response head larger than {MAX_HEAD_BYTES} bytes"))
+                return
+        if self.buffered > _HIGH_WATER and not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self.wake()
+
+    def eof_received(self) -> bool:
+        if self.head_done and not self.framed and not self.complete:
+            self.complete = True  # a body delimited by the close
+        self.keep_alive = False
+        self.closed = True
+        self.wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.wake()
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if self.head_size > MAX_HEAD_BYTES:
+            return  # refused once feed_data returns
+        if 100 <= status < 200 and status != 101:
+            self.headers = []  # an interim answer: the final one follows
+            self.framed = False
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        self.head_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+
+    # -- used by Connection -----------------------------------------------------------------
+
+    def fail(self, failure: httpx.TransportError | None) -> None:
+        if failure is not None and self.failure is None:
+            self.failure = failure
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def broken(self, what: str) -> httpx.TransportError:
+        """Why no more of the answer will come."""
+        return self.failure or httpx.RemoteProtocolError(f"the server closed the connection {what}")
+
+    def take(self) -> bytes:
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        if self.reading_paused and self.buffered <= _HIGH_WATER // 2 and self.transport is not None:
+            self.transport.resume_reading()
+            self.reading_paused = False
+        return chunk
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, connection: Connection, wire: _Wire) -> None:
+        self._connection = connection
+        self._wire = wire
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        wire = self._wire
+        while True:
+            if wire.chunks:
+                yield wire.take()
+            elif wire.complete:
+                return
+            elif wire.closed:
+                raise wire.broken("before the response body was complete")
+            else:
+                await wire.wait()
+
+    async def aclose(self) -> None:
+        self._connection._release(self._wire)
+
+
+class Connection(httpx.AsyncBaseTransport):
+    """One HTTP/1.1 connection, made when first needed, one request at a time.
+
+    Used as ``await connection.handle_async_request(request)``, then the response's
+    stream read (or not) and closed, before the next request. Raises ``httpx`` transport
+    errors (:class:`httpx.ConnectError` and the rest) and
+    :class:`~gateway.destinations.BlockedDestination`.
+    """
+
+    def __init__(
+        self, policy: DestinationPolicy, ssl_context: ssl.SSLContext, *, keepalive_expiry: float = 4.0
+    ) -> None:
+        self.policy = policy
+        self.ssl_context = ssl_context
+        self.keepalive_expiry = keepalive_expiry
+        self._wire: _Wire | None = None
+        self._busy = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._busy:
+            raise RuntimeError("one request at a time per Connection: close the last response first")
+        url = request.url
+        if url.scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+        data = _head(request) + await request.aread()
+        self._busy = True
+        try:
+            for fresh_retry in (False, True):
+                wire, reused = await self._wire_for(url, fresh=fresh_retry)
+                wire.begin()
+                assert wire.transport is not None
+                wire.transport.write(data)
+                while not wire.head_done:
+                    if wire.closed:
+                        break
+                    await wire.wait()
+                if wire.head_done:
+                    return httpx.Response(
+                        wire.status, headers=wire.headers, stream=_Body(self, wire),
+                        extensions={"http_version": b"HTTP/1.1"}, request=request,
+                    )
+                self._drop()
+                if not (reused and not wire.answered and wire.failure is None):
+                    raise wire.broken("without a response")
+            raise AssertionError("unreachable")  # pragma: no cover
+        except BaseException:
+            self._drop()  # cancelled or failed half-way: the connection's state is unknown
+            self._busy = False
+            raise
+
+    async def _wire_for(self, url: httpx.URL, *, fresh: bool) -> tuple[_Wire, bool]:
+        loop = asyncio.get_running_loop()
+        wire = self._wire
+        if (wire is not None and not fresh and not wire.closed
+                and loop.time() - wire.idle_since < self.keepalive_expiry):
+            return wire, True
+        self._drop()
+        self._wire = await self._connect(url)
+        return self._wire, False
+
+    async def _connect(self, url: httpx.URL) -> _Wire:
+        host = url.host
+        port = url.port or _DEFAULT_PORTS[url.scheme]
+        addresses = await self.policy.addresses(host, port)  # raises BlockedDestination
+        tls = self.ssl_context if url.scheme == "https" else None
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        for address in addresses:
+            try:
+                _, wire = await loop.create_connection(
+                    _Wire, str(address), port, ssl=tls, server_hostname=host if tls else None,
+                )
+                return wire
+            except ssl.SSLError as exc:
+                raise httpx.ConnectError(f"TLS with {host}: {exc}") from exc
+            except OSError as exc:
+                errors.append(f"{address}: {exc.strerror or exc}")
+        raise httpx.ConnectError(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
+
+    def _release(self, wire: _Wire) -> None:
+        """The response is closed: keep the connection for the next request if we can."""
+        self._busy = False
+        wire.active = False
+        if wire is not self._wire:
+            return
+        if wire.complete and wire.keep_alive and not wire.closed:
+            wire.idle_since = asyncio.get_running_loop().time()
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
+
+    async def aclose(self) -> None:
+        """Close the connection and wait (briefly) until it is closed: a TLS connection
+        says goodbye (close_notify) before its socket closes."""
+        wire, self._wire = self._wire, None
+        if wire is None or wire.transport is None:
+            return
+        wire.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(wire.lost), 1.0)
+        except TimeoutError:
+            wire.transport.abort()
+
+
+def _head(request: httpx.Request) -> bytes:
+    """The request line and headers; httpx has set ``host`` and ``content-length``."""
+    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in request.headers.raw:
+        for forbidden in _FORBIDDEN:
+            if forbidden in name or forbidden in value:
+                raise httpx.LocalProtocolError(f"invalid character in header {name!r}")
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -1,0 +1,354 @@
+"""The sender's HTTP/1.1 transport (gateway/transport.py) against real sockets.
+
+What the hostile-receiver tests do not already pin down: keep-alive reuse and its
+limits, the stale-connection retry, the three ways a body is framed, interim answers,
+the bytes put on the wire, TLS verification, and that it is a proper httpx transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import time
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+
+from gateway.destinations import BlockedDestination, DestinationPolicy
+from gateway.transport import MAX_HEAD_BYTES, Connection
+
+from .raw_server import Conn, Handler, RawServer, respond
+
+pytestmark = pytest.mark.timeout(30)
+
+OPEN = DestinationPolicy(allow_private=True)
+
+
+def connection(policy: DestinationPolicy = OPEN, context: ssl.SSLContext | None = None,
+               **kwargs: Any) -> Connection:
+    return Connection(policy, context or ssl.create_default_context(), **kwargs)
+
+
+async def post(conn: Connection, url: str, body: bytes = b'{"a":1}',
+               headers: dict[str, str] | None = None) -> tuple[int, bytes, httpx.Headers]:
+    response = await conn.handle_async_request(
+        httpx.Request("POST", url, content=body, headers=headers or {}))
+    try:
+        data = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    return response.status_code, data, response.headers
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def once(url: str, policy: DestinationPolicy = OPEN, context: ssl.SSLContext | None = None,
+               **kwargs: Any) -> tuple[int, bytes, httpx.Headers]:
+    """One request on a new connection, closed after."""
+    conn = connection(policy, context)
+    try:
+        return await post(conn, url, **kwargs)
+    finally:
+        await conn.aclose()
+
+
+def raw(answer: bytes, keep: bool = True) -> Handler:
+    def handle(conn: Conn, request: bytes) -> bool:
+        return conn.send(answer) and keep
+    return handle
+
+
+# --- keep-alive ------------------------------------------------------------------------
+
+
+def test_requests_reuse_one_connection() -> None:
+    async def three(url: str) -> list[int]:
+        conn = connection()
+        try:
+            return [(await post(conn, url))[0] for _ in range(3)]
+        finally:
+            await conn.aclose()
+
+    with RawServer(respond(204)) as server:
+        assert run(three(server.url())) == [204, 204, 204]
+        assert len(server.connections) == 1 and len(server.requests) == 3
+
+
+def test_connection_close_and_http_1_0_are_not_reused() -> None:
+    async def two(url: str) -> list[tuple[int, bytes]]:
+        conn = connection()
+        try:
+            return [(await post(conn, url))[:2] for _ in range(2)]
+        finally:
+            await conn.aclose()
+
+    with RawServer(raw(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")) as server:
+        assert run(two(server.url())) == [(200, b"ok")] * 2
+        assert len(server.connections) == 2
+    with RawServer(raw(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")) as server:
+        assert run(two(server.url())) == [(200, b"ok")] * 2
+        assert len(server.connections) == 2
+
+
+def test_a_connection_idle_past_the_expiry_is_replaced() -> None:
+    async def two(url: str) -> None:
+        conn = connection(keepalive_expiry=0.2)
+        try:
+            await post(conn, url)
+            await asyncio.sleep(0.3)
+            await post(conn, url)
+        finally:
+            await conn.aclose()
+
+    with RawServer(respond(204)) as server:
+        run(two(server.url()))
+        assert len(server.connections) == 2
+
+
+def test_a_keep_alive_connection_the_server_dropped_is_retried_once_on_a_new_one() -> None:
+    """The stale keep-alive race: the server closed the idle connection without saying
+    so (no ``connection: close``), and the next request finds it dead."""
+    answered: list[int] = []
+
+    def answer_then_drop(conn: Conn, request: bytes) -> bool:
+        answered.append(1)
+        conn.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return False  # hang up without saying so
+
+    async def two(url: str) -> list[int]:
+        conn = connection()
+        try:
+            first = (await post(conn, url))[0]
+            await asyncio.sleep(0.01)  # the FIN has not always arrived when the next request goes
+            return [first, (await post(conn, url))[0]]
+        finally:
+            await conn.aclose()
+
+    with RawServer(answer_then_drop) as server:
+        assert run(two(server.url())) == [204, 204]
+        assert len(answered) == 2
+
+
+def test_a_fresh_connection_that_hangs_up_is_not_retried() -> None:
+    with RawServer(raw(b"", keep=False)) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="without a response"):
+            run(once(server.url()))
+        assert len(server.requests) == 1
+
+
+# --- framing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("answer", "body"), [
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", b"hello"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n", b"hello"),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nx: y\r\n\r\n"
+     b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", b"ok"),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+], ids=["content-length", "chunked", "interim-answers", "no-content"])
+def test_bodies_are_read_whole_and_the_connection_reused(answer: bytes, body: bytes) -> None:
+    async def two(url: str) -> list[tuple[int, bytes]]:
+        conn = connection()
+        try:
+            return [(await post(conn, url))[:2] for _ in range(2)]
+        finally:
+            await conn.aclose()
+
+    status = int(answer.rsplit(b"HTTP/1.1 ", 1)[1][:3])
+    with RawServer(raw(answer)) as server:
+        assert run(two(server.url())) == [(status, body)] * 2
+        assert len(server.connections) == 1
+
+
+def test_a_body_delimited_by_the_close_is_read_to_the_close() -> None:
+    with RawServer(raw(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", keep=False)) as server:
+        status, body, _ = run(once(server.url()))
+    assert (status, body) == (200, b"until the end")
+
+
+def test_a_body_cut_short_is_an_error_after_what_arrived() -> None:
+    async def read(url: str) -> list[bytes]:
+        conn = connection()
+        response = await conn.handle_async_request(httpx.Request("POST", url, content=b"{}"))
+        got: list[bytes] = []
+        with pytest.raises(httpx.RemoteProtocolError, match="before the response body was complete"):
+            async for chunk in response.aiter_raw():
+                got.append(chunk)
+        await conn.aclose()
+        return got
+
+    with RawServer(raw(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", keep=False)) as server:
+        assert b"".join(run(read(server.url()))) == b"short"
+
+
+def test_a_head_over_the_limit_is_refused() -> None:
+    huge = b"HTTP/1.1 200 OK\r\n" + b"x-a: " + b"a" * MAX_HEAD_BYTES + b"\r\ncontent-length: 0\r\n\r\n"
+    with RawServer(raw(huge, keep=False)) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="head larger than"):
+            run(once(server.url()))
+
+
+def test_a_head_just_under_the_limit_is_fine() -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"x-a: " + b"a" * (MAX_HEAD_BYTES - 100) + b"\r\ncontent-length: 0\r\n\r\n"
+    with RawServer(raw(head)) as server:
+        status, _, headers = run(once(server.url()))
+    assert status == 200 and len(headers["x-a"]) == MAX_HEAD_BYTES - 100
+
+
+# --- the request on the wire ---------------------------------------------------------------
+
+
+def test_the_request_on_the_wire() -> None:
+    with RawServer(respond(204)) as server:
+        run(once(server.url("/hooks/in?token=abc%20d"), body=b'{"event":"MESSAGE"}',
+                 headers={"webhook-id": "msg_1", "content-type": "application/json"}))
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /hooks/in?token=abc%20d HTTP/1.1"
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    assert fields[b"host"] == f"127.0.0.1:{server.port}".encode()
+    assert fields[b"content-length"] == b"19" and body == b'{"event":"MESSAGE"}'
+    assert fields[b"webhook-id"] == b"msg_1"
+    assert b"accept-encoding" not in fields  # compressed answers are never asked for
+
+
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\0b"])
+def test_a_header_that_would_split_the_request_is_refused(value: str) -> None:
+    with RawServer(respond(204)) as server:
+        with pytest.raises(httpx.LocalProtocolError):
+            run(once(server.url(), headers={"webhook-id": value}))
+        assert server.requests == []
+
+
+def test_only_http_and_https() -> None:
+    with pytest.raises(httpx.UnsupportedProtocol):
+        run(once("ftp://127.0.0.1/x"))
+
+
+def test_the_destination_policy_is_applied_when_connecting() -> None:
+    with RawServer(respond(204)) as server:
+        with pytest.raises(BlockedDestination, match="loopback"):
+            run(once(server.url(), DestinationPolicy()))
+        assert server.connections == []
+
+
+def test_a_refused_connection_is_a_connect_error() -> None:
+    with RawServer(respond(204)) as server:
+        url = server.url()
+    with pytest.raises(httpx.ConnectError, match="cannot connect to 127.0.0.1"):
+        run(once(url))
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_server(ca: trustme.CA, name: str) -> RawServer:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(context)
+    return RawServer(respond(200, body=b"secret"), tls=context)
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def test_https_with_a_trusted_certificate(ca: trustme.CA) -> None:
+    async def two(url: str) -> list[tuple[int, bytes]]:
+        conn = connection(context=trusting(ca))
+        try:
+            return [(await post(conn, url))[:2] for _ in range(2)]
+        finally:
+            await conn.aclose()
+
+    with tls_server(ca, "localhost") as server:
+        assert run(two(server.url(host="localhost"))) == [(200, b"secret")] * 2
+        assert len(server.connections) == 1
+
+
+def test_https_refuses_an_untrusted_certificate(ca: trustme.CA) -> None:
+    with tls_server(ca, "localhost") as server:
+        with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
+            run(once(server.url(host="localhost")))
+
+
+def test_https_refuses_a_certificate_for_another_name(ca: trustme.CA) -> None:
+    with tls_server(ca, "hooks.example.test") as server:
+        with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
+            run(once(server.url(host="localhost"), context=trusting(ca)))
+
+
+def test_https_to_an_allowed_address_through_the_guard(ca: trustme.CA) -> None:
+    """The production policy (no private networks) with one allowed network, TLS to an
+    IP literal: the address is checked, then the certificate is verified against it."""
+    policy = DestinationPolicy(allowed=[ipaddress.ip_network("127.0.0.0/8")])
+    with tls_server(ca, "127.0.0.1") as server:
+        status, body, _ = run(once(server.url(), policy, trusting(ca)))
+    assert (status, body) == (200, b"secret")
+
+
+# --- a proper httpx transport --------------------------------------------------------------
+
+
+def test_it_works_under_httpx_async_client() -> None:
+    async def get(url: str) -> tuple[int, str]:
+        async with httpx.AsyncClient(transport=connection()) as client:
+            response = await client.post(url, json={"a": 1})
+            return response.status_code, response.text
+
+    with RawServer(respond(200, "content-type: text/plain", body=b"fine")) as server:
+        assert run(get(server.url())) == (200, "fine")
+
+
+def test_one_request_at_a_time() -> None:
+    async def overlap(url: str) -> None:
+        conn = connection()
+        response = await conn.handle_async_request(httpx.Request("POST", url, content=b"{}"))
+        with pytest.raises(RuntimeError, match="one request at a time"):
+            await conn.handle_async_request(httpx.Request("POST", url, content=b"{}"))
+        await response.aclose()
+        try:
+            await post(conn, url)  # and free again once the response is closed
+        finally:
+            await conn.aclose()
+
+    with RawServer(respond(204)) as server:
+        run(overlap(server.url()))
+
+
+def test_a_cancelled_request_closes_its_connection_and_the_next_gets_a_new_one() -> None:
+    first = []
+
+    def slow_first(conn: Conn, request: bytes) -> bool:
+        if not first:
+            first.append(1)
+            conn.wait(5)
+            return False
+        return conn.send(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    async def cut_then_send(url: str) -> int:
+        conn = connection()
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await post(conn, url)
+            assert time.monotonic() - started < 1
+            return (await post(conn, url))[0]
+        finally:
+            await conn.aclose()
+
+    with RawServer(slow_first) as server:
+        assert run(cut_then_send(server.url())) == 204
+        assert len(server.connections) == 2
