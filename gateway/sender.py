@@ -26,7 +26,7 @@ from .config import Config
 from .destinations import BlockedDestination, DestinationPolicy
 from .records import CONNECTION_PREFIX, TIMEOUT_PREFIX, Attempt, Endpoint
 from .signing import secret_key, signature_header
-from .transport import Connection
+from .transport import Connection, check_header, head_of
 
 __all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
 
@@ -56,6 +56,12 @@ class _Lanes:
     def __init__(self, url: str, limit: int, make: Callable[[], Connection]) -> None:
         self.url = url
         self.parsed = httpx.URL(url)  # parsed once, not per request
+        # What every request to this endpoint starts with, up to the per-request headers.
+        self.prefix = head_of("POST", self.parsed, [
+            (b"host", self.parsed.netloc),
+            (b"user-agent", USER_AGENT.encode()),
+            (b"content-type", b"application/json"),
+        ])[:-2]
         self.limit = limit
         self.make = make
         self.lanes: list[Connection] = []
@@ -107,37 +113,35 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
-        lanes = self._lanes_of(endpoint)
+        try:
+            lanes = self._lanes_of(endpoint)
+        except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
+            return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
+                           error=f"invalid endpoint URL: {exc}", response_snippet=None, retry_after=None)
         lane = await lanes.acquire()
         try:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()
             timestamp = int(time.time())
             keys = tuple(self._key(s) for s in endpoint.secrets_at(started_at))
-            request = httpx.Request("POST", lanes.parsed, content=body, headers={
-                "user-agent": USER_AGENT,
-                "content-type": "application/json",
-                "webhook-id": event_id,
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": signature_header(keys, event_id, timestamp, body),
-            })
             status: int | None = None
             error: str | None = None
             snippet: str | None = None
             retry_after: float | None = None
             try:
+                request = self._request(lanes, keys, event_id, timestamp, body)
                 async with asyncio.timeout(self.config.request_timeout):
-                    response = await lane.handle_async_request(request)
+                    answer = await lane.exchange(lanes.parsed, request)
                     try:
-                        status = response.status_code
+                        status = answer.status
                         if status in (429, 503):
-                            retry_after = parse_retry_after(response.headers.get("retry-after"))
-                        raw = await self._read_bounded(response)
+                            retry_after = parse_retry_after(answer.header(b"retry-after"))
+                        raw = await answer.read(self.config.max_response_bytes)
                     finally:
-                        await response.aclose()
+                        answer.close()
                 snippet = raw[:SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS] or None
                 if 300 <= status < 400:
-                    error = f"redirect to {response.headers.get('location', '?')} (not followed)"
+                    error = f"redirect to {answer.header(b'location') or '?'} (not followed)"
             except BlockedDestination as exc:
                 error = str(exc)
             except TimeoutError:
@@ -156,16 +160,19 @@ class Sender:
             error=error, response_snippet=snippet, retry_after=retry_after,
         )
 
-    async def _read_bounded(self, response: httpx.Response) -> bytes:
-        limit = self.config.max_response_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_raw():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
-        return b"".join(chunks)[:limit]
+    @staticmethod
+    def _request(lanes: _Lanes, keys: tuple[bytes, ...], event_id: str, timestamp: int, body: bytes) -> bytes:
+        """The whole request in bytes: the endpoint's prefix, the signed headers, the body."""
+        webhook_id = event_id.encode()
+        check_header(b"webhook-id", webhook_id)  # a retry record's id comes from Kafka
+        return b"".join((
+            lanes.prefix,
+            b"webhook-id: ", webhook_id,
+            b"\r\nwebhook-timestamp: ", str(timestamp).encode(),
+            b"\r\nwebhook-signature: ", signature_header(keys, event_id, timestamp, body).encode(),
+            b"\r\ncontent-length: ", str(len(body)).encode(),
+            b"\r\n\r\n", body,
+        ))
 
     async def aclose(self) -> None:
         lanes, self._lanes = self._lanes, {}

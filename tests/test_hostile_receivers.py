@@ -19,6 +19,7 @@ import email.utils
 import gzip
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -31,7 +32,7 @@ import pytest
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.destinations import BLOCKED_PREFIX
+from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy
 from gateway.dispatcher import Dispatcher
 from gateway.endpoints import EndpointTable
 from gateway.events import parse_event
@@ -40,6 +41,7 @@ from gateway.retry import GiveUp, Retry, next_step
 from gateway.sender import SNIPPET_CHARS, Sender
 from gateway.signing import new_secret
 from gateway.topics import Topics
+from gateway.transport import Connection
 
 from .raw_server import Conn, Handler, RawServer, respond
 from .receiver import Receiver
@@ -176,13 +178,17 @@ def test_the_bounded_read_returns_at_most_max_response_bytes() -> None:
     """The read itself, on a real streamed response: the limit, not a byte more."""
 
     async def read() -> bytes:
-        sender = Sender(config(max_response_bytes=1000))
+        connection = Connection(DestinationPolicy(allow_private=True), ssl.create_default_context())
         try:
-            async with httpx.AsyncClient(trust_env=False) as client, \
-                    client.stream("POST", server.url(), content=b"{}") as response:
-                return await sender._read_bounded(response)
+            answer = await connection.exchange(
+                httpx.URL(server.url()),
+                f"POST /hook HTTP/1.1\r\nhost: 127.0.0.1:{server.port}\r\ncontent-length: 2\r\n\r\n{{}}".encode())
+            try:
+                return await answer.read(1000)
+            finally:
+                answer.close()
         finally:
-            await sender.aclose()
+            await connection.aclose()
 
     with RawServer(_body_of(10 * 1024 * 1024)) as server:
         raw = asyncio.run(read())
