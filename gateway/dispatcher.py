@@ -37,6 +37,7 @@ from .metrics import (
     EVENTS_WITHOUT_ENDPOINT,
     LAST_SUCCESS,
     RETRIES_SCHEDULED,
+    labelled,
     outcome_of,
 )
 from .records import (
@@ -105,6 +106,11 @@ class Dispatcher:
         self.endpoints = endpoints
         self.sender = sender
         self.producer = producer
+        self._consumed = labelled(EVENTS_CONSUMED)
+        self._attempts = labelled(ATTEMPTS)
+        self._in_flight = labelled(DELIVERIES_IN_FLIGHT)
+        self._durations = labelled(DELIVERY_SECONDS)
+        self._end_to_end = labelled(END_TO_END_SECONDS)
 
     def prepare(self, tier: Tier, message: Any) -> Job:
         """Decode and validate a received record; cheap enough for the poll path."""
@@ -125,7 +131,7 @@ class Dispatcher:
                 if name not in _EVENT_SCHEMAS:
                     raise DecodeError(f"a {name} record on the events topic, not an event")
                 event = Event.from_record(record)
-                EVENTS_CONSUMED.labels(event.type.value).inc()
+                self._consumed(event.type.value).inc()
                 return Job(message, event, 0)
             if name != DELIVERY_SCHEMA:
                 raise DecodeError(f"a {name} record on a retry tier, not a delivery")
@@ -163,23 +169,10 @@ class Dispatcher:
             EVENTS_WITHOUT_ENDPOINT.labels(event.type.value).inc()
             return
         body = event.json_body()
-        base = Delivery(
-            event_id=event.event_id,
-            event_type=event.type.value,
-            bot_id=event.bot_id,
-            session_id=event.session_id,
-            occurred_at=event.occurred_at,
-            payload=body.decode(),
-            endpoint_id="",
-            attempt=0,
-            due_at=now_ms(),
-        )
         if len(targets) == 1:
-            await self._attempt(tier, job, replace(base, endpoint_id=targets[0].id), targets[0], body)
+            await self._attempt(tier, job, event, targets[0], body)
             return
-        await asyncio.gather(*(
-            self._attempt(tier, job, replace(base, endpoint_id=e.id), e, body) for e in targets
-        ))
+        await asyncio.gather(*(self._attempt(tier, job, event, e, body) for e in targets))
 
     async def _retry(self, tier: Tier, job: Job, delivery: Delivery) -> None:
         endpoint = self.endpoints.get(delivery.endpoint_id)
@@ -193,19 +186,27 @@ class Dispatcher:
             await self._attempt(tier, job, delivery, endpoint, delivery.payload.encode())
 
     async def _attempt(
-        self, tier: Tier, job: Job, delivery: Delivery, endpoint: Endpoint, body: bytes
+        self, tier: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint, body: bytes
     ) -> None:
-        with DELIVERIES_IN_FLIGHT.labels(tier.name).track_inprogress():
-            attempt = await self.sender.send(endpoint, delivery.event_id, body, tier.name)
+        """One attempt of ``source`` (an event's first, or a delivery's next) at ``endpoint``."""
+        in_flight = self._in_flight(tier.name)
+        in_flight.inc()
+        try:
+            attempt = await self.sender.send(endpoint, source.event_id, body, tier.name)
+        finally:
+            in_flight.dec()
         outcome, status_class = outcome_of(attempt.status, attempt.error)
-        ATTEMPTS.labels(tier.name, outcome, status_class).inc()
-        DELIVERY_SECONDS.labels(tier.name).observe(attempt.duration_ms / 1000)
+        self._attempts(tier.name, outcome, status_class).inc()
+        self._durations(tier.name).observe(attempt.duration_ms / 1000)
         step = next_step(self.tiers, tier, attempt)
         if isinstance(step, Delivered):
             now = time.time()
             LAST_SUCCESS.set(now)
-            END_TO_END_SECONDS.labels(delivery.event_type).observe(max(0.0, now - delivery.occurred_at / 1000))
+            event_type = source.type.value if isinstance(source, Event) else source.event_type
+            self._end_to_end(event_type).observe(max(0.0, now - source.occurred_at / 1000))
             return
+        # Only now, on the failure path, the delivery record that travels on.
+        delivery = source if isinstance(source, Delivery) else _first_delivery(source, endpoint, body)
         fields = {
             "event_id": delivery.event_id,
             "endpoint_id": delivery.endpoint_id,
@@ -278,6 +279,21 @@ class Dispatcher:
         value = self.codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic=self.topics.dlq)
         await self.producer.send(self.topics.dlq, key, value, dead_letter_headers(dead))
         DEAD_LETTERS.labels(dead.reason).inc()
+
+
+def _first_delivery(event: Event, endpoint: Endpoint, body: bytes) -> Delivery:
+    """The delivery of ``event`` to ``endpoint`` before its first attempt."""
+    return Delivery(
+        event_id=event.event_id,
+        event_type=event.type.value,
+        bot_id=event.bot_id,
+        session_id=event.session_id,
+        occurred_at=event.occurred_at,
+        payload=body.decode(),
+        endpoint_id=endpoint.id,
+        attempt=0,
+        due_at=now_ms(),
+    )
 
 
 def _source(job: Job) -> tuple[str, int, int]:

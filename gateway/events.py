@@ -100,6 +100,8 @@ def _show(value: object) -> str:
 
 
 _MISSING = object()
+# json.dumps builds a new encoder on every call made with options: this one is reused.
+_BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def is_uuid(value: object) -> bool:
@@ -195,7 +197,7 @@ class Event:
 
     def json_body(self) -> bytes:
         """The bytes POSTed to receivers: the document, compact, UTF-8."""
-        return json.dumps(self.body, separators=(",", ":"), ensure_ascii=False).encode()
+        return _BODY_ENCODER.encode(self.body).encode()
 
     def to_record(self) -> dict[str, Any]:
         """The Avro record: the document's fields followed by the metadata."""

@@ -85,6 +85,7 @@ __all__ = [
     "RETRIES_SCHEDULED",
     "ConsumerLag",
     "initialize",
+    "labelled",
     "lag_from_stats",
     "outcome_of",
     "serve_metrics",
@@ -214,6 +215,24 @@ def initialize(tiers: Sequence[str]) -> None:
             RETRIES_SCHEDULED.labels(tier)
     for state in ("enabled", "disabled"):
         ENDPOINTS.labels(state)
+
+
+class labelled:  # noqa: N801 (used like a function)
+    """``metric.labels(*values)``, remembered: on the hot path the lookup (building and
+    hashing the label tuple under the metric's lock) costs more than the update.
+    Only for metrics whose children are never removed."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 def outcome_of(status: int | None, error: str | None) -> tuple[str, str]:

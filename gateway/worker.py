@@ -86,7 +86,8 @@ class Capacity:
     def give(self, n: int = 1) -> None:
         with self._cond:
             self._used -= n
-            self._cond.notify_all()
+            if self._used + n >= self.limit:  # someone may be waiting for room
+                self._cond.notify_all()
 
     @property
     def used(self) -> int:
@@ -131,6 +132,7 @@ class TierWorker:
         self._done: asyncio.Future[None] = loop.create_future()
         session = config.session_timeout_ms
         self._lag = ConsumerLag(tier.name)
+        self._in_flight = IN_FLIGHT.labels(tier.name)
         self._consumer = Consumer(
             config.kafka_common()
             | {
@@ -341,7 +343,7 @@ class TierWorker:
         task.add_done_callback(state.tasks.discard)
 
     async def _run(self, state: _Partition, job: Job) -> None:
-        gauge = IN_FLIGHT.labels(self.tier.name)
+        gauge = self._in_flight
         gauge.inc()
         try:
             await self.dispatcher.run(self.tier, job)
