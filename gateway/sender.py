@@ -4,9 +4,10 @@ Each endpoint gets ``endpoint_concurrency`` lanes: one
 :class:`~gateway.transport.Connection` (an httpx transport holding a single keep-alive
 connection) each. A request takes an idle lane (or waits for one), so the lanes are also
 the endpoint's concurrency limit, and a slow endpoint can only ever fill its own lanes,
-never another endpoint's. Requests are ``httpx.Request`` objects handed straight to the
-lane: ``httpx.AsyncClient`` adds auth, cookies, redirects and hooks the gateway does not
-use, at a cost measured in ``bench/http_clients.py``.
+never another endpoint's. Each request is built as bytes (the endpoint's request line
+and fixed headers once, the signed headers and body per request) and handed to
+:meth:`Connection.exchange`: ``httpx.AsyncClient`` and its Request/Response objects cost
+more CPU than the exchange itself (``bench/http_clients.py`` measures the options).
 
 Every attempt is bounded by one overall deadline (``request_timeout``), connect to last
 byte read, so a receiver that trickles bytes cannot hold a worker. Redirects are not
