@@ -24,6 +24,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -113,12 +115,13 @@ def worker_env(config: Config) -> dict[str, str]:
     return env
 
 
-def start_workers(config: Config, n: int) -> list[subprocess.Popen[bytes]]:
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "gateway", "run", "--tiers", "events", "--no-metrics"],
-                         env=worker_env(config))
-        for _ in range(n)
-    ]
+def start_workers(config: Config, n: int, profile: Path | None = None) -> list[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-m", "gateway", "run", "--tiers", "events", "--no-metrics"]
+    if profile is not None:  # py-spy samples the worker from outside, 100 times a second
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+        command = [spy, "record", "--rate", "100", "--format", "raw", "--output", str(profile),
+                   "--", *command]
+    workers = [subprocess.Popen(command, env=worker_env(config)) for _ in range(n)]
     _children.extend(workers)
     return workers
 
@@ -146,12 +149,13 @@ def publish(config: Config, events: list[Event]) -> float:
     return time.perf_counter() - started
 
 
-def burst(broker: Broker, workdir: Path, events: list[Event], workers: int, partitions: int) -> dict[str, Any]:
+def burst(broker: Broker, workdir: Path, events: list[Event], workers: int, partitions: int,
+          profile: Path | None = None) -> dict[str, Any]:
     """Publish the backlog first, then start the workers and time the drain."""
     receiver = ReceiverProcess(workdir / f"burst-{workers}.txt")
     config = setup(broker, f"burst{workers}-{uuid.uuid4().hex[:6]}", receiver, partitions)
     publish(config, events)
-    processes = start_workers(config, workers)
+    processes = start_workers(config, workers, profile)
     started = time.time()
     timeline: list[tuple[float, int]] = []
     peaks = {p.pid: 0.0 for p in processes}
@@ -167,7 +171,8 @@ def burst(broker: Broker, workdir: Path, events: list[Event], workers: int, part
         time.sleep(0.25)
     arrivals = receiver.arrivals()
     for p in processes:
-        p.terminate()
+        # py-spy writes its profile on SIGINT (and the worker stops on it as on SIGTERM).
+        p.send_signal(signal.SIGINT if profile else signal.SIGTERM)
     for p in processes:
         p.wait(60)
     assert set(arrivals) >= {e.event_id for e in events}
@@ -281,6 +286,31 @@ def steady(broker: Broker, workdir: Path, rate: int, seconds: int, partitions: i
             "series": [(round(a, 3), round(b, 2)) for a, b in series[:: max(1, len(series) // 2000)]]}
 
 
+def summarize_profile(raw: Path, top: int = 30) -> dict[str, Any]:
+    """The event loop thread's samples from a py-spy raw profile: the share of the loop
+    each function accounts for (inclusive), and where the loop's own time goes (self)."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "run_until_complete" not in stack:  # another thread: consumer, producer, registry
+            continue
+        samples = int(count)
+        total += samples
+        frames = [f.split(" (")[0] + " (" + f.split("(")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  for f in stack.split(";")]
+        for name in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + samples
+        own[frames[-1]] = own.get(frames[-1], 0) + samples
+
+    def share(table: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(table.items(), key=lambda kv: -kv[1])
+        return [(name, round(n / total, 3)) for name, n in ranked if n / total < 0.9][:top]
+
+    return {"event_loop_samples": total, "inclusive": share(inclusive), "self": share(own)}
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -327,6 +357,9 @@ def _main() -> None:
     parser.add_argument("--steady-seconds", type=int, default=20)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--profile", action="store_true",
+                        help="also drain the backlog once more with the worker under py-spy "
+                             "(pip install py-spy) and summarize where its event loop spends time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = args.out / "tmp"
@@ -361,6 +394,15 @@ def _main() -> None:
 
         print(f"steady: {args.rate}/s for {args.steady_seconds} s …", flush=True)
         latency = steady(broker, workdir, args.rate, args.steady_seconds, args.partitions)
+
+        if args.profile:
+            print("profile: 1 worker under py-spy (slower while sampled) …", flush=True)
+            raw = workdir / "profile.txt"
+            burst(broker, workdir, make_events(args.events), 1, args.partitions, profile=raw)
+            deadline = time.time() + 30
+            while not raw.exists() and time.time() < deadline:  # py-spy writes it on exit
+                time.sleep(0.2)
+            results["profile_1_worker"] = summarize_profile(raw)
 
     results["burst"] = [one, two]
     results["ceilings"] = {"http_sender_per_second": round(http), "bare_consumer_per_second": round(bare),
