@@ -47,6 +47,15 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+async def several(url: str, n: int = 2, context: ssl.SSLContext | None = None) -> list[tuple[int, bytes]]:
+    """``n`` requests one after the other through one Connection: (status, body) each."""
+    conn = connection(context=context)
+    try:
+        return [(await post(conn, url))[:2] for _ in range(n)]
+    finally:
+        await conn.aclose()
+
+
 async def once(url: str, policy: DestinationPolicy = OPEN, context: ssl.SSLContext | None = None,
                **kwargs: Any) -> tuple[int, bytes, httpx.Headers]:
     """One request on a new connection, closed after."""
@@ -67,31 +76,17 @@ def raw(answer: bytes, keep: bool = True) -> Handler:
 
 
 def test_requests_reuse_one_connection() -> None:
-    async def three(url: str) -> list[int]:
-        conn = connection()
-        try:
-            return [(await post(conn, url))[0] for _ in range(3)]
-        finally:
-            await conn.aclose()
-
     with RawServer(respond(204)) as server:
-        assert run(three(server.url())) == [204, 204, 204]
+        assert run(several(server.url(), 3)) == [(204, b"")] * 3
         assert len(server.connections) == 1 and len(server.requests) == 3
 
 
 def test_connection_close_and_http_1_0_are_not_reused() -> None:
-    async def two(url: str) -> list[tuple[int, bytes]]:
-        conn = connection()
-        try:
-            return [(await post(conn, url))[:2] for _ in range(2)]
-        finally:
-            await conn.aclose()
-
     with RawServer(raw(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")) as server:
-        assert run(two(server.url())) == [(200, b"ok")] * 2
+        assert run(several(server.url())) == [(200, b"ok")] * 2
         assert len(server.connections) == 2
     with RawServer(raw(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")) as server:
-        assert run(two(server.url())) == [(200, b"ok")] * 2
+        assert run(several(server.url())) == [(200, b"ok")] * 2
         assert len(server.connections) == 2
 
 
@@ -152,16 +147,9 @@ def test_a_fresh_connection_that_hangs_up_is_not_retried() -> None:
     (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
 ], ids=["content-length", "chunked", "interim-answers", "no-content"])
 def test_bodies_are_read_whole_and_the_connection_reused(answer: bytes, body: bytes) -> None:
-    async def two(url: str) -> list[tuple[int, bytes]]:
-        conn = connection()
-        try:
-            return [(await post(conn, url))[:2] for _ in range(2)]
-        finally:
-            await conn.aclose()
-
     status = int(answer.rsplit(b"HTTP/1.1 ", 1)[1][:3])
     with RawServer(raw(answer)) as server:
-        assert run(two(server.url())) == [(status, body)] * 2
+        assert run(several(server.url())) == [(status, body)] * 2
         assert len(server.connections) == 1
 
 
@@ -265,15 +253,8 @@ def trusting(ca: trustme.CA) -> ssl.SSLContext:
 
 
 def test_https_with_a_trusted_certificate(ca: trustme.CA) -> None:
-    async def two(url: str) -> list[tuple[int, bytes]]:
-        conn = connection(context=trusting(ca))
-        try:
-            return [(await post(conn, url))[:2] for _ in range(2)]
-        finally:
-            await conn.aclose()
-
     with tls_server(ca, "localhost") as server:
-        assert run(two(server.url(host="localhost"))) == [(200, b"secret")] * 2
+        assert run(several(server.url(host="localhost"), context=trusting(ca))) == [(200, b"secret")] * 2
         assert len(server.connections) == 1
 
 
