@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -668,12 +669,15 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
     try:
         if planned:
             with click.progressbar(length=len(planned), label="replaying", file=sys.stderr,
-                                   show_pos=True, show_eta=True) as bar:
+                                   show_pos=True, show_eta=True,
+                                   item_show_func=lambda rate: rate) as bar:
                 done = 0
+                started = time.monotonic()
 
                 def progress(n: int) -> None:
                     nonlocal done
-                    bar.update(n - done)
+                    rate = n / max(time.monotonic() - started, 1e-3)
+                    bar.update(n - done, f"{rate:,.0f}/s")
                     done = n
 
                 replayer.send(planned, report, rate=per_second, on_progress=progress)

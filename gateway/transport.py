@@ -338,6 +338,8 @@ class Connection(httpx.AsyncBaseTransport):
                 raise httpx.ConnectError(f"TLS with {host}: {exc}") from exc
             except OSError as exc:
                 errors.append(f"{address}: {exc.strerror or exc}")
+            except (OverflowError, ValueError) as exc:  # e.g. a port over 65535
+                raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         raise httpx.ConnectError(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
 
     def _release(self, wire: _Wire) -> None:

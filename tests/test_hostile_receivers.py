@@ -668,3 +668,11 @@ def test_allowed_networks_open_only_what_they_name(network: Network, receiver: R
     assert receiver.requests == [] and network.connects == []
     ok = send(config(), receiver.url("/hook"))
     assert ok.attempt.succeeded and len(receiver.at("/hook")) == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1/hook", "http://127.0.0.1:99999/hook", "ftp://127.0.0.1/hook"],
+                         ids=["unparsable", "port-out-of-range", "not-http"])
+def test_an_unusable_url_in_an_endpoint_record_is_a_failed_attempt_not_an_exception(url: str) -> None:
+    """The CLI refuses such URLs, but an endpoint record can be written by anything."""
+    sent = send(config(), url)
+    assert sent.attempt.error and sent.attempt.status is None and not sent.attempt.succeeded
