@@ -89,6 +89,7 @@ class Sender:
         self.config = config
         self._lanes: dict[str, _Lanes] = {}
         self._keys: dict[str, bytes] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.policy = DestinationPolicy(
             allow_private=config.allow_private_networks, allowed=config.allowed_networks
         )
@@ -100,8 +101,10 @@ class Sender:
     def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
         lanes = self._lanes.get(endpoint.id)
         if lanes is None or lanes.url != endpoint.url:
-            if lanes is not None:
-                asyncio.get_running_loop().create_task(lanes.aclose())
+            if lanes is not None:  # the URL changed: close the old connections
+                task = asyncio.get_running_loop().create_task(lanes.aclose())
+                self._closing.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._closing.discard)
             lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._connection)
             self._lanes[endpoint.id] = lanes
         return lanes
