@@ -63,6 +63,7 @@ class _Wire(asyncio.Protocol):
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.reading_paused = False
         self.begin()
         self.active = False
 
@@ -81,6 +82,10 @@ class _Wire(asyncio.Protocol):
         self.complete = False
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
+        if self.reading_paused and self.transport is not None:
+            # The last body was left unread while reading was paused: the socket may
+            # still hold this request's answer, so read again.
+            self.transport.resume_reading()
         self.reading_paused = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -128,10 +133,22 @@ class _Wire(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response to one request (a confused or hostile server): the first
+            # answer stands. Raising stops the parser before this one touches the status
+            # or headers; the connection is not reused.
+            raise httpx.RemoteProtocolError("a second response to one request")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         self.head_size += len(name) + len(value) + 4
-        if name.lower() in (b"content-length", b"transfer-encoding"):
+        lowered = name.lower()
+        if lowered == b"content-length":
+            self.framed = True
+        elif lowered == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
+            # Only chunked frames the body: with any other last coding (identity, gzip)
+            # the body runs to the close (RFC 9112, 6.3).
             self.framed = True
 
     def on_headers_complete(self) -> None:
@@ -165,7 +182,10 @@ class _Wire(asyncio.Protocol):
         self.closed = True
         self.keep_alive = False
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # close() would wait to send the rest, maybe forever
+            else:
+                self.transport.close()
         self.wake()
 
     def wake(self) -> None:
@@ -267,11 +287,13 @@ class Connection(httpx.AsyncBaseTransport):
     """
 
     def __init__(
-        self, policy: DestinationPolicy, ssl_context: ssl.SSLContext, *, keepalive_expiry: float = 4.0
+        self, policy: DestinationPolicy, ssl_context: ssl.SSLContext, *, keepalive_expiry: float = 4.0,
+        address_timeout: float = 2.0,
     ) -> None:
         self.policy = policy
         self.ssl_context = ssl_context
         self.keepalive_expiry = keepalive_expiry
+        self.address_timeout = address_timeout
         self._wire: _Wire | None = None
         self._busy = False
 
@@ -322,20 +344,32 @@ class Connection(httpx.AsyncBaseTransport):
         return self._wire, False
 
     async def _connect(self, url: httpx.URL) -> _Wire:
-        host = url.host
+        # The name as it goes on the wire (IDNA A-label, "xn--..."): ``url.host`` decodes
+        # it, and Python's socket and ssl modules would encode it again with IDNA 2003,
+        # which maps some names to another domain ("faß.de" to "fass.de").
+        host = url.raw_host.decode("ascii")
         port = url.port or _DEFAULT_PORTS[url.scheme]
         addresses = await self.policy.addresses(host, port)  # raises BlockedDestination
         tls = self.ssl_context if url.scheme == "https" else None
         loop = asyncio.get_running_loop()
         errors: list[str] = []
-        for address in addresses:
+        for i, address in enumerate(addresses):
+            # Every address but the last gets a bounded try: a listed address that drops
+            # packets (often a broken IPv6 one, listed first) must not use up the whole
+            # deadline while a working one waits.
+            last = i == len(addresses) - 1
             try:
-                _, wire = await loop.create_connection(
-                    _Wire, str(address), port, ssl=tls, server_hostname=host if tls else None,
-                )
+                async with asyncio.timeout(None if last else self.address_timeout):
+                    _, wire = await loop.create_connection(
+                        _Wire, str(address), port, ssl=tls, server_hostname=host if tls else None,
+                    )
                 return wire
             except ssl.SSLError as exc:
                 raise httpx.ConnectError(f"TLS with {host}: {exc}") from exc
+            except TimeoutError:
+                if last:
+                    raise
+                errors.append(f"{address}: no answer within {self.address_timeout:g} s")
             except OSError as exc:
                 errors.append(f"{address}: {exc.strerror or exc}")
             except (OverflowError, ValueError) as exc:  # e.g. a port over 65535
@@ -348,7 +382,10 @@ class Connection(httpx.AsyncBaseTransport):
         wire.active = False
         if wire is not self._wire:
             return
-        if wire.complete and wire.keep_alive and not wire.closed:
+        if (wire.complete and wire.keep_alive and not wire.closed and wire.transport is not None
+                and not wire.transport.get_write_buffer_size()):
+            # (A server may answer before it read the whole request: bytes of it still
+            # unsent would reach the server as the start of the next request.)
             wire.idle_since = asyncio.get_running_loop().time()
         else:
             self._drop()

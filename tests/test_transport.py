@@ -8,7 +8,9 @@ the bytes put on the wire, TLS verification, and that it is a proper httpx trans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import socket
 import ssl
 import time
 from typing import Any
@@ -333,3 +335,133 @@ def test_a_cancelled_request_closes_its_connection_and_the_next_gets_a_new_one()
     with RawServer(slow_first) as server:
         assert run(cut_then_send(server.url())) == 204
         assert len(server.connections) == 2
+
+
+# --- what a confused server sends ------------------------------------------------------------
+
+
+def test_a_second_response_to_one_request_does_not_replace_the_first() -> None:
+    """Two answers in one segment: the first stands (a 500 must not read as the 200 that
+    followed it), and the connection, out of step with the server, is not reused."""
+    both = (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\nerror"
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-second: 1\r\n\r\nok")
+    with RawServer(raw(both)) as server:
+        assert run(several(server.url())) == [(500, b"error")] * 2
+        assert len(server.connections) == 2
+
+
+def test_bytes_after_the_answer_are_not_read_as_the_next_answer() -> None:
+    with RawServer(raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 5")) as server:
+        assert run(several(server.url())) == [(200, b"ok")] * 2
+        assert len(server.connections) == 2
+
+
+@pytest.mark.parametrize("coding", [b"identity", b"gzip"])
+def test_a_transfer_coding_other_than_chunked_runs_to_the_close(coding: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\nhello"
+    with RawServer(raw(answer, keep=False)) as server:
+        status, body, _ = run(once(server.url()))
+    assert (status, body) == (200, b"hello")
+
+
+def test_a_body_left_unread_while_reading_was_paused_does_not_stall_the_next_request() -> None:
+    """The whole body arrived while nobody read it (past the 256 KiB mark reading is
+    paused), then the response was closed unread and the connection kept."""
+    big = b"HTTP/1.1 200 OK\r\ncontent-length: 300000\r\n\r\n" + b"A" * 300_000
+
+    async def unread_then_read(url: str) -> int:
+        conn = connection()
+        try:
+            response = await conn.handle_async_request(httpx.Request("POST", url, content=b"{}"))
+            await asyncio.sleep(0.3)  # all of it arrives, unread
+            await response.aclose()
+            async with asyncio.timeout(3):
+                status, body, _ = await post(conn, url)
+            assert len(body) == 300_000
+            return status
+        finally:
+            await conn.aclose()
+
+    with RawServer(raw(big)) as server:
+        assert run(unread_then_read(server.url())) == 200
+
+
+def test_a_connection_whose_request_was_not_all_sent_is_not_reused() -> None:
+    """A server may answer before reading the body (a 413, say) and keep the connection:
+    the rest of our body, still queued, would be read as the start of the next request."""
+    connections: list[int] = []
+    second = asyncio.Event()
+
+    async def early_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        if len(connections) == 2:
+            second.set()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"content-length: 2\r\n" in head:
+                await reader.readexactly(2)
+            writer.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            # The big body stays unread until the client has come back on a new
+            # connection (or 3 s have passed, the test failing then).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(second.wait(), 3)
+            await reader.read()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def big_then_small() -> list[int]:
+        server = await asyncio.start_server(early_answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        conn = connection()
+        try:
+            async with asyncio.timeout(10):
+                return [(await post(conn, url, body=body))[0] for body in (b"x" * 64_000_000, b"{}")]
+        finally:
+            await conn.aclose()
+            server.close()
+            await server.wait_closed()
+
+    assert run(big_then_small()) == [413, 413]
+    assert len(connections) == 2
+
+
+def test_an_address_that_drops_packets_gives_way_to_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name with two addresses, the first silent (here a listener on 127.0.0.2 whose
+    accept queue is full, so the kernel drops the SYN): the second is tried after
+    ``address_timeout``, not after the whole deadline."""
+    real = socket.getaddrinfo
+
+    def two_addresses(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "dual.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    with RawServer(respond(204)) as server, socket.socket() as hole:
+        hole.bind(("127.0.0.2", server.port))
+        hole.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.2", server.port))
+        time.sleep(0.1)
+
+        async def go() -> tuple[int, float]:
+            conn = connection(address_timeout=0.5)
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(5):
+                    return (await post(conn, server.url(host="dual.test")))[0], time.monotonic() - started
+            finally:
+                await conn.aclose()
+
+        try:
+            status, seconds = run(go())
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert status == 204 and 0.4 <= seconds < 2, seconds
