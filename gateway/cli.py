@@ -360,7 +360,7 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
     import json
 
     import asyncio
-    from urllib.parse import urlsplit
+    import httpx
 
     from .destinations import DestinationPolicy
     from .endpoints import EndpointError, new_endpoint, save_endpoint
@@ -373,9 +373,9 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
         # refusal cannot disagree.
         policy = DestinationPolicy(allow_private=config.allow_private_networks,
                                    allowed=config.allowed_networks)
-        parts = urlsplit(url)
-        refused = asyncio.run(policy.check(parts.hostname or "", parts.port or
-                                           (443 if parts.scheme == "https" else 80)))
+        parsed = httpx.URL(url)  # validated by new_endpoint; the name as the sender resolves it
+        refused = asyncio.run(policy.check(parsed.raw_host.decode("ascii"), parsed.port or
+                                           (443 if parsed.scheme == "https" else 80)))
         if refused:
             click.echo(f"warning: {url}: {refused}; deliveries to it are refused unless "
                        "GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS covers it",

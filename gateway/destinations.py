@@ -8,14 +8,21 @@ the rule (the embedded demo and tests); ``allowed_networks`` lists CIDRs that st
 reachable.
 
 A hostname is judged by every address it resolves to: one refused address refuses it.
+
+Names are resolved on the policy's own threads (``RESOLVER_THREADS``), one lookup per
+name at a time however many requests wait for it: a name whose DNS hangs holds one
+thread, not the event loop's default executor, so it cannot stall the lookups of other
+endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 import httpx
 
@@ -27,11 +34,15 @@ __all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination"]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+RESOLVER_THREADS = 32
+
 
 class DestinationPolicy:
     def __init__(self, *, allow_private: bool = False, allowed: Iterable[Network] = ()) -> None:
         self.allow_private = allow_private
         self.allowed = tuple(allowed)
+        self._lookups: dict[tuple[str, int], concurrent.futures.Future[Any]] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def refusal(self, address: Address) -> str | None:
         """Why ``address`` is refused, or None when deliveries may reach it."""
@@ -69,28 +80,51 @@ class DestinationPolicy:
         resolves it again. Raises :class:`BlockedDestination` if any address is refused,
         ``httpx.ConnectError`` if the name does not resolve.
         """
-        addresses = await _resolve(host, port)
+        addresses = await self._resolve(host, port)
         for address in addresses:
             why = self.refusal(address)
             if why is not None:
                 raise BlockedDestination(f"{BLOCKED_PREFIX}: {host} is {address} ({why})")
         return addresses
 
+    async def _resolve(self, host: str, port: int) -> list[Address]:
+        try:
+            return [ipaddress.ip_address(host.strip("[]"))]
+        except ValueError:
+            pass
+        key = (host, port)
+        lookup = self._lookups.get(key)
+        if lookup is None:  # the first to ask: later ones wait for the same lookup
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    RESOLVER_THREADS, thread_name_prefix="resolver")
+            lookup = self._lookups[key] = self._executor.submit(_getaddrinfo, host, port)
+            lookup.add_done_callback(lambda done: self._forget(key, done))
+        try:
+            # Shielded: a request that gives up (its deadline) leaves the lookup running
+            # for the others waiting on it.
+            infos = await asyncio.shield(asyncio.wrap_future(lookup))
+        except (OSError, UnicodeError) as exc:  # a name IDNA cannot encode is one too
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        seen: dict[Address, None] = {}
+        for info in infos:
+            seen[ipaddress.ip_address(str(info[4][0]).split("%")[0])] = None
+        return list(seen)
+
+    def _forget(self, key: tuple[str, int], done: concurrent.futures.Future[Any]) -> None:
+        if self._lookups.get(key) is done:
+            del self._lookups[key]
+
+    async def aclose(self) -> None:
+        """Stop the resolver threads (a lookup still running finishes on its own)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
 
 class BlockedDestination(Exception):
     """A connection the policy refuses; the message starts with ``blocked destination``."""
 
 
-async def _resolve(host: str, port: int) -> list[Address]:
-    try:
-        return [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from exc
-    seen: dict[Address, None] = {}
-    for info in infos:
-        seen[ipaddress.ip_address(str(info[4][0]).split("%")[0])] = None
-    return list(seen)
+def _getaddrinfo(host: str, port: int) -> list[Any]:
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

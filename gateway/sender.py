@@ -67,19 +67,46 @@ class _Lanes:
         self.make = make
         self.lanes: list[Connection] = []
         self.idle: asyncio.Queue[Connection] = asyncio.Queue()
+        self.retired = False
+        self.busy = 0
+        self.waiting = 0
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def acquire(self) -> Connection:
         if self.idle.empty() and len(self.lanes) < self.limit:
             lane = self.make()
             self.lanes.append(lane)
-            return lane
-        return await self.idle.get()
+        else:
+            self.waiting += 1
+            try:
+                lane = await self.idle.get()
+            finally:
+                self.waiting -= 1
+        self.busy += 1
+        return lane
 
     def release(self, lane: Connection) -> None:
-        self.idle.put_nowait(lane)
+        self.busy -= 1
+        if self.retired and not self.waiting:  # the endpoint's URL changed meanwhile
+            self._close_later(lane)
+        else:
+            self.idle.put_nowait(lane)
+
+    def retire(self) -> None:
+        """The endpoint moved to another URL: close the idle lanes now, and the busy ones
+        as their requests end (closing one under its request would fail the attempt, or
+        send it twice through the stale-connection retry)."""
+        self.retired = True
+        while not self.idle.empty():
+            self._close_later(self.idle.get_nowait())
+
+    def _close_later(self, lane: Connection) -> None:
+        task = asyncio.get_running_loop().create_task(lane.aclose())
+        self._closing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(lane.aclose() for lane in self.lanes), return_exceptions=True)
+        await asyncio.gather(*(lane.aclose() for lane in self.lanes), *self._closing, return_exceptions=True)
 
 
 class Sender:
@@ -89,7 +116,7 @@ class Sender:
         self.config = config
         self._lanes: dict[str, _Lanes] = {}
         self._keys: dict[str, bytes] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._retired: list[_Lanes] = []
         self.policy = DestinationPolicy(
             allow_private=config.allow_private_networks, allowed=config.allowed_networks
         )
@@ -101,10 +128,9 @@ class Sender:
     def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
         lanes = self._lanes.get(endpoint.id)
         if lanes is None or lanes.url != endpoint.url:
-            if lanes is not None:  # the URL changed: close the old connections
-                task = asyncio.get_running_loop().create_task(lanes.aclose())
-                self._closing.add(task)  # the loop keeps only a weak reference to a task
-                task.add_done_callback(self._closing.discard)
+            if lanes is not None:  # the URL changed: the old connections go
+                lanes.retire()
+                self._retired = [r for r in self._retired if r.busy or r._closing] + [lanes]
             lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._connection)
             self._lanes[endpoint.id] = lanes
         return lanes
@@ -180,4 +206,6 @@ class Sender:
 
     async def aclose(self) -> None:
         lanes, self._lanes = self._lanes, {}
-        await asyncio.gather(*(lane.aclose() for lane in lanes.values()), return_exceptions=True)
+        retired, self._retired = self._retired, []
+        await asyncio.gather(*(lane.aclose() for lane in [*lanes.values(), *retired]), return_exceptions=True)
+        await self.policy.aclose()

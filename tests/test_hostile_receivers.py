@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import gzip
 import ipaddress
@@ -670,9 +671,84 @@ def test_allowed_networks_open_only_what_they_name(network: Network, receiver: R
     assert ok.attempt.succeeded and len(receiver.at("/hook")) == 1
 
 
-@pytest.mark.parametrize("url", ["http://[::1/hook", "http://127.0.0.1:99999/hook", "ftp://127.0.0.1/hook"],
-                         ids=["unparsable", "port-out-of-range", "not-http"])
+@pytest.mark.parametrize("url", ["http://[::1/hook", "http://127.0.0.1:99999/hook", "ftp://127.0.0.1/hook",
+                                 f"http://{'a' * 64}.test/hook"],
+                         ids=["unparsable", "port-out-of-range", "not-http", "label-too-long-to-resolve"])
 def test_an_unusable_url_in_an_endpoint_record_is_a_failed_attempt_not_an_exception(url: str) -> None:
     """The CLI refuses such URLs, but an endpoint record can be written by anything."""
     sent = send(config(), url)
     assert sent.attempt.error and sent.attempt.status is None and not sent.attempt.succeeded
+
+
+def test_an_international_name_is_resolved_as_it_goes_on_the_wire(network: Network) -> None:
+    """IDNA 2008 (what httpx encodes to, and what DNS holds) maps "faß" to "xn--fa-hia";
+    Python's socket and ssl modules, given the Unicode name, would use IDNA 2003 and ask
+    for "fass", another domain."""
+    network.names["xn--fa-hia.test"] = lambda n: ["127.0.0.1"]
+    with RawServer(respond(204)) as server:
+        sent = send(config(), server.url(host="faß.test"))
+    assert sent.attempt.succeeded, sent.attempt
+    assert network.resolved == ["xn--fa-hia.test"]
+    assert f"host: xn--fa-hia.test:{server.port}".encode() in server.requests[0].lower()
+
+
+def test_a_name_whose_dns_hangs_does_not_hold_up_other_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight attempts to a name whose lookup hangs share one lookup (one resolver
+    thread), so a healthy endpoint's lookup is not queued behind them."""
+    lookups: list[str] = []
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(host)
+        if host == "slow.customer.test":
+            time.sleep(2.5)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "fast.customer.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
+        return _real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def go(fast_url: str) -> tuple[Attempt, float, list[Attempt]]:
+        sender = Sender(config(request_timeout=1.0))
+        try:
+            slow = [asyncio.create_task(sender.send(endpoint("http://slow.customer.test/hook"),
+                                                    str(uuid.uuid4()), b"{}", "events")) for _ in range(8)]
+            await asyncio.sleep(0.2)
+            started = time.perf_counter()
+            fast = await sender.send(endpoint(fast_url), str(uuid.uuid4()), b"{}", "events")
+            return fast, time.perf_counter() - started, await asyncio.gather(*slow)
+        finally:
+            await sender.aclose()
+
+    with RawServer(respond(204)) as server:
+        fast, seconds, slow = asyncio.run(go(server.url(host="fast.customer.test")))
+    assert fast.succeeded and seconds < 0.5, (fast, seconds)
+    assert [a.error for a in slow] == ["timeout after 1 s"] * 8
+    assert lookups.count("slow.customer.test") == 1
+
+
+def test_an_endpoint_moved_mid_request_gets_its_request_answered_once() -> None:
+    """The endpoint's URL changes while a request to the old one is in flight: that
+    request ends normally on its connection (closed after), and the next goes to the
+    new URL. Closing the old connections at once failed it, or sent it twice."""
+    def slow_a(conn: Conn, request: bytes) -> bool:
+        if request.startswith(b"POST /a "):
+            conn.wait(0.5)
+        return respond(200)(conn, request)
+
+    async def go(server: RawServer) -> list[Attempt]:
+        sender = Sender(config())
+        try:
+            old = endpoint(server.url("/a"))
+            first = asyncio.create_task(sender.send(old, str(uuid.uuid4()), b"{}", "events"))
+            await asyncio.sleep(0.2)
+            moved = dataclasses.replace(old, url=server.url("/b"))
+            second = await sender.send(moved, str(uuid.uuid4()), b"{}", "events")
+            return [await first, second]
+        finally:
+            await sender.aclose()
+
+    with RawServer(slow_a) as server:
+        first, second = asyncio.run(go(server))
+        assert (first.status, first.error, second.status, second.error) == (200, None, 200, None)
+        assert sorted(r.split(b" ")[1] for r in server.requests) == [b"/a", b"/b"]
