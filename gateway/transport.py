@@ -17,14 +17,17 @@ clients 1,698 requests/s; httpx clients over this transport 4,178/s; the sender 
 What a connection does:
 
 * Connects only to addresses the :class:`~gateway.destinations.DestinationPolicy` checked
-  (the name is resolved once, there); TLS verifies the certificate against the hostname.
+  (the name is resolved once, there, as its IDNA A-label), trying them in order, each but
+  the last for at most ``address_timeout``; TLS verifies the certificate against the
+  hostname.
 * Reuses a connection for the next request unless it was idle longer than
   ``keepalive_expiry`` (servers commonly close idle connections after 5 s; a request
   racing that close would fail). A reused connection closed before a single byte of the
   answer came back is retried once on a fresh one, the stale-keep-alive race every
   HTTP client meets; at least once is the contract anyway.
 * Reads bodies framed by ``content-length``, chunked, or delimited by the close; skips
-  1xx interim answers; refuses response heads over 64 KiB; streams the body, pausing the
+  1xx interim answers; takes only the first answer to a request (a second one, or bytes
+  after the body, mean the connection is out of step and is not reused); refuses response heads over 64 KiB; streams the body, pausing the
   socket while more than 256 KiB wait unread. Bodies are passed on as received (a gzip
   body is never inflated).
 * Has no deadline of its own: the caller bounds the whole exchange (the sender wraps it
