@@ -142,7 +142,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint_concurrency", "--endpoint-concurrency", _positive_int,
             "Requests in flight to one endpoint at once."),
     Setting("request_timeout", "--request-timeout", _positive_float,
-            "Seconds a webhook request may take, connect to last byte."),
+            "Seconds a webhook request may take, connect to last byte; also the longest a "
+            "delivery waits for one of its endpoint's connections."),
     Setting("max_response_bytes", "--max-response-bytes", _positive_int,
             "Bytes of a response body read; the rest is discarded."),
     Setting("max_record_bytes", "--max-record-bytes", _positive_int,

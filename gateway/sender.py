@@ -2,9 +2,12 @@
 
 Each endpoint gets ``endpoint_concurrency`` lanes: one
 :class:`~gateway.transport.Connection` (an httpx transport holding a single keep-alive
-connection) each. A request takes an idle lane (or waits for one), so the lanes are also
+connection) each. A request takes an idle lane or waits for one, so the lanes are also
 the endpoint's concurrency limit, and a slow endpoint can only ever fill its own lanes,
-never another endpoint's. Each request is built as bytes (the endpoint's request line
+never another endpoint's. The wait is bounded too (``request_timeout``): deliveries
+queued for an endpoint slower than its own stream of events hold the process's in-flight
+slots, and past that bound they fail as a timeout and move on to the retry tiers rather
+than make every other endpoint go at that endpoint's pace. Each request is built as bytes (the endpoint's request line
 and fixed headers once, the signed headers and body per request) and handed to
 :meth:`Connection.exchange`: ``httpx.AsyncClient`` and its Request/Response objects cost
 more CPU than the exchange itself (``bench/http_clients.py`` measures the options).
@@ -72,14 +75,19 @@ class _Lanes:
         self.waiting = 0
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def acquire(self) -> Connection:
-        if self.idle.empty() and len(self.lanes) < self.limit:
+    async def acquire(self, wait: float) -> Connection:
+        """An idle lane, a new one while under the limit, or the first to come free
+        within ``wait`` seconds (else ``TimeoutError``)."""
+        if not self.idle.empty():
+            lane = self.idle.get_nowait()
+        elif len(self.lanes) < self.limit:
             lane = self.make()
             self.lanes.append(lane)
         else:
             self.waiting += 1
             try:
-                lane = await self.idle.get()
+                async with asyncio.timeout(wait):
+                    lane = await self.idle.get()
             finally:
                 self.waiting -= 1
         self.busy += 1
@@ -148,7 +156,17 @@ class Sender:
         except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
             return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
                            error=f"invalid endpoint URL: {exc}", response_snippet=None, retry_after=None)
-        lane = await lanes.acquire()
+        try:
+            lane = await lanes.acquire(self.config.request_timeout)
+        except TimeoutError:
+            # Deliveries waiting for a slow endpoint's connections hold the process's
+            # in-flight slots: bounded, they go on to the retry tiers instead of making
+            # every other endpoint wait at that endpoint's pace.
+            return Attempt(
+                at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
+                error=f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s waiting for one of the "
+                      f"endpoint's {lanes.limit} connections (all busy)",
+                response_snippet=None, retry_after=None)
         try:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()

@@ -16,7 +16,8 @@ from gateway.config import Config
 from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
 from gateway.publisher import Publisher
-from gateway.records import DeadLetter, Endpoint
+from gateway.records import DeadLetter, Delivery, Endpoint
+from gateway.topics import Topics
 from gateway.verify import verify
 
 from .conftest import read_topic
@@ -273,6 +274,47 @@ def test_a_slow_endpoint_does_not_stall_another(
     assert slow_so_far < 100
     receiver.wait_for(lambda: len(receiver.at("/slow")) >= 100, 40, "100 slow deliveries")
     assert {r.event_id for r in receiver.at("/slow")} == set(ids)
+
+
+def test_an_endpoint_slower_than_its_events_does_not_set_everyones_pace(
+    topics: Config, receiver: Receiver, worker_factory: Any
+) -> None:
+    """60 events for a bot whose endpoint takes 0.6 s (2 connections: 3.3 a second), then
+    10 for another bot, through a worker holding 20 records in flight. Deliveries waiting
+    for the slow endpoint's connections give their slots up after the request timeout
+    (1 s) and move to the first retry tier, so the other bot's events are not queued
+    behind them (about 18 s at the slow endpoint's pace). None is lost."""
+    def slow(request: Any, seen: int) -> int:
+        time.sleep(0.6)
+        return 204
+
+    receiver.respond("/slow", slow)
+    register(topics, receiver.url("/slow"))
+    register(topics, receiver.url("/fast"), bot=OTHER_BOT)
+    config = topics.replace(request_timeout=1.0)
+    worker_factory(config, "--tiers", "events", "--concurrency", "20", "--endpoint-concurrency", "2")
+    message = documented()[0]
+    slow_ids = publish(config, [dict(message, messageId=str(uuid.uuid4())) for _ in range(60)])
+    started = time.monotonic()
+    fast_ids = publish(config, [dict(message, botId=OTHER_BOT, messageId=str(uuid.uuid4())) for _ in range(10)])
+    receiver.wait_for(lambda: len(receiver.at("/fast")) >= 10, 30, "10 deliveries to /fast")
+    took = time.monotonic() - started
+    print(f"10 events of another bot delivered {took:.1f} s after publishing")
+    assert took < 8, took
+    assert {r.event_id for r in receiver.at("/fast")} == set(fast_ids)
+
+    codec = Codec()
+    retry = Topics.from_config(config).tiers[1].topic
+    delivered = {r.event_id for r in receiver.at("/slow")}
+    deadline = time.monotonic() + 30
+    while True:
+        delivered = {r.event_id for r in receiver.at("/slow")}
+        waiting = {Delivery.from_record(codec.decode(m.value())[1]).event_id for m in read_topic(config, retry)}
+        if delivered | waiting >= set(slow_ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert delivered | waiting == set(slow_ids)  # none lost: delivered, or in the retry tier
+    assert waiting and delivered  # some waited too long and moved on; the rest got through
 
 
 def test_killing_the_supervisor_leaves_no_worker_behind(topics: Config, worker_factory: Any) -> None:

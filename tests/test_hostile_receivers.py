@@ -752,3 +752,35 @@ def test_an_endpoint_moved_mid_request_gets_its_request_answered_once() -> None:
         first, second = asyncio.run(go(server))
         assert (first.status, first.error, second.status, second.error) == (200, None, 200, None)
         assert sorted(r.split(b" ")[1] for r in server.requests) == [b"/a", b"/b"]
+
+
+def test_waiting_for_a_busy_endpoints_connection_is_bounded_too() -> None:
+    """One connection, each answer 0.8 s, a 1 s bound: the second request waits 0.8 s and
+    is sent; the third would wait 1.6 s, so it fails as a timeout at 1 s without being
+    sent, and its delivery moves on to the retry tiers."""
+    def slow(conn: Conn, request: bytes) -> bool:
+        conn.wait(0.8)
+        return respond(204)(conn, request)
+
+    async def three(url: str) -> list[tuple[Attempt, float]]:
+        sender = Sender(config(endpoint_concurrency=1, request_timeout=1.0))
+        target = endpoint(url)
+        started = time.perf_counter()
+
+        async def one() -> tuple[Attempt, float]:
+            attempt = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
+            return attempt, time.perf_counter() - started
+
+        try:
+            return list(await asyncio.gather(one(), one(), one()))
+        finally:
+            await sender.aclose()
+
+    with RawServer(slow) as server:
+        (first, _), (second, _), (third, at) = asyncio.run(three(server.url()))
+        assert first.status == 204 and second.status == 204, (first, second)
+        assert third.error == "timeout after 1 s waiting for one of the endpoint's 1 connections (all busy)"
+        assert third.outcome == "timeout" and 0.9 <= at < 1.5, at
+        assert isinstance(next_step(DEFAULT_TIERS, EVENTS, third), Retry)
+        time.sleep(0.3)
+        assert len(server.requests) == 2
