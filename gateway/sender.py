@@ -35,6 +35,9 @@ from .transport import Connection, check_header, head_of
 __all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
 
 SNIPPET_CHARS = 512
+KEEPALIVE_EXPIRY = 4.0
+"""Seconds a connection may stay idle: servers commonly close theirs after 5 s, and a
+request racing that close would fail."""
 USER_AGENT = "webhook-gateway/0.1"
 
 
@@ -108,6 +111,12 @@ class _Lanes:
         while not self.idle.empty():
             self._close_later(self.idle.get_nowait())
 
+    def reap(self) -> bool:
+        """Close the lanes idle past their keep-alive expiry; True when none is left open
+        and none is in use or awaited (the endpoint can be forgotten)."""
+        still_open = [lane for lane in self.lanes if not lane.close_if_idle()]
+        return not (still_open or self.busy or self.waiting)
+
     def _close_later(self, lane: Connection) -> None:
         task = asyncio.get_running_loop().create_task(lane.aclose())
         self._closing.add(task)  # the loop keeps only a weak reference to a task
@@ -120,8 +129,10 @@ class _Lanes:
 class Sender:
     """Sends deliveries to endpoints. One per process, used from its event loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, keepalive_expiry: float = KEEPALIVE_EXPIRY) -> None:
         self.config = config
+        self.keepalive_expiry = keepalive_expiry
+        self._reaper: asyncio.TimerHandle | None = None
         self._lanes: dict[str, _Lanes] = {}
         self._keys: dict[str, bytes] = {}
         self._retired: list[_Lanes] = []
@@ -131,7 +142,17 @@ class Sender:
         self._ssl = httpx.create_ssl_context()  # one for every lane: building one costs ms
 
     def _connection(self) -> Connection:
-        return Connection(self.policy, self._ssl)
+        return Connection(self.policy, self._ssl, keepalive_expiry=self.keepalive_expiry)
+
+    def _reap(self) -> None:
+        """Every ``keepalive_expiry``: close connections idle that long (a server that
+        keeps them open forever would otherwise cost a socket each, up to
+        ``endpoint_concurrency`` per endpoint ever sent to), and forget endpoints left
+        with nothing open or in flight (removed ones, quiet ones)."""
+        for endpoint_id, lanes in list(self._lanes.items()):
+            if lanes.reap():
+                del self._lanes[endpoint_id]
+        self._reaper = asyncio.get_running_loop().call_later(self.keepalive_expiry, self._reap)
 
     def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
         lanes = self._lanes.get(endpoint.id)
@@ -151,6 +172,8 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self.keepalive_expiry, self._reap)
         try:
             lanes = self._lanes_of(endpoint)
         except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
@@ -223,6 +246,8 @@ class Sender:
         ))
 
     async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         lanes, self._lanes = self._lanes, {}
         retired, self._retired = self._retired, []
         await asyncio.gather(*(lane.aclose() for lane in [*lanes.values(), *retired]), return_exceptions=True)

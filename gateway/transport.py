@@ -379,6 +379,15 @@ class Connection(httpx.AsyncBaseTransport):
                 raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         raise httpx.ConnectError(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
 
+    def close_if_idle(self) -> bool:
+        """Close the connection if no request uses it and it has been idle for
+        ``keepalive_expiry``; True when nothing is left open."""
+        wire = self._wire
+        if wire is not None and not self._busy and (
+                wire.closed or asyncio.get_running_loop().time() - wire.idle_since >= self.keepalive_expiry):
+            self._drop()
+        return self._wire is None
+
     def _release(self, wire: _Wire) -> None:
         """The response is closed: keep the connection for the next request if we can."""
         self._busy = False

@@ -784,3 +784,41 @@ def test_waiting_for_a_busy_endpoints_connection_is_bounded_too() -> None:
         assert isinstance(next_step(DEFAULT_TIERS, EVENTS, third), Retry)
         time.sleep(0.3)
         assert len(server.requests) == 2
+
+
+def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
+    """A server that never closes idle connections: the sender closes them after the
+    keep-alive expiry, and keeps nothing for the endpoint until it is sent to again."""
+    hung_up: list[float] = []
+
+    async def keeps_everything_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(2)
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            hung_up.append(time.monotonic())
+        finally:
+            writer.close()
+
+    async def go() -> tuple[float, int, int]:
+        server = await asyncio.start_server(keeps_everything_open, "127.0.0.1", 0)
+        sender = Sender(config(), keepalive_expiry=0.3)
+        target = endpoint(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook")
+        try:
+            assert (await sender.send(target, str(uuid.uuid4()), b"{}", "events")).succeeded
+            sent_at = time.monotonic()
+            await asyncio.sleep(1.5)
+            remembered = len(sender._lanes)
+            again = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
+            assert again.succeeded, again
+            return hung_up[0] - sent_at, remembered, len(sender._lanes)
+        finally:
+            await sender.aclose()
+            server.close()
+            await server.wait_closed()
+
+    after, remembered, now = asyncio.run(go())
+    assert 0.2 <= after <= 1.2, after
+    assert (remembered, now) == (0, 1)
