@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from collections import deque
 from collections.abc import Callable
 
 import httpx
@@ -58,7 +59,12 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 class _Lanes:
-    """The single-connection lanes of one endpoint, made as they are first needed."""
+    """The single-connection lanes of one endpoint, made as they are first needed.
+
+    Requests waiting for a lane queue in order. The wait is bounded without a timer per
+    request: :meth:`expire`, called a few times a second, fails the waiters whose time
+    is up (a timer per wait cost 4% of a worker's CPU in a burst, where nearly every
+    request waits)."""
 
     def __init__(self, url: str, limit: int, make: Callable[[], Connection]) -> None:
         self.url = url
@@ -72,7 +78,10 @@ class _Lanes:
         self.limit = limit
         self.make = make
         self.lanes: list[Connection] = []
-        self.idle: asyncio.Queue[Connection] = asyncio.Queue()
+        self.idle: list[Connection] = []
+        """Most recently used last: reused first, so the others can expire."""
+        self._waiters: deque[tuple[asyncio.Future[Connection], float]] = deque()
+        """(future, loop time it expires), in the order they came."""
         self.retired = False
         self.busy = 0
         self.waiting = 0
@@ -80,17 +89,23 @@ class _Lanes:
 
     async def acquire(self, wait: float) -> Connection:
         """An idle lane, a new one while under the limit, or the first to come free
-        within ``wait`` seconds (else ``TimeoutError``)."""
-        if not self.idle.empty():
-            lane = self.idle.get_nowait()
+        within about ``wait`` seconds (else ``TimeoutError``, from :meth:`expire`)."""
+        if self.idle:
+            lane = self.idle.pop()
         elif len(self.lanes) < self.limit:
             lane = self.make()
             self.lanes.append(lane)
         else:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[Connection] = loop.create_future()
+            self._waiters.append((waiter, loop.time() + wait))
             self.waiting += 1
             try:
-                async with asyncio.timeout(wait):
-                    lane = await self.idle.get()
+                lane = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._hand_over(waiter.result())  # handed a lane as it was cancelled
+                raise
             finally:
                 self.waiting -= 1
         self.busy += 1
@@ -98,18 +113,34 @@ class _Lanes:
 
     def release(self, lane: Connection) -> None:
         self.busy -= 1
-        if self.retired and not self.waiting:  # the endpoint's URL changed meanwhile
+        self._hand_over(lane)
+
+    def _hand_over(self, lane: Connection) -> None:
+        while self._waiters:
+            waiter, _ = self._waiters.popleft()
+            if not waiter.done():  # (a cancelled or expired one is skipped)
+                waiter.set_result(lane)
+                return
+        if self.retired:  # the endpoint's URL changed meanwhile
             self._close_later(lane)
         else:
-            self.idle.put_nowait(lane)
+            self.idle.append(lane)
+
+    def expire(self, now: float) -> None:
+        """Fail the waiters whose wait is up (the oldest are first)."""
+        waiters = self._waiters
+        while waiters and waiters[0][1] <= now:
+            waiter, _ = waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
 
     def retire(self) -> None:
         """The endpoint moved to another URL: close the idle lanes now, and the busy ones
         as their requests end (closing one under its request would fail the attempt, or
         send it twice through the stale-connection retry)."""
         self.retired = True
-        while not self.idle.empty():
-            self._close_later(self.idle.get_nowait())
+        while self.idle:
+            self._close_later(self.idle.pop())
 
     def reap(self) -> bool:
         """Close the lanes idle past their keep-alive expiry; True when none is left open
@@ -132,7 +163,10 @@ class Sender:
     def __init__(self, config: Config, *, keepalive_expiry: float = KEEPALIVE_EXPIRY) -> None:
         self.config = config
         self.keepalive_expiry = keepalive_expiry
-        self._reaper: asyncio.TimerHandle | None = None
+        # How often waits for a lane are checked: they end at most this late.
+        self._tick_every = min(0.25, config.request_timeout / 4)
+        self._ticker: asyncio.TimerHandle | None = None
+        self._next_reap = 0.0
         self._lanes: dict[str, _Lanes] = {}
         self._keys: dict[str, bytes] = {}
         self._retired: list[_Lanes] = []
@@ -144,22 +178,32 @@ class Sender:
     def _connection(self) -> Connection:
         return Connection(self.policy, self._ssl, keepalive_expiry=self.keepalive_expiry)
 
-    def _reap(self) -> None:
-        """Every ``keepalive_expiry``: close connections idle that long (a server that
-        keeps them open forever would otherwise cost a socket each, up to
-        ``endpoint_concurrency`` per endpoint ever sent to), and forget endpoints left
-        with nothing open or in flight (removed ones, quiet ones)."""
-        for endpoint_id, lanes in list(self._lanes.items()):
-            if lanes.reap():
-                del self._lanes[endpoint_id]
-        self._reaper = asyncio.get_running_loop().call_later(self.keepalive_expiry, self._reap)
+    def _tick(self) -> None:
+        """A few times a second: fail the waits for a lane that are up. Every
+        ``keepalive_expiry``: close connections idle that long (a server that keeps them
+        open forever would otherwise cost a socket each, up to ``endpoint_concurrency``
+        per endpoint ever sent to), and forget endpoints left with nothing open or in
+        flight (removed ones, quiet ones)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for lanes in self._lanes.values():
+            if lanes.waiting:
+                lanes.expire(now)
+        for lanes in self._retired:
+            lanes.expire(now)
+        if now >= self._next_reap:
+            self._next_reap = now + self.keepalive_expiry
+            for endpoint_id, lanes in list(self._lanes.items()):
+                if lanes.reap():
+                    del self._lanes[endpoint_id]
+        self._ticker = loop.call_later(self._tick_every, self._tick)
 
     def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
         lanes = self._lanes.get(endpoint.id)
         if lanes is None or lanes.url != endpoint.url:
             if lanes is not None:  # the URL changed: the old connections go
                 lanes.retire()
-                self._retired = [r for r in self._retired if r.busy or r._closing] + [lanes]
+                self._retired = [r for r in self._retired if r.busy or r.waiting or r._closing] + [lanes]
             lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._connection)
             self._lanes[endpoint.id] = lanes
         return lanes
@@ -172,8 +216,10 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().call_later(self.keepalive_expiry, self._reap)
+        if self._ticker is None:
+            loop = asyncio.get_running_loop()
+            self._next_reap = loop.time() + self.keepalive_expiry
+            self._ticker = loop.call_later(self._tick_every, self._tick)
         try:
             lanes = self._lanes_of(endpoint)
         except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
@@ -246,8 +292,9 @@ class Sender:
         ))
 
     async def aclose(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         lanes, self._lanes = self._lanes, {}
         retired, self._retired = self._retired, []
         await asyncio.gather(*(lane.aclose() for lane in [*lanes.values(), *retired]), return_exceptions=True)

@@ -822,3 +822,32 @@ def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
     after, remembered, now = asyncio.run(go())
     assert 0.2 <= after <= 1.2, after
     assert (remembered, now) == (0, 1)
+
+
+def test_a_lane_handed_to_a_waiter_that_is_cancelled_meanwhile_is_not_lost() -> None:
+    from gateway.sender import _Lanes
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        lanes = _Lanes("http://127.0.0.1:9/hook", 1,
+                       lambda: Connection(DestinationPolicy(allow_private=True), ssl.create_default_context()))
+        lane = await lanes.acquire(5)
+        waiting = asyncio.create_task(lanes.acquire(5))
+        await asyncio.sleep(0)
+        assert lanes.waiting == 1
+        lanes.release(lane)  # handed to the waiter ...
+        waiting.cancel()  # ... which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert (lanes.idle, lanes.busy, lanes.waiting) == ([lane], 0, 0)
+
+        lane = await lanes.acquire(5)
+        expiring = asyncio.create_task(lanes.acquire(0.0))
+        await asyncio.sleep(0)
+        lanes.expire(loop.time())
+        with pytest.raises(TimeoutError):
+            await expiring
+        lanes.release(lane)
+        assert (lanes.idle, lanes.busy, lanes.waiting) == ([lane], 0, 0)
+
+    asyncio.run(go())
