@@ -185,6 +185,7 @@ class Sender:
         per endpoint ever sent to), and forget endpoints left with nothing open or in
         flight (removed ones, quiet ones)."""
         loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(self._tick_every, self._tick)  # first: whatever happens below
         now = loop.time()
         for lanes in self._lanes.values():
             if lanes.waiting:
@@ -196,7 +197,6 @@ class Sender:
             for endpoint_id, lanes in list(self._lanes.items()):
                 if lanes.reap():
                     del self._lanes[endpoint_id]
-        self._ticker = loop.call_later(self._tick_every, self._tick)
 
     def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
         lanes = self._lanes.get(endpoint.id)
