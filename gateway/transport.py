@@ -39,6 +39,8 @@ What a connection does:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -79,7 +81,8 @@ class _Wire(asyncio.Protocol):
         self.head_size = 0
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.framed = False  # content-length or chunked: the close does not end the body
+        self.has_length = False
+        self.coding: bytes | None = None  # the last transfer-encoding header, if any
         self.head_done = False
         self.keep_alive = False
         self.complete = False
@@ -148,11 +151,18 @@ class _Wire(asyncio.Protocol):
         self.head_size += len(name) + len(value) + 4
         lowered = name.lower()
         if lowered == b"content-length":
-            self.framed = True
-        elif lowered == b"transfer-encoding" and value.rstrip().lower().endswith(b"chunked"):
-            # Only chunked frames the body: with any other last coding (identity, gzip)
-            # the body runs to the close (RFC 9112, 6.3).
-            self.framed = True
+            self.has_length = True
+        elif lowered == b"transfer-encoding":
+            self.coding = value
+
+    @property
+    def framed(self) -> bool:
+        """Whether the body has an end of its own, so the close does not end it. A
+        transfer coding overrides a length, and only a last coding of chunked frames
+        the body: after identity or gzip it runs to the close (RFC 9112, 6.3)."""
+        if self.coding is not None:
+            return self.coding.rstrip().lower().endswith(b"chunked")
+        return self.has_length
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -160,7 +170,8 @@ class _Wire(asyncio.Protocol):
             return  # refused once feed_data returns
         if 100 <= status < 200 and status != 101:
             self.headers = []  # an interim answer: the final one follows
-            self.framed = False
+            self.has_length = False
+            self.coding = None
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
@@ -357,27 +368,47 @@ class Connection(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         errors: list[str] = []
         for i, address in enumerate(addresses):
-            # Every address but the last gets a bounded try: a listed address that drops
-            # packets (often a broken IPv6 one, listed first) must not use up the whole
-            # deadline while a working one waits.
             last = i == len(addresses) - 1
             try:
-                async with asyncio.timeout(None if last else self.address_timeout):
-                    _, wire = await loop.create_connection(
-                        _Wire, str(address), port, ssl=tls, server_hostname=host if tls else None,
-                    )
-                return wire
-            except ssl.SSLError as exc:
-                raise httpx.ConnectError(f"TLS with {host}: {exc}") from exc
-            except TimeoutError:
-                if last:
-                    raise
-                errors.append(f"{address}: no answer within {self.address_timeout:g} s")
+                sock = await self._tcp(address, port, None if last else self.address_timeout)
+            except TimeoutError as exc:
+                if exc.errno is not None:  # the kernel's ETIMEDOUT, not our bound
+                    errors.append(f"{address}: {exc.strerror or exc}")
+                else:
+                    errors.append(f"{address}: no answer within {self.address_timeout:g} s")
+                continue
             except OSError as exc:
                 errors.append(f"{address}: {exc.strerror or exc}")
+                continue
             except (OverflowError, ValueError) as exc:  # e.g. a port over 65535
                 raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+            try:
+                _, wire = await loop.create_connection(
+                    _Wire, sock=sock, ssl=tls, server_hostname=host if tls else None)
+            except ssl.SSLError as exc:
+                raise httpx.ConnectError(f"TLS with {host}: {exc}") from exc
+            except OSError as exc:
+                errors.append(f"{address}: {exc.strerror or exc}")
+                continue
+            return wire
         raise httpx.ConnectError(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
+
+    @staticmethod
+    async def _tcp(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+                   bound: float | None) -> socket.socket:
+        """A TCP connection to ``address``, within ``bound`` seconds if given. Only the
+        TCP handshake is bounded: a listed address that drops packets (often a broken
+        IPv6 one, listed first) must not use up the deadline while a working one waits,
+        but a slow TLS handshake on a working address is no reason to leave it."""
+        sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(bound):
+                await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def close_if_idle(self) -> bool:
         """Close the connection if no request uses it and it has been idle for
@@ -399,6 +430,11 @@ class Connection(httpx.AsyncBaseTransport):
             # (A server may answer before it read the whole request: bytes of it still
             # unsent would reach the server as the start of the next request.)
             wire.idle_since = asyncio.get_running_loop().time()
+            if wire.reading_paused:  # keep reading: bytes arriving while idle are refused
+                wire.chunks.clear()
+                wire.buffered = 0
+                wire.transport.resume_reading()
+                wire.reading_paused = False
         else:
             self._drop()
 

@@ -356,9 +356,9 @@ def test_bytes_after_the_answer_are_not_read_as_the_next_answer() -> None:
         assert len(server.connections) == 2
 
 
-@pytest.mark.parametrize("coding", [b"identity", b"gzip"])
-def test_a_transfer_coding_other_than_chunked_runs_to_the_close(coding: bytes) -> None:
-    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + coding + b"\r\n\r\nhello"
+@pytest.mark.parametrize("codings", [b"identity", b"gzip", b"chunked\r\ntransfer-encoding: gzip"])
+def test_a_transfer_coding_other_than_chunked_runs_to_the_close(codings: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: " + codings + b"\r\n\r\nhello"
     with RawServer(raw(answer, keep=False)) as server:
         status, body, _ = run(once(server.url()))
     assert (status, body) == (200, b"hello")
@@ -465,3 +465,62 @@ def test_an_address_that_drops_packets_gives_way_to_the_next(monkeypatch: pytest
             for filler in fillers:
                 filler.close()
     assert status == 204 and 0.4 <= seconds < 2, seconds
+
+
+def test_a_slow_tls_handshake_on_the_first_address_is_not_abandoned(
+    ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-address bound is for the TCP handshake only: a working first address
+    whose TLS handshake takes longer is kept, not left for the next."""
+    real = socket.getaddrinfo
+
+    def two_addresses(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.example.test").configure_cert(server_side)
+    handshakes: list[str] = []
+
+    async def go() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+
+        class Answer204(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                handshakes.append("done")
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                if data.endswith(b"\r\n\r\n"):
+                    self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # type: ignore[attr-defined]
+
+        async def late_tls() -> None:  # accepts at once, starts TLS 0.8 s later
+            sock, _ = await loop.sock_accept(listener)
+            await asyncio.sleep(0.8)
+            transport, _ = await loop.connect_accepted_socket(Answer204, sock, ssl=server_side)
+            await asyncio.sleep(5)
+            transport.close()
+
+        serving = asyncio.create_task(late_tls())
+        conn = connection(context=trusting(ca), address_timeout=0.3)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(5):
+                status = (await post(conn, f"https://hooks.example.test:{port}/hook", body=b""))[0]
+            return status, time.monotonic() - started
+        finally:
+            await conn.aclose()
+            serving.cancel()
+            listener.close()
+
+    status, seconds = run(go())
+    assert status == 204 and 0.7 <= seconds < 2, seconds
+    assert handshakes == ["done"]
