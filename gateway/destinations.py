@@ -116,10 +116,11 @@ class DestinationPolicy:
             del self._lookups[key]
 
     async def aclose(self) -> None:
-        """Stop the resolver threads (a lookup still running finishes on its own)."""
+        """Let the resolver threads go once the lookups asked for are done (not cancelled:
+        a request waiting on one gets its answer, not a cancellation it never asked for)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False)
 
 
 class BlockedDestination(Exception):

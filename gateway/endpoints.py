@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from urllib.parse import urlsplit
 
+import httpx
 from confluent_kafka import Producer
 
 from .codec import Codec, DecodeError
@@ -62,6 +63,10 @@ def validate_url(url: str) -> str:
                             "the receiver must authenticate us by the signature instead")
     if any(c.isspace() for c in url):
         raise EndpointError(f"url {url!r} contains whitespace")
+    try:  # what the sender will parse: the same judge here, so it cannot refuse it later
+        httpx.URL(url).raw_host  # noqa: B018
+    except httpx.InvalidURL as exc:
+        raise EndpointError(f"url {url!r} is not a valid URL: {exc}") from None
     return url
 
 

@@ -167,6 +167,7 @@ class Sender:
         self._tick_every = min(0.25, config.request_timeout / 4)
         self._ticker: asyncio.TimerHandle | None = None
         self._next_reap = 0.0
+        self._closed = False
         self._lanes: dict[str, _Lanes] = {}
         self._keys: dict[str, bytes] = {}
         self._retired: list[_Lanes] = []
@@ -216,6 +217,10 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
+        if self._closed:  # (a connection made now would never be closed)
+            return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
+                           error=f"{CONNECTION_PREFIX}: the sender is closed", response_snippet=None,
+                           retry_after=None)
         if self._ticker is None:
             loop = asyncio.get_running_loop()
             self._next_reap = loop.time() + self.keepalive_expiry
@@ -272,6 +277,8 @@ class Sender:
             duration_ms = (time.perf_counter() - started) * 1000
         finally:
             lanes.release(lane)
+            if self._closed:  # closed while this request ran: its connection goes too
+                lanes.retire()
         return Attempt(
             at=started_at, tier=tier, duration_ms=round(duration_ms, 3), status=status,
             error=error, response_snippet=snippet, retry_after=retry_after,
@@ -292,6 +299,7 @@ class Sender:
         ))
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None

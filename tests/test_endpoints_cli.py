@@ -150,6 +150,9 @@ INVALID = {
     "ftp url": (("--bot-id", BOT_A, "--url", "ftp://example.com/hook"), "ftp://example.com/hook"),
     "event type": (("--bot-id", BOT_A, "--url", PUBLIC_URL, "--events", "MESSAGE,bogus"), "BOGUS"),
     "credentials": (("--bot-id", BOT_A, "--url", "https://u:p@example.com/"), "credentials"),
+    # urlsplit takes these; the sender's parser (httpx) does not:
+    "bad IDNA host": (("--bot-id", BOT_A, "--url", "http://\u2603.example/hook"), "not a valid URL"),
+    "bad IPv4 host": (("--bot-id", BOT_A, "--url", "http://1.2.3.999/hook"), "not a valid URL"),
     "secret": (("--bot-id", BOT_A, "--url", PUBLIC_URL, "--secret", "whsec_short"), "secret"),
 }
 

@@ -851,3 +851,41 @@ def test_a_lane_handed_to_a_waiter_that_is_cancelled_meanwhile_is_not_lost() -> 
         assert (lanes.idle, lanes.busy, lanes.waiting) == ([lane], 0, 0)
 
     asyncio.run(go())
+
+
+def test_closing_the_sender_while_a_lookup_waits_neither_raises_nor_leaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing the sender (a worker shutting down) while a lookup is still queued on the
+    resolver: every send ends in an attempt, and a connection made after the close is
+    closed when its request ends."""
+    import gateway.destinations
+
+    monkeypatch.setattr(gateway.destinations, "RESOLVER_THREADS", 1)
+
+    def slow_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".customer.test"):
+            time.sleep(0.3)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", int(port)))]
+        return _real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
+
+    async def go(port: int) -> tuple[list[Attempt], Attempt]:
+        sender = Sender(config())
+        sends = [asyncio.create_task(sender.send(endpoint(f"http://h{i}.customer.test:{port}/hook"),
+                                                 str(uuid.uuid4()), b"{}", "events")) for i in range(2)]
+        await asyncio.sleep(0.1)
+        await sender.aclose()
+        attempts = list(await asyncio.gather(*sends))
+        after = await sender.send(endpoint(f"http://127.0.0.1:{port}/hook"), str(uuid.uuid4()), b"{}", "events")
+        await asyncio.sleep(0.2)  # the connections made after the close are closing
+        return attempts, after
+
+    with RawServer(respond(204)) as server:
+        attempts, after = asyncio.run(go(server.port))
+        time.sleep(0.2)
+        assert [a.status for a in attempts] == [204, 204], attempts
+        assert after.error == "connection error: the sender is closed"
+        # The server's side closes once it reads our close.
+        assert len(server.connections) == 2 and all(c.sock.fileno() == -1 for c in server.connections)
