@@ -7,10 +7,12 @@ the endpoint's concurrency limit, and a slow endpoint can only ever fill its own
 never another endpoint's. The wait is bounded too (``request_timeout``): deliveries
 queued for an endpoint slower than its own stream of events hold the process's in-flight
 slots, and past that bound they fail as a timeout and move on to the retry tiers rather
-than make every other endpoint go at that endpoint's pace. Each request is built as bytes (the endpoint's request line
-and fixed headers once, the signed headers and body per request) and handed to
-:meth:`Connection.exchange`: ``httpx.AsyncClient`` and its Request/Response objects cost
-more CPU than the exchange itself (``bench/http_clients.py`` measures the options).
+than make every other endpoint go at that endpoint's pace.
+
+Each request is built as bytes (the endpoint's request line and fixed headers once, the
+signed headers and body per request) and handed to :meth:`Connection.exchange`:
+``httpx.AsyncClient`` and its Request/Response objects cost more CPU than the exchange
+itself (``bench/http_clients.py`` measures the options).
 
 Every attempt is bounded by one overall deadline (``request_timeout``), connect to last
 byte read, so a receiver that trickles bytes cannot hold a worker. Redirects are not
@@ -63,8 +65,8 @@ class _Lanes:
 
     Requests waiting for a lane queue in order. The wait is bounded without a timer per
     request: :meth:`expire`, called a few times a second, fails the waiters whose time
-    is up (a timer per wait cost 4% of a worker's CPU in a burst, where nearly every
-    request waits)."""
+    is up (a timer per wait cost about 5% of a worker's CPU in a burst, where nearly
+    every request waits)."""
 
     def __init__(self, url: str, limit: int, make: Callable[[], Connection]) -> None:
         self.url = url
@@ -218,9 +220,7 @@ class Sender:
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
         if self._closed:  # (a connection made now would never be closed)
-            return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
-                           error=f"{CONNECTION_PREFIX}: the sender is closed", response_snippet=None,
-                           retry_after=None)
+            return _unsent(tier, f"{CONNECTION_PREFIX}: the sender is closed")
         if self._ticker is None:
             loop = asyncio.get_running_loop()
             self._next_reap = loop.time() + self.keepalive_expiry
@@ -228,19 +228,15 @@ class Sender:
         try:
             lanes = self._lanes_of(endpoint)
         except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
-            return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
-                           error=f"invalid endpoint URL: {exc}", response_snippet=None, retry_after=None)
+            return _unsent(tier, f"invalid endpoint URL: {exc}")
         try:
             lane = await lanes.acquire(self.config.request_timeout)
         except TimeoutError:
             # Deliveries waiting for a slow endpoint's connections hold the process's
             # in-flight slots: bounded, they go on to the retry tiers instead of making
             # every other endpoint wait at that endpoint's pace.
-            return Attempt(
-                at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
-                error=f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s waiting for one of the "
-                      f"endpoint's {lanes.limit} connections (all busy)",
-                response_snippet=None, retry_after=None)
+            return _unsent(tier, f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s waiting for "
+                                 f"one of the endpoint's {lanes.limit} connections (all busy)")
         try:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()
@@ -305,5 +301,11 @@ class Sender:
             self._ticker = None
         lanes, self._lanes = self._lanes, {}
         retired, self._retired = self._retired, []
-        await asyncio.gather(*(lane.aclose() for lane in [*lanes.values(), *retired]), return_exceptions=True)
+        await asyncio.gather(*(each.aclose() for each in [*lanes.values(), *retired]), return_exceptions=True)
         await self.policy.aclose()
+
+
+def _unsent(tier: str, error: str) -> Attempt:
+    """A failed attempt that never reached the network."""
+    return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
+                   error=error, response_snippet=None, retry_after=None)

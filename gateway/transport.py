@@ -27,8 +27,9 @@ What a connection does:
   HTTP client meets; at least once is the contract anyway.
 * Reads bodies framed by ``content-length``, chunked, or delimited by the close; skips
   1xx interim answers; takes only the first answer to a request (a second one, or bytes
-  after the body, mean the connection is out of step and is not reused); refuses response heads over 64 KiB; streams the body, pausing the
-  socket while more than 256 KiB wait unread. Bodies are passed on as received (a gzip
+  after the body, mean the connection is out of step and is not reused); refuses
+  response heads over 64 KiB; streams the body, pausing the socket while more than
+  256 KiB wait unread. Bodies are passed on as received (a gzip
   body is never inflated).
 * Has no deadline of its own: the caller bounds the whole exchange (the sender wraps it
   in ``asyncio.timeout``). Cancelling at any point closes the connection, since its state
@@ -88,9 +89,12 @@ class _Wire(asyncio.Protocol):
         self.complete = False
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
+        self.resume()
+
+    def resume(self) -> None:
+        """Read from the socket again if reading was paused (a body left unread must not
+        keep a reused connection deaf)."""
         if self.reading_paused and self.transport is not None:
-            # The last body was left unread while reading was paused: the socket may
-            # still hold this request's answer, so read again.
             self.transport.resume_reading()
         self.reading_paused = False
 
@@ -221,9 +225,8 @@ class _Wire(asyncio.Protocol):
     def take(self) -> bytes:
         chunk = self.chunks.popleft()
         self.buffered -= len(chunk)
-        if self.reading_paused and self.buffered <= _HIGH_WATER // 2 and self.transport is not None:
-            self.transport.resume_reading()
-            self.reading_paused = False
+        if self.reading_paused and self.buffered <= _HIGH_WATER // 2:
+            self.resume()
         return chunk
 
 
@@ -430,11 +433,7 @@ class Connection(httpx.AsyncBaseTransport):
             # (A server may answer before it read the whole request: bytes of it still
             # unsent would reach the server as the start of the next request.)
             wire.idle_since = asyncio.get_running_loop().time()
-            if wire.reading_paused:  # keep reading: bytes arriving while idle are refused
-                wire.chunks.clear()
-                wire.buffered = 0
-                wire.transport.resume_reading()
-                wire.reading_paused = False
+            wire.resume()  # reading while idle: bytes the server sends now are refused
         else:
             self._drop()
 

@@ -428,19 +428,23 @@ def test_a_connection_whose_request_was_not_all_sent_is_not_reused() -> None:
     assert len(connections) == 2
 
 
+def resolve(monkeypatch: pytest.MonkeyPatch, name: str, *addresses: str) -> None:
+    """Make ``name`` resolve to ``addresses``, in that order (IPv4 only)."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in addresses]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 def test_an_address_that_drops_packets_gives_way_to_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     """A name with two addresses, the first silent (here a listener on 127.0.0.2 whose
     accept queue is full, so the kernel drops the SYN): the second is tried after
     ``address_timeout``, not after the whole deadline."""
-    real = socket.getaddrinfo
-
-    def two_addresses(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "dual.test":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
-                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    resolve(monkeypatch, "dual.test", "127.0.0.2", "127.0.0.1")
     with RawServer(respond(204)) as server, socket.socket() as hole:
         hole.bind(("127.0.0.2", server.port))
         hole.listen(0)
@@ -472,15 +476,7 @@ def test_a_slow_tls_handshake_on_the_first_address_is_not_abandoned(
 ) -> None:
     """The per-address bound is for the TCP handshake only: a working first address
     whose TLS handshake takes longer is kept, not left for the next."""
-    real = socket.getaddrinfo
-
-    def two_addresses(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "hooks.example.test":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
-                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    resolve(monkeypatch, "hooks.example.test", "127.0.0.1", "127.0.0.2")
     server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("hooks.example.test").configure_cert(server_side)
     handshakes: list[str] = []
