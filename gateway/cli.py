@@ -364,6 +364,7 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
 
     from .destinations import DestinationPolicy
     from .endpoints import EndpointError, new_endpoint, save_endpoint
+    from .transport import destination
 
     config = build_config(settings)
     try:
@@ -373,9 +374,8 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
         # refusal cannot disagree.
         policy = DestinationPolicy(allow_private=config.allow_private_networks,
                                    allowed=config.allowed_networks)
-        parsed = httpx.URL(url)  # validated by new_endpoint; the name as the sender resolves it
-        refused = asyncio.run(policy.check(parsed.raw_host.decode("ascii"), parsed.port or
-                                           (443 if parsed.scheme == "https" else 80)))
+        # new_endpoint validated the URL; resolved as the sender will
+        refused = asyncio.run(policy.check(*destination(httpx.URL(url))))
         if refused:
             click.echo(f"warning: {url}: {refused}; deliveries to it are refused unless "
                        "GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS covers it",

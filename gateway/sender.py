@@ -33,14 +33,11 @@ from .config import Config
 from .destinations import BlockedDestination, DestinationPolicy
 from .records import CONNECTION_PREFIX, TIMEOUT_PREFIX, Attempt, Endpoint
 from .signing import secret_key, signature_header
-from .transport import Connection, check_header, head_of
+from .transport import KEEPALIVE_EXPIRY, Connection, check_header, head_of
 
 __all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
 
 SNIPPET_CHARS = 512
-KEEPALIVE_EXPIRY = 4.0
-"""Seconds a connection may stay idle: servers commonly close theirs after 5 s, and a
-request racing that close would fail."""
 USER_AGENT = "webhook-gateway/0.1"
 
 
@@ -150,6 +147,11 @@ class _Lanes:
         still_open = [lane for lane in self.lanes if not lane.close_if_idle()]
         return not (still_open or self.busy or self.waiting)
 
+    @property
+    def done(self) -> bool:
+        """Retired and nothing left to wait for: no request, waiter or closing lane."""
+        return not (self.busy or self.waiting or self._closing)
+
     def _close_later(self, lane: Connection) -> None:
         task = asyncio.get_running_loop().create_task(lane.aclose())
         self._closing.add(task)  # the loop keeps only a weak reference to a task
@@ -201,14 +203,18 @@ class Sender:
                 if lanes.reap():
                     del self._lanes[endpoint_id]
 
-    def _lanes_of(self, endpoint: Endpoint) -> _Lanes:
-        lanes = self._lanes.get(endpoint.id)
-        if lanes is None or lanes.url != endpoint.url:
-            if lanes is not None:  # the URL changed: the old connections go
-                lanes.retire()
-                self._retired = [r for r in self._retired if r.busy or r.waiting or r._closing] + [lanes]
-            lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._connection)
-            self._lanes[endpoint.id] = lanes
+    def _new_lanes(self, endpoint: Endpoint, old: _Lanes | None) -> _Lanes:
+        """Lanes for an endpoint seen for the first time, or again after it was forgotten
+        or its URL changed. Raises ``httpx.InvalidURL``/``ValueError`` for an unusable URL."""
+        lanes = _Lanes(endpoint.url, self.config.endpoint_concurrency, self._connection)
+        if old is not None:  # the URL changed: the old connections go
+            old.retire()
+            self._retired = [r for r in self._retired if not r.done] + [old]
+        self._lanes[endpoint.id] = lanes
+        if self._ticker is None:  # the first lanes: from now on there are waits to bound
+            loop = asyncio.get_running_loop()
+            self._next_reap = loop.time() + self.keepalive_expiry
+            self._ticker = loop.call_later(self._tick_every, self._tick)
         return lanes
 
     def _key(self, secret: str) -> bytes:
@@ -219,16 +225,14 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
         """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
-        if self._closed:  # (a connection made now would never be closed)
-            return _unsent(tier, f"{CONNECTION_PREFIX}: the sender is closed")
-        if self._ticker is None:
-            loop = asyncio.get_running_loop()
-            self._next_reap = loop.time() + self.keepalive_expiry
-            self._ticker = loop.call_later(self._tick_every, self._tick)
-        try:
-            lanes = self._lanes_of(endpoint)
-        except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
-            return _unsent(tier, f"invalid endpoint URL: {exc}")
+        lanes = self._lanes.get(endpoint.id)
+        if lanes is None or lanes.url != endpoint.url:  # (aclose forgets every endpoint)
+            if self._closed:  # a connection made now would never be closed
+                return _unsent(tier, f"{CONNECTION_PREFIX}: the sender is closed")
+            try:
+                lanes = self._new_lanes(endpoint, lanes)
+            except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
+                return _unsent(tier, f"invalid endpoint URL: {exc}")
         try:
             lane = await lanes.acquire(self.config.request_timeout)
         except TimeoutError:
@@ -273,8 +277,6 @@ class Sender:
             duration_ms = (time.perf_counter() - started) * 1000
         finally:
             lanes.release(lane)
-            if self._closed:  # closed while this request ran: its connection goes too
-                lanes.retire()
         return Attempt(
             at=started_at, tier=tier, duration_ms=round(duration_ms, 3), status=status,
             error=error, response_snippet=snippet, retry_after=retry_after,
@@ -299,9 +301,11 @@ class Sender:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        lanes, self._lanes = self._lanes, {}
-        retired, self._retired = self._retired, []
-        await asyncio.gather(*(each.aclose() for each in [*lanes.values(), *retired]), return_exceptions=True)
+        every = [*self._lanes.values(), *self._retired]
+        self._lanes, self._retired = {}, []
+        for lanes in every:  # a connection a running request makes from now on goes when it ends
+            lanes.retire()
+        await asyncio.gather(*(lanes.aclose() for lanes in every), return_exceptions=True)
         await self.policy.aclose()
 
 

@@ -40,7 +40,6 @@ What a connection does:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import ssl
 from collections import deque
@@ -49,11 +48,15 @@ from collections.abc import AsyncIterator, Iterable
 import httptools
 import httpx
 
-from .destinations import DestinationPolicy
+from .destinations import Address, DestinationPolicy
 
-__all__ = ["Answer", "Connection", "MAX_HEAD_BYTES", "check_header", "head", "head_of"]
+__all__ = ["Answer", "Connection", "KEEPALIVE_EXPIRY", "MAX_HEAD_BYTES", "check_header", "destination", "head",
+           "head_of"]
 
 MAX_HEAD_BYTES = 64 * 1024
+KEEPALIVE_EXPIRY = 4.0
+"""Seconds a connection may stay idle: servers commonly close theirs after 5 s, and a
+request racing that close would fail."""
 _HIGH_WATER = 256 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FORBIDDEN = (b"\r", b"\n", b"\0")
@@ -89,7 +92,6 @@ class _Wire(asyncio.Protocol):
         self.complete = False
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
-        self.resume()
 
     def resume(self) -> None:
         """Read from the socket again if reading was paused (a body left unread must not
@@ -304,7 +306,7 @@ class Connection(httpx.AsyncBaseTransport):
     """
 
     def __init__(
-        self, policy: DestinationPolicy, ssl_context: ssl.SSLContext, *, keepalive_expiry: float = 4.0,
+        self, policy: DestinationPolicy, ssl_context: ssl.SSLContext, *, keepalive_expiry: float = KEEPALIVE_EXPIRY,
         address_timeout: float = 2.0,
     ) -> None:
         self.policy = policy
@@ -351,54 +353,36 @@ class Connection(httpx.AsyncBaseTransport):
             raise
 
     async def _wire_for(self, url: httpx.URL, *, fresh: bool) -> tuple[_Wire, bool]:
-        loop = asyncio.get_running_loop()
         wire = self._wire
-        if (wire is not None and not fresh and not wire.closed
-                and loop.time() - wire.idle_since < self.keepalive_expiry):
+        if wire is not None and not fresh and self._reusable(wire):
             return wire, True
         self._drop()
         self._wire = await self._connect(url)
         return self._wire, False
 
     async def _connect(self, url: httpx.URL) -> _Wire:
-        # The name as it goes on the wire (IDNA A-label, "xn--..."): ``url.host`` decodes
-        # it, and Python's socket and ssl modules would encode it again with IDNA 2003,
-        # which maps some names to another domain ("faß.de" to "fass.de").
-        host = url.raw_host.decode("ascii")
-        port = url.port or _DEFAULT_PORTS[url.scheme]
+        host, port = destination(url)
         addresses = await self.policy.addresses(host, port)  # raises BlockedDestination
         tls = self.ssl_context if url.scheme == "https" else None
-        loop = asyncio.get_running_loop()
         errors: list[str] = []
         for i, address in enumerate(addresses):
             last = i == len(addresses) - 1
             try:
                 sock = await self._tcp(address, port, None if last else self.address_timeout)
-            except TimeoutError as exc:
-                if exc.errno is not None:  # the kernel's ETIMEDOUT, not our bound
-                    errors.append(f"{address}: {exc.strerror or exc}")
-                else:
-                    errors.append(f"{address}: no answer within {self.address_timeout:g} s")
-                continue
-            except OSError as exc:
-                errors.append(f"{address}: {exc.strerror or exc}")
-                continue
-            except (OverflowError, ValueError) as exc:  # e.g. a port over 65535
-                raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
-            try:
-                _, wire = await loop.create_connection(
+                _, wire = await asyncio.get_running_loop().create_connection(
                     _Wire, sock=sock, ssl=tls, server_hostname=host if tls else None)
             except ssl.SSLError as exc:
                 raise httpx.ConnectError(f"TLS with {host}: {exc}") from exc
             except OSError as exc:
                 errors.append(f"{address}: {exc.strerror or exc}")
                 continue
+            except (OverflowError, ValueError) as exc:  # e.g. a port over 65535
+                raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
             return wire
         raise httpx.ConnectError(f"cannot connect to {host}:{port} ({'; '.join(errors)})")
 
     @staticmethod
-    async def _tcp(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
-                   bound: float | None) -> socket.socket:
+    async def _tcp(address: Address, port: int, bound: float | None) -> socket.socket:
         """A TCP connection to ``address``, within ``bound`` seconds if given. Only the
         TCP handshake is bounded: a listed address that drops packets (often a broken
         IPv6 one, listed first) must not use up the deadline while a working one waits,
@@ -408,17 +392,21 @@ class Connection(httpx.AsyncBaseTransport):
             sock.setblocking(False)
             async with asyncio.timeout(bound):
                 await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
-        except BaseException:
+        except BaseException as exc:
             sock.close()
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # the bound, not the kernel's ETIMEDOUT
+                raise OSError(f"no answer within {bound:g} s") from None
             raise
         return sock
+
+    def _reusable(self, wire: _Wire) -> bool:
+        return not wire.closed and asyncio.get_running_loop().time() - wire.idle_since < self.keepalive_expiry
 
     def close_if_idle(self) -> bool:
         """Close the connection if no request uses it and it has been idle for
         ``keepalive_expiry``; True when nothing is left open."""
         wire = self._wire
-        if wire is not None and not self._busy and (
-                wire.closed or asyncio.get_running_loop().time() - wire.idle_since >= self.keepalive_expiry):
+        if wire is not None and not self._busy and not self._reusable(wire):
             self._drop()
         return self._wire is None
 
@@ -453,6 +441,14 @@ class Connection(httpx.AsyncBaseTransport):
             await asyncio.wait_for(asyncio.shield(wire.lost), 1.0)
         except TimeoutError:
             wire.transport.abort()
+
+
+def destination(url: httpx.URL) -> tuple[str, int]:
+    """The host and port ``url`` connects to. The host is the IDNA A-label ("xn--..."),
+    as it goes on the wire: ``url.host`` decodes it, and Python's socket and ssl modules
+    would encode it again with IDNA 2003, which maps some names to another domain
+    ("faß.de" to "fass.de")."""
+    return url.raw_host.decode("ascii"), url.port or _DEFAULT_PORTS[url.scheme]
 
 
 def head(request: httpx.Request) -> bytes:
