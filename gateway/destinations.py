@@ -2,8 +2,9 @@
 
 Customers type the URLs we POST to, so by default the gateway refuses loopback, private
 (RFC 1918), link-local (169.254.0.0/16, including cloud metadata services), CGNAT,
-multicast, reserved and unspecified addresses, and their IPv6 equivalents (IPv4-mapped
-addresses are judged by the IPv4 address they carry). ``allow_private_networks`` lifts
+multicast, reserved and unspecified addresses, and their IPv6 equivalents (site-local
+``fec0::/10`` too). IPv6 addresses that carry an IPv4 address (IPv4-mapped, 6to4,
+Teredo, NAT64) are judged by the IPv4 address they carry. ``allow_private_networks`` lifts
 the rule (the embedded demo and tests); ``allowed_networks`` lists CIDRs that stay
 reachable.
 
@@ -26,7 +27,6 @@ from typing import Any
 
 import httpx
 
-from .records import BLOCKED_PREFIX  # the error text of a refusal starts with it
 
 __all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination"]
 
@@ -35,6 +35,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 RESOLVER_THREADS = 32
+
+BLOCKED_PREFIX = "blocked destination"
+"""How the text of a refusal begins."""
 
 
 class DestinationPolicy:
@@ -45,16 +48,30 @@ class DestinationPolicy:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def refusal(self, address: Address) -> str | None:
-        """Why ``address`` is refused, or None when deliveries may reach it."""
+        """Why ``address`` is refused, or None when deliveries may reach it. An IPv6
+        address that carries an IPv4 one (IPv4-mapped, 6to4, Teredo, NAT64) is judged by
+        what it carries: that is where the packets go."""
         if self.allow_private:
             return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        if any(address in network for network in self.allowed):
+            return None
+        carried = embedded_ipv4(address)
+        if not carried:
+            return self._refusal(address)
+        for inner in carried:
+            why = self._refusal(inner)
+            if why is not None:
+                return why if inner == getattr(address, "ipv4_mapped", None) else f"{why}, carried in {inner}"
+        return None
+
+    def _refusal(self, address: Address) -> str | None:
         if any(address in network for network in self.allowed):
             return None
         for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
             if getattr(address, f"is_{kind}"):
                 return kind.replace("_", "-")
+        if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+            return "site-local"  # fec0::/10: deprecated, but routed inside some networks
         if not address.is_global:
             return "not public"
         return None
@@ -121,6 +138,26 @@ class DestinationPolicy:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address carries: IPv4-mapped (``::ffff:a.b.c.d``), 6to4
+    (``2002::/16``), Teredo (``2001::/32``: its server and its client), NAT64
+    (``64:ff9b::/96``). Empty for any other address."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return ()
+    if address.ipv4_mapped is not None:
+        return (address.ipv4_mapped,)
+    if address.sixtofour is not None:
+        return (address.sixtofour,)
+    if address.teredo is not None:
+        return address.teredo
+    if address in _NAT64:
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    return ()
 
 
 class BlockedDestination(Exception):

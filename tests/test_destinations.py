@@ -24,6 +24,30 @@ def test_non_public_addresses_are_refused(address: str, refused: str | None) -> 
     assert DestinationPolicy().refusal(ipaddress.ip_address(address)) == refused
 
 
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        # Fault: fec0::/10 (site-local, deprecated but still routed inside some networks)
+        # was allowed, and 6to4 and Teredo were not judged by the IPv4 they carry.
+        ("fec0::1", "site-local"), ("feff:ffff::1", "site-local"),
+        ("2002:7f00:1::1", "loopback, carried in 127.0.0.1"),
+        ("2002:a9fe:a9fe::1", "link-local, carried in 169.254.169.254"),
+        ("2002:0a00:0001::", "private, carried in 10.0.0.1"),
+        ("2002:5db8:d822::1", None),  # 6to4 of a public address
+        # Teredo: server 65.54.227.120, client 192.0.2.45 (documentation range)
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "private, carried in 192.0.2.45"),
+        # Teredo with a client in 127.0.0.1 (obfuscated: each bit flipped)
+        (f"2001:0:5db8:d822:0:0:{0xffff - 0x7f00:x}:{0xffff - 0x0001:x}", "loopback, carried in 127.0.0.1"),
+        # Teredo of public server and client
+        (f"2001:0:5db8:d822:0:0:{0xffff - 0x5db8:x}:{0xffff - 0xd823:x}", None),
+        ("64:ff9b::7f00:1", "loopback, carried in 127.0.0.1"),  # NAT64
+        ("64:ff9b::5db8:d822", None),
+    ],
+)
+def test_ipv6_addresses_are_judged_by_the_ipv4_they_carry(address: str, refused: str | None) -> None:
+    assert DestinationPolicy().refusal(ipaddress.ip_address(address)) == refused
+
+
 def test_allow_lists_open_exactly_what_they_name() -> None:
     policy = DestinationPolicy(allowed=[ipaddress.ip_network("10.0.0.0/8")])
     assert policy.refusal(ipaddress.ip_address("10.9.9.9")) is None
