@@ -74,9 +74,9 @@ SCHEMA_NAMES: dict[EventType, str] = {
 METADATA = ("eventId", "occurredAt")
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-# C0 controls other than tab, newline and carriage return, DEL, and lone surrogates
-# (which cannot be encoded as UTF-8 in the JSON body).
-_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+# Chat text may hold any Unicode scalar value (JSON escapes the control characters); a
+# lone surrogate is not one: it cannot be encoded as UTF-8, in the JSON body or in Avro.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _MAX_TEXT = 1_000_000
 
 
@@ -162,12 +162,12 @@ def _check(name: str, kind: Kind, value: object) -> None:
         return
     if len(value) > _MAX_TEXT:
         raise InvalidEvent(name, f"{len(value)} characters", f"is longer than {_MAX_TEXT}")
-    bad = _BAD_CHARS.search(value)
+    bad = _LONE_SURROGATE.search(value)
     if bad:
         raise InvalidEvent(
             name, value,
-            f"contains the control or unpaired surrogate character U+{ord(bad.group()):04X} "
-            f"at index {bad.start()}",
+            f"contains a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}: half of a "
+            "UTF-16 pair, not a Unicode character (it cannot be encoded as UTF-8)",
         )
 
 
