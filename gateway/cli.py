@@ -214,7 +214,7 @@ WORKER_SETTINGS = (
     "bootstrap_servers", "topic_prefix", "retry_delays", "schema_registry_url", "group_id",
     "metrics_port", "concurrency", "endpoint_concurrency", "request_timeout",
     "max_response_bytes", "max_record_bytes", "shutdown_timeout", "session_timeout_ms",
-    "fetch_wait_ms",
+    "group_protocol", "max_poll_interval_ms", "fetch_wait_ms",
     "allow_private_networks", "allowed_networks",
 )
 
@@ -233,7 +233,6 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
     partitions allow. On SIGTERM a worker stops taking records, lets in-flight deliveries
     finish (up to --shutdown-timeout), commits and exits 0.
     """
-    from .metrics import serve_metrics
     from .runner import RunnerError, resolve_tiers
     from .runner import run as run_workers
 
@@ -244,13 +243,9 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
             from .supervisor import supervise
 
             sys.exit(supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics))
-        if not no_metrics:
-            serve_metrics(config.metrics_port)
-        run_workers(config, chosen)
+        run_workers(config, chosen, metrics_port=None if no_metrics else config.metrics_port)
     except (RunnerError, ValueError) as exc:
         fail(str(exc))
-    except OSError as exc:
-        fail(f"metrics port {config.metrics_port}: {exc.strerror or exc}")
 
 
 @cli.command()
@@ -269,7 +264,6 @@ def up(port: int, **settings: str | None) -> None:
     import os
 
     from .broker import Broker, BrokerError
-    from .metrics import serve_metrics
     from .runner import RunnerError, resolve_tiers
     from .runner import run as run_workers
     from .topics import TopicsError, create_topics
@@ -291,7 +285,6 @@ def up(port: int, **settings: str | None) -> None:
     try:
         config = build_config(settings, **fixed)
         created = create_topics(config)
-        serve_metrics(config.metrics_port)
         tiers = resolve_tiers(config, None)
 
         def ready() -> None:
@@ -310,11 +303,9 @@ def up(port: int, **settings: str | None) -> None:
                 err=True,
             )
 
-        run_workers(config, tiers, on_ready=ready)
+        run_workers(config, tiers, metrics_port=config.metrics_port, on_ready=ready)
     except (RunnerError, TopicsError, ValueError) as exc:
         fail(str(exc))
-    except OSError as exc:
-        fail(f"metrics port: {exc.strerror or exc}")
     finally:
         if broker is not None:
             broker.stop()

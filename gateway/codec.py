@@ -25,12 +25,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
-__all__ = ["Codec", "DecodeError", "EncodeError", "SchemaSet", "SINGLE_OBJECT_MAGIC", "schema_dir"]
+__all__ = [
+    "SINGLE_OBJECT_MAGIC",
+    "Codec",
+    "DecodeError",
+    "EncodeError",
+    "RegistryUnavailable",
+    "SchemaPending",
+    "SchemaSet",
+    "schema_dir",
+]
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
@@ -42,6 +51,18 @@ class DecodeError(ValueError):
 
 class EncodeError(ValueError):
     """A record that does not fit its schema; the message names the schema."""
+
+
+class RegistryUnavailable(RuntimeError):
+    """The schema registry could not answer; the record may be fine: try again later."""
+
+
+class SchemaPending(Exception):
+    """The record's writer schema is not known yet and was not fetched (``fetch=False``)."""
+
+    def __init__(self, schema_id: int) -> None:
+        super().__init__(f"schema id {schema_id} is not fetched yet")
+        self.schema_id = schema_id
 
 
 def schema_dir() -> Path:
@@ -99,6 +120,28 @@ class SchemaSet:
             )
             self.by_name[name] = schema
             self.by_fingerprint[schema.fingerprint] = schema
+        self._load_history(folder / "history")
+
+    def _load_history(self, folder: Path) -> None:
+        """Earlier versions of the schemas, as writer schemas only: records written under
+        them (in single-object encoding, which names its writer by fingerprint alone) are
+        read with the current schema of the same name, by Avro schema resolution. Every
+        change to a schema leaves the version it replaces here, self-contained, named
+        ``{full name}.{fingerprint}.avsc``."""
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.glob("*.avsc")):
+            full = path.read_text()
+            raw = json.loads(full)
+            name = f"{raw['namespace']}.{raw['name']}" if "namespace" in raw else raw["name"]
+            if name not in self.by_name:
+                raise ValueError(f"{path.name}: no current schema named {name}")
+            parsed = parse_schema(raw, named_schemas={})
+            canonical = to_parsing_canonical_form(parsed)
+            printed = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
+            if path.name != f"{name}.{printed.hex()}.avsc":
+                raise ValueError(f"{path.name}: its fingerprint is {printed.hex()}")
+            self.by_fingerprint.setdefault(printed, _Schema(name, parsed, canonical, printed, full))
 
     def __getitem__(self, name: str) -> _Schema:
         try:
@@ -138,15 +181,24 @@ class Codec:
         self._registry: Any = None
         self._serializers: dict[str, Any] = {}
         self._writers_by_id: dict[int, _Schema] = {}
+        self._refused_ids: dict[int, str] = {}
         self._lock = threading.Lock()
         if schema_registry_url:
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
-            self._registry = SchemaRegistryClient.new_client({"url": schema_registry_url})
+            # No retries inside the client: a worker retries a lookup itself, off its event
+            # loop, with the partition paused; a tool reports the outage.
+            self._registry = SchemaRegistryClient.new_client(
+                {"url": schema_registry_url, "timeout": 10, "max.retries": 0})
 
     @property
     def uses_registry(self) -> bool:
         return self._registry is not None
+
+    def close(self) -> None:
+        """Close the registry client's connections (a codec without one has none)."""
+        if self._registry is not None:
+            self._registry.close()
 
     def encode(self, schema_name: str, record: Mapping[str, Any], *, topic: str) -> bytes:
         """Encode ``record`` with the bundled schema ``schema_name`` for ``topic``."""
@@ -185,8 +237,15 @@ class Codec:
             raise EncodeError(f"record does not fit schema {schema.name}: {exc}") from exc
         return data
 
-    def decode(self, data: bytes | None) -> tuple[str, dict[str, Any]]:
-        """Decode either wire format; returns the record's full schema name and the record."""
+    def decode(self, data: bytes | None, *, fetch: bool = True) -> tuple[str, dict[str, Any]]:
+        """Decode either wire format; returns the record's full schema name and the record.
+
+        A Confluent-framed record names its writer schema by registry id. An id not seen
+        yet is fetched from the registry here (blocking), unless ``fetch`` is False: then
+        :class:`SchemaPending` is raised and the caller fetches it off its event loop
+        (:meth:`fetch_schema`). A registry that cannot answer raises
+        :class:`RegistryUnavailable`, never :class:`DecodeError`: the bytes may be fine.
+        """
         if not data:
             raise DecodeError("empty value (a tombstone or an empty record), not an Avro record")
         if data[:2] == SINGLE_OBJECT_MAGIC:
@@ -201,37 +260,66 @@ class Codec:
             return writer.name, self._read(data, 10, writer)
         if data[0] == CONFLUENT_MAGIC and len(data) >= 5:
             (schema_id,) = struct.unpack(">I", data[1:5])
-            return self._decode_confluent(schema_id, data)
+            writer = self._writers_by_id.get(schema_id)
+            if writer is None:
+                if self._registry is None:
+                    raise DecodeError(
+                        f"Confluent-framed record (schema id {schema_id}) but no schema registry is "
+                        "configured (set GATEWAY_SCHEMA_REGISTRY_URL)"
+                    )
+                refused = self._refused_ids.get(schema_id)
+                if refused is not None:
+                    raise DecodeError(refused)
+                if not fetch:
+                    raise SchemaPending(schema_id)
+                writer = self.fetch_schema(schema_id)
+            return writer.name, self._read(data, 5, writer)
         raise DecodeError(
             f"unknown framing: starts with {data[:4].hex()}, neither Avro single-object "
             f"encoding (c301) nor the Confluent framing (00 + schema id); {len(data)} bytes"
         )
 
-    def _decode_confluent(self, schema_id: int, data: bytes) -> tuple[str, dict[str, Any]]:
+    def fetch_schema(self, schema_id: int) -> _Schema:
+        """Look a writer schema up in the registry (blocking) and keep it.
+
+        Raises :class:`RegistryUnavailable` when the registry does not answer or answers
+        with anything but the schema or a plain "no such schema" (try again later), and
+        :class:`DecodeError` when the id is not registered or is not one of the gateway's
+        records (remembered: those bytes will never decode).
+        """
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
         writer = self._writers_by_id.get(schema_id)
-        if writer is None:
-            if self._registry is None:
-                raise DecodeError(
-                    f"Confluent-framed record (schema id {schema_id}) but no schema registry is "
-                    "configured (set GATEWAY_SCHEMA_REGISTRY_URL)"
-                )
-            try:
-                registered = self._registry.get_schema(schema_id)
-            except Exception as exc:
-                raise DecodeError(
-                    f"schema id {schema_id} could not be fetched from the registry: {exc}"
-                ) from exc
-            try:
-                parsed = parse_schema(json.loads(registered.schema_str))
-                canonical = to_parsing_canonical_form(parsed)
-            except Exception as exc:
-                raise DecodeError(f"schema id {schema_id} is not a usable Avro schema: {exc}") from exc
-            name = parsed.get("name") if isinstance(parsed, dict) else None
-            if name not in self.schemas.by_name:
-                raise DecodeError(f"schema id {schema_id} is {name!r}, not one of the gateway's records")
-            writer = _Schema(name, parsed, canonical, b"")
-            self._writers_by_id[schema_id] = writer
-        return writer.name, self._read(data, 5, writer)
+        if writer is not None:
+            return writer
+        try:
+            registered = self._registry.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                self._refuse(schema_id, f"schema id {schema_id} is not in the registry: {exc.error_message}")
+            raise RegistryUnavailable(
+                f"the schema registry answered HTTP {exc.http_status_code} for schema id {schema_id}: "
+                f"{exc.error_message}"
+            ) from exc
+        except Exception as exc:  # httpx's transport errors, timeouts, bad JSON
+            raise RegistryUnavailable(
+                f"the schema registry did not answer for schema id {schema_id}: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            parsed = parse_schema(json.loads(registered.schema_str))
+            canonical = to_parsing_canonical_form(parsed)
+        except Exception as exc:
+            self._refuse(schema_id, f"schema id {schema_id} is not a usable Avro schema: {exc}")
+        name = parsed.get("name") if isinstance(parsed, dict) else None
+        if name not in self.schemas.by_name:
+            self._refuse(schema_id, f"schema id {schema_id} is {name!r}, not one of the gateway's records")
+        writer = _Schema(name, parsed, canonical, b"")
+        self._writers_by_id[schema_id] = writer
+        return writer
+
+    def _refuse(self, schema_id: int, why: str) -> NoReturn:
+        self._refused_ids[schema_id] = why
+        raise DecodeError(why)
 
     def _read(self, data: bytes, offset: int, writer: _Schema) -> dict[str, Any]:
         reader = self.schemas.by_name[writer.name]

@@ -101,6 +101,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _group_protocol(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("classic", "consumer"):
+        raise ConfigError(f"{text!r} is not a group protocol (classic or consumer)")
+    return value
+
+
 def _optional_str(text: str) -> str | None:
     return text.strip() or None
 
@@ -152,6 +159,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a stopping worker waits for in-flight deliveries."),
     Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
             "Kafka consumer session timeout; a dead worker's partitions move after it."),
+    Setting("group_protocol", "--group-protocol", _group_protocol,
+            "Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+; the broker then "
+            "sets the session timeout)."),
+    Setting("max_poll_interval_ms", "--max-poll-interval-ms", _positive_int,
+            "Longest gap between two polls before Kafka evicts a worker from its group; the "
+            "worker polls on whatever it waits for."),
     Setting("fetch_wait_ms", "--fetch-wait-ms", _positive_int,
             "Longest a fetch waits for new records (latency when idle; Tansu always waits it out)."),
     Setting("allow_private_networks", "--allow-private-networks", _parse_bool,
@@ -182,6 +195,8 @@ class Config:
     max_record_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0
     session_timeout_ms: int = 10_000
+    group_protocol: str = "classic"
+    max_poll_interval_ms: int = 300_000
     fetch_wait_ms: int = 25
     allow_private_networks: bool = False
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(

@@ -4,13 +4,19 @@
   then on each (event, endpoint) pair is a :class:`~gateway.records.Delivery` that travels
   alone, so a retry never re-sends to an endpoint that already answered 2xx.
 * A delivery from a retry tier is attempted once more, for its own endpoint only.
-* After each attempt, :func:`gateway.retry.next_step` decides: done, next tier, or dead
-  letter. The record is settled (its offset may be committed) only once every delivery it
+* After each attempt, :func:`gateway.retry.decide` says what follows (done, next tier, or
+  dead letter, and whether to disable the endpoint) and :meth:`Dispatcher._apply` carries
+  it out. The record is settled (its offset may be committed) only once every delivery it
   produced is done or its next record was acknowledged by the broker.
 * A record that cannot be decoded or validated is dead-lettered with its original bytes,
-  and the partition moves on.
+  and the partition moves on. One whose schema the registry has not given yet is
+  :class:`Pending`: the worker holds its partition until the schema comes.
 
-:meth:`Dispatcher.run` never raises: whatever goes wrong ends as a dead letter.
+Failures of the gateway itself are contained per attempt: an attempt that raises (an
+unusable endpoint record, a bug) dead-letters that one (event, endpoint) pair as
+``internal_error`` with its delivery; the record's other attempts go on and are waited
+for. :meth:`Dispatcher.run` raises only when even the dead letter could not be written,
+or the sender is closed (shutdown): then the record stays unsettled and is read again.
 """
 
 from __future__ import annotations
@@ -19,41 +25,32 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
-from .codec import Codec, DecodeError
+from .codec import Codec, DecodeError, SchemaPending
 from .config import Config
 from .endpoints import EndpointTable
 from .events import SCHEMA_NAMES, Event, InvalidEvent
-from .kafka_io import AckedProducer, dead_letter_headers, delivery_headers
-from .metrics import (
-    ATTEMPTS,
-    DEAD_LETTERS,
-    DECODE_ERRORS,
-    DELIVERIES_IN_FLIGHT,
-    DELIVERY_SECONDS,
-    END_TO_END_SECONDS,
-    EVENTS_CONSUMED,
-    EVENTS_WITHOUT_ENDPOINT,
-    LAST_SUCCESS,
-    RETRIES_SCHEDULED,
-    labelled,
-    outcome_of,
-)
+from .kafka_io import Headers, dead_letter_headers, delivery_headers
+from .logs import Log, bind
+from .metrics import Metrics
 from .records import (
     DEAD_LETTER_SCHEMA,
     DELIVERY_SCHEMA,
     ENDPOINT_SCHEMA,
+    Attempt,
     DeadLetter,
     DeadLetterReason,
     Delivery,
     Endpoint,
+    Outcome,
+    bounded,
 )
-from .retry import Delivered, GiveUp, Retry, next_step
-from .sender import Sender
+from .retry import Decision, Delivered, GiveUp, Retry, decide
+from .sender import Sender, SenderClosed
 from .topics import Tier, Topics
 
-__all__ = ["Dispatcher", "Job", "BadRecord", "now_ms"]
+__all__ = ["BadRecord", "Dispatcher", "Job", "Pending", "RecordWriter", "now_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +62,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class RecordWriter(Protocol):
+    """Where the dispatcher's records go: returns once the broker acknowledged one
+    (:class:`~gateway.kafka_io.AckedProducer`)."""
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BadRecord:
     """A record that could not be decoded or validated."""
@@ -74,17 +78,29 @@ class BadRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A record whose writer schema is still to be fetched from the registry."""
+
+    schema_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A received record, decoded, with the time it may be processed."""
 
     message: Any
     """The confluent_kafka Message."""
-    content: Event | Delivery | BadRecord
+    content: Event | Delivery | BadRecord | Pending
     due_at: int
 
     @property
     def offset(self) -> int:
         return int(self.message.offset())
+
+    @property
+    def ready(self) -> bool:
+        """Decoded (or found bad): only its due time may still hold it back."""
+        return not isinstance(self.content, Pending)
 
 
 class Dispatcher:
@@ -97,7 +113,8 @@ class Dispatcher:
         codec: Codec,
         endpoints: EndpointTable,
         sender: Sender,
-        producer: AckedProducer,
+        producer: RecordWriter,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.topics = Topics.from_config(config)
@@ -106,131 +123,157 @@ class Dispatcher:
         self.endpoints = endpoints
         self.sender = sender
         self.producer = producer
-        self._consumed = labelled(EVENTS_CONSUMED)
-        self._attempts = labelled(ATTEMPTS)
-        self._in_flight = labelled(DELIVERIES_IN_FLIGHT)
-        self._durations = labelled(DELIVERY_SECONDS)
-        self._end_to_end = labelled(END_TO_END_SECONDS)
+        self.metrics = metrics
+
+    # -- decoding (on the poll path) -------------------------------------------------------
 
     def prepare(self, tier: Tier, message: Any) -> Job:
-        """Decode and validate a received record; cheap enough for the poll path."""
+        """Decode and validate a received record; cheap enough for the poll path. Never
+        raises: a failure of the gateway itself makes an ``internal_error`` bad record."""
+        try:
+            return self._prepare(tier, message)
+        except Exception as exc:
+            log.exception("reading a record failed", extra={
+                "topic": message.topic(), "partition": message.partition(), "offset": message.offset()})
+            return self._bad(tier, message, DeadLetterReason.INTERNAL_ERROR,
+                             f"internal error while reading the record: {exc!r}")
+
+    def _prepare(self, tier: Tier, message: Any) -> Job:
         value = message.value()
         # The limit guards the events topic, which many services write to; the retry tiers
         # carry the gateway's own records, always larger than the event they wrap.
         if tier.index == 0 and value is not None and len(value) > self.config.max_record_bytes:
-            EVENTS_CONSUMED.labels("invalid").inc()
-            DECODE_ERRORS.labels(tier.name, DeadLetterReason.INVALID.value).inc()
-            return Job(message, BadRecord(
-                DeadLetterReason.INVALID,
+            return self._bad(tier, message, DeadLetterReason.INVALID, (
                 f"record of {len(value)} bytes is larger than the {self.config.max_record_bytes}-byte "
-                "limit (GATEWAY_MAX_RECORD_BYTES)",
-            ), 0)
+                "limit (GATEWAY_MAX_RECORD_BYTES)"))
         try:
-            name, record = self.codec.decode(value)
+            name, record = self.codec.decode(value, fetch=False)
             if tier.index == 0:
                 if name not in _EVENT_SCHEMAS:
                     raise DecodeError(f"a {name} record on the events topic, not an event")
                 event = Event.from_record(record)
-                self._consumed(event.type.value).inc()
+                self.metrics.consumed(event.type.value).inc()
                 return Job(message, event, 0)
             if name != DELIVERY_SCHEMA:
                 raise DecodeError(f"a {name} record on a retry tier, not a delivery")
             delivery = Delivery.from_record(record)
             return Job(message, delivery, delivery.due_at)
+        except SchemaPending as pending:
+            return Job(message, Pending(pending.schema_id), 0)
         except DecodeError as exc:
-            if tier.index == 0:
-                EVENTS_CONSUMED.labels("undecodable").inc()
-            DECODE_ERRORS.labels(tier.name, DeadLetterReason.UNDECODABLE.value).inc()
-            return Job(message, BadRecord(DeadLetterReason.UNDECODABLE, str(exc)), 0)
+            return self._bad(tier, message, DeadLetterReason.UNDECODABLE, str(exc))
         except InvalidEvent as exc:
-            EVENTS_CONSUMED.labels("invalid").inc()
-            DECODE_ERRORS.labels(tier.name, DeadLetterReason.INVALID.value).inc()
-            return Job(message, BadRecord(DeadLetterReason.INVALID, str(exc)), 0)
+            return self._bad(tier, message, DeadLetterReason.INVALID, str(exc))
+
+    def _bad(self, tier: Tier, message: Any, reason: DeadLetterReason, detail: str) -> Job:
+        if tier.index == 0 and reason is not DeadLetterReason.INTERNAL_ERROR:
+            self.metrics.consumed(reason.value).inc()
+        self.metrics.decode_errors.labels(tier.name, reason.value).inc()
+        return Job(message, BadRecord(reason, detail), 0)
+
+    # -- processing -----------------------------------------------------------------------
 
     async def run(self, tier: Tier, job: Job) -> None:
-        """Process a due job to the end: delivered, forwarded or dead-lettered."""
+        """Process a due, ready job to the end: delivered, forwarded or dead-lettered."""
+        content = job.content
         try:
-            content = job.content
             if isinstance(content, Event):
                 await self._fan_out(tier, job, content)
             elif isinstance(content, Delivery):
                 await self._retry(tier, job, content)
-            else:
+            elif isinstance(content, BadRecord):
                 await self._dead_letter_record(job, content.reason, content.detail)
-        except Exception as exc:  # a bug must not stop the partition: keep the record
+            else:
+                raise AssertionError(f"a record still waiting for schema {content.schema_id} was run")
+        except SenderClosed:
+            raise
+        except Exception as exc:  # outside any attempt (which guard themselves): the record
             log.exception("record processing failed; dead-lettering it",
                           extra={"topic": job.message.topic(), "offset": job.offset})
-            await self._dead_letter_record(job, DeadLetterReason.INVALID,
+            await self._dead_letter_record(job, DeadLetterReason.INTERNAL_ERROR,
                                            f"internal error while processing: {exc!r}")
 
     async def _fan_out(self, tier: Tier, job: Job, event: Event) -> None:
         targets = self.endpoints.for_event(event.bot_id, event.type.value)
         if not targets:
-            EVENTS_WITHOUT_ENDPOINT.labels(event.type.value).inc()
+            self.metrics.events_without_endpoint.labels(event.type.value).inc()
             return
         body = event.json_body()
         if len(targets) == 1:
             await self._attempt(tier, job, event, targets[0], body)
             return
-        await asyncio.gather(*(self._attempt(tier, job, event, e, body) for e in targets))
+        # Every attempt is waited for, whatever another one does: the record is settled
+        # only when all of them are.
+        results = await asyncio.gather(*(self._attempt(tier, job, event, e, body) for e in targets),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _retry(self, tier: Tier, job: Job, delivery: Delivery) -> None:
         endpoint = self.endpoints.get(delivery.endpoint_id)
         if endpoint is None:
             await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_REMOVED,
-                                    f"endpoint {delivery.endpoint_id} was removed")
+                                    f"endpoint {delivery.endpoint_id} was removed", log)
         elif not endpoint.enabled:
             await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_DISABLED,
-                                    f"endpoint {delivery.endpoint_id} is disabled")
+                                    f"endpoint {delivery.endpoint_id} is disabled", log)
         else:
             await self._attempt(tier, job, delivery, endpoint, delivery.payload.encode())
 
     async def _attempt(
         self, tier: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint, body: bytes
     ) -> None:
-        """One attempt of ``source`` (an event's first, or a delivery's next) at ``endpoint``."""
-        in_flight = self._in_flight(tier.name)
-        in_flight.inc()
+        """One attempt of ``source`` (an event's first, or a delivery's next) at
+        ``endpoint``, and what follows it. Contained: a failure of the gateway's own
+        dead-letters this pair alone."""
+        bound = bind(log, event_id=source.event_id, endpoint_id=endpoint.id, tier=tier.name)
+        in_flight = self.metrics.in_flight(tier.name)
         try:
-            attempt = await self.sender.send(endpoint, source.event_id, body, tier.name)
-        finally:
-            in_flight.dec()
-        outcome, status_class = outcome_of(attempt.status, attempt.error)
-        self._attempts(tier.name, outcome, status_class).inc()
-        self._durations(tier.name).observe(attempt.duration_ms / 1000)
-        step = next_step(self.tiers, tier, attempt)
+            in_flight.inc()
+            try:
+                attempt = await self.sender.send(endpoint, source.event_id, body, tier.name, log=bound)
+            finally:
+                in_flight.dec()
+            decision = decide(self.tiers, tier, source, endpoint, attempt, body)
+            await self._apply(job, source, decision, bound)
+        except SenderClosed:
+            raise
+        except Exception as exc:
+            bound.exception("attempt failed inside the gateway; dead-lettering the delivery")
+            failed = Attempt(at=now_ms(), tier=tier.name, duration_ms=0.0, outcome=Outcome.INTERNAL_ERROR,
+                             error=bounded(f"internal error: {exc!r}"))
+            decision = decide(self.tiers, tier, source, endpoint, failed, body)
+            assert decision.delivery is not None
+            await self._dead_letter(job, decision.delivery, DeadLetterReason.INTERNAL_ERROR,
+                                    bounded(f"internal error while attempting: {exc!r}") or "", bound)
+
+    async def _apply(self, job: Job, source: Event | Delivery, decision: Decision, log: Log) -> None:
+        """Carry out ``decision``: metrics, the next record, disabling, logs."""
+        tier, attempt, step = decision.tier, decision.attempt, decision.step
+        self.metrics.attempt(tier.name, attempt)
         if isinstance(step, Delivered):
             now = time.time()
-            LAST_SUCCESS.set(now)
+            self.metrics.last_success.set(now)
             event_type = source.type.value if isinstance(source, Event) else source.event_type
-            self._end_to_end(event_type).observe(max(0.0, now - source.occurred_at / 1000))
+            self.metrics.end_to_end(event_type).observe(max(0.0, now - source.occurred_at / 1000))
             return
-        # Only now, on the failure path, the delivery record that travels on.
-        delivery = source if isinstance(source, Delivery) else _first_delivery(source, endpoint, body)
-        fields = {
-            "event_id": delivery.event_id,
-            "endpoint_id": delivery.endpoint_id,
-            "tier": tier.name,
-            "outcome": attempt.describe(),
-        }
+        delivery = decision.delivery
+        assert delivery is not None
         if isinstance(step, Retry):
-            forwarded = delivery.after(attempt, due_at=step.due_at)
-            value = self.codec.encode(DELIVERY_SCHEMA, forwarded.to_record(), topic=step.tier.topic)
-            await self.producer.send(
-                step.tier.topic,
-                delivery.endpoint_id.encode(),
-                value,
-                delivery_headers(forwarded, source=_source(job)),
-            )
-            RETRIES_SCHEDULED.labels(step.tier.name).inc()
-            log.info("delivery failed, retry scheduled", extra=fields | {"next_tier": step.tier.name})
+            value = self.codec.encode(DELIVERY_SCHEMA, delivery.to_record(), topic=step.tier.topic)
+            await self.producer.send(step.tier.topic, delivery.endpoint_id.encode(), value,
+                                     delivery_headers(delivery, source=_source(job)))
+            self.metrics.retries_scheduled.labels(step.tier.name).inc()
+            log.info("delivery failed, retry scheduled",
+                     extra={"outcome": attempt.describe(), "next_tier": step.tier.name})
             return
         assert isinstance(step, GiveUp)
-        if step.reason is DeadLetterReason.GONE:
-            await self._disable(endpoint)
-        await self._dead_letter(job, delivery.after(attempt, due_at=delivery.due_at), step.reason, step.detail)
+        if decision.disable_endpoint:
+            await self._disable(decision.endpoint, log)
+        await self._dead_letter(job, delivery, step.reason, step.detail, log)
 
-    async def _disable(self, endpoint: Endpoint) -> None:
+    async def _disable(self, endpoint: Endpoint, log: Log) -> None:
         """A 410 Gone says the receiver is gone for good: stop sending to it."""
         current = self.endpoints.get(endpoint.id)
         if current is None or not current.enabled:
@@ -240,10 +283,10 @@ class Dispatcher:
         await self.producer.send(
             topic, endpoint.id.encode(), self.codec.encode(ENDPOINT_SCHEMA, disabled.to_record(), topic=topic), []
         )
-        log.warning("endpoint disabled: it answered 410 Gone", extra={"endpoint_id": endpoint.id})
+        log.warning("endpoint disabled: it answered 410 Gone")
 
     async def _dead_letter(
-        self, job: Job, delivery: Delivery, reason: DeadLetterReason, detail: str
+        self, job: Job, delivery: Delivery, reason: DeadLetterReason, detail: str, log: Log
     ) -> None:
         topic, partition, offset = _source(job)
         dead = DeadLetter(
@@ -278,22 +321,7 @@ class Dispatcher:
     async def _write_dead_letter(self, dead: DeadLetter, key: bytes | None) -> None:
         value = self.codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic=self.topics.dlq)
         await self.producer.send(self.topics.dlq, key, value, dead_letter_headers(dead))
-        DEAD_LETTERS.labels(dead.reason).inc()
-
-
-def _first_delivery(event: Event, endpoint: Endpoint, body: bytes) -> Delivery:
-    """The delivery of ``event`` to ``endpoint`` before its first attempt."""
-    return Delivery(
-        event_id=event.event_id,
-        event_type=event.type.value,
-        bot_id=event.bot_id,
-        session_id=event.session_id,
-        occurred_at=event.occurred_at,
-        payload=body.decode(),
-        endpoint_id=endpoint.id,
-        attempt=0,
-        due_at=now_ms(),
-    )
+        self.metrics.dead_letters.labels(dead.reason).inc()
 
 
 def _source(job: Job) -> tuple[str, int, int]:

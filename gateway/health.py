@@ -16,10 +16,10 @@ runner declares the conditions when it starts; the workers report them as they a
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["ENDPOINTS_LOADED", "HEALTH", "Health", "assigned", "health_app"]
+__all__ = ["ENDPOINTS_LOADED", "Health", "assigned", "health_app"]
 
 ENDPOINTS_LOADED = "endpoint table loaded"
 
@@ -30,7 +30,8 @@ def assigned(tier: str) -> str:
 
 
 class Health:
-    """What this process reports; safe to call from any thread."""
+    """What this process reports; safe to call from any thread. The runner makes one and
+    passes it to the workers and to the metrics server."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -79,14 +80,15 @@ class Health:
             return True, "ok"
 
 
-HEALTH = Health()
-"""The process's one instance."""
+def health_app(health: Health) -> Callable[[dict[str, Any], Any], list[bytes]]:
+    """The WSGI answer of ``health`` for ``/healthz`` and ``/readyz``: 200 or 503, the
+    reason as text."""
 
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        probe = health.readiness if environ.get("PATH_INFO") == "/readyz" else health.liveness
+        ok, text = probe()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("content-type", "text/plain; charset=utf-8"), ("cache-control", "no-store")])
+        return [text.encode() + b"\n"]
 
-def health_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    """WSGI answer for ``/healthz`` and ``/readyz``: 200 or 503, the reason as text."""
-    probe = HEALTH.readiness if environ.get("PATH_INFO") == "/readyz" else HEALTH.liveness
-    ok, text = probe()
-    start_response("200 OK" if ok else "503 Service Unavailable",
-                   [("content-type", "text/plain; charset=utf-8"), ("cache-control", "no-store")])
-    return [text.encode() + b"\n"]
+    return app

@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 class AckedProducer:
@@ -198,7 +198,9 @@ def read_to_end(
         if error is not None:
             if error.code() != KafkaError._PARTITION_EOF:
                 raise TopicReadError(f"reading {topic}: {error.str()}")
-            remaining.discard(msg.partition())
-            consumer.pause([TopicPartition(topic, msg.partition())])
+            partition_at_end = msg.partition()
+            if partition_at_end is not None:
+                remaining.discard(partition_at_end)
+                consumer.pause([TopicPartition(topic, partition_at_end)])
         elif msg.partition() in remaining:
             yield msg

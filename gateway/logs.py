@@ -1,8 +1,10 @@
 """Structured logs: one event per line, ``key=value`` pairs (or JSON with
 ``GATEWAY_LOG_FORMAT=json``).
 
-Call sites log an event name and its fields: ``log.info("delivered",
-extra={"event_id": ..., "endpoint_id": ...})``. Signing secrets are never passed.
+Call sites log an event name and its fields. Fields that hold for a whole piece of work
+(the event and endpoint ids of a delivery) are bound once: ``log = bind(logger,
+event_id=..., endpoint_id=...)``, then ``log.info("retry scheduled", extra={"next_tier":
+...})``. Signing secrets are never passed.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
-__all__ = ["configure_logging", "KeyValueFormatter", "JsonFormatter"]
+__all__ = ["BoundLogger", "JsonFormatter", "KeyValueFormatter", "Log", "bind", "configure_logging"]
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -60,3 +64,26 @@ def configure_logging(level: str | None = None, *, default: str = "WARNING") -> 
     # One line per request at INFO would drown the gateway's own events.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+class BoundLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger that adds the fields it was bound with to every line, and keeps the
+    ``extra`` of each call too (the standard adapter drops those)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = kwargs.get("extra")
+        kwargs["extra"] = dict(self.extra or {}, **extra) if extra else self.extra
+        return msg, kwargs
+
+    def bind(self, **fields: object) -> BoundLogger:
+        """This logger's fields and ``fields``."""
+        return BoundLogger(self.logger, dict(self.extra or {}, **fields))
+
+
+def bind(logger: logging.Logger, **fields: object) -> BoundLogger:
+    """``logger`` with ``fields`` (event id, endpoint id, tier…) on every line it writes."""
+    return BoundLogger(logger, fields)
+
+
+Log = logging.Logger | BoundLogger
+"""What a function that logs for its caller accepts: a plain or a bound logger."""

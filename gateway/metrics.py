@@ -9,7 +9,8 @@ name                                        type      labels
 gateway_events_consumed_total               counter   event_type (4 types, undecodable,
                                                       invalid)
 gateway_events_without_endpoint_total       counter   event_type
-gateway_decode_errors_total                 counter   tier, reason (undecodable, invalid)
+gateway_decode_errors_total                 counter   tier, reason (undecodable, invalid,
+                                                      internal_error)
 gateway_delivery_attempts_total             counter   tier, outcome, status_class
 gateway_retries_scheduled_total             counter   tier (the tier the retry goes to)
 gateway_dead_letters_total                  counter   reason
@@ -18,18 +19,23 @@ gateway_end_to_end_latency_seconds          histogram event_type
 gateway_deliveries_in_flight                gauge     tier
 gateway_in_flight_records                   gauge     tier
 gateway_consumer_lag_records                gauge     tier, topic, partition
+gateway_schema_registry_errors_total        counter
 gateway_last_success_timestamp_seconds      gauge
 gateway_endpoints                           gauge     state (enabled, disabled)
 gateway_ready                               gauge
 gateway_build_info                          info      version, python, librdkafka
 =========================================== ========= ==================================
 
-Labels are bounded: event type, tier (one per configured delay), outcome (success,
-http_error, timeout, connection_error, blocked), status class (``2xx`` … or ``none``),
+Labels are bounded: event type, tier (one per configured delay), outcome (one of
+:class:`~gateway.records.Outcome`), status class (``1xx`` … ``5xx``, ``other`` for a
+status outside 100-599, ``none`` without one or when the outcome is not the status's),
 dead-letter reason, and topic/partition of the partitions this process is assigned. No
 event ids, no endpoint ids, no URLs: per-endpoint detail lives in the logs and the
-dead-letter records. :func:`initialize` creates every known label combination at zero
-when a process starts, so ``rate()`` and ``increase()`` see the first increment too.
+dead-letter records. A :class:`Metrics` creates every known label combination at zero
+when it is made, so ``rate()`` and ``increase()`` see the first increment too.
+
+Nothing happens at import: a :class:`Metrics` is an object with a registry of its own,
+made by the process that serves it (or by a test) and passed to what updates it.
 
 Several processes on one host (``gateway run --workers N``) each serve their own
 registry on their own port (``metrics_port + i``); Prometheus scrapes every port and
@@ -52,79 +58,36 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import confluent_kafka
 from prometheus_client import (
+    CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     make_wsgi_app,
 )
 
 from .events import EventType
-from .health import HEALTH, health_app
-from .records import DeadLetterReason, classify
+from .health import Health, health_app
+from .records import Attempt, DeadLetterReason, Outcome, status_class
 
 __all__ = [
-    "ATTEMPTS",
-    "BUILD_INFO",
-    "CONSUMER_LAG",
-    "DEAD_LETTERS",
-    "DECODE_ERRORS",
-    "DELIVERIES_IN_FLIGHT",
-    "DELIVERY_SECONDS",
-    "ENDPOINTS",
+    "DELIVERY_BUCKETS",
     "END_TO_END_BUCKETS",
-    "END_TO_END_SECONDS",
-    "EVENTS_CONSUMED",
-    "EVENTS_WITHOUT_ENDPOINT",
-    "IN_FLIGHT",
     "LAG_INTERVAL_MS",
-    "LAST_SUCCESS",
-    "OUTCOMES",
-    "READY",
-    "RETRIES_SCHEDULED",
     "ConsumerLag",
-    "initialize",
-    "labelled",
+    "Metrics",
+    "attempt_labels",
     "lag_from_stats",
-    "outcome_of",
     "serve_metrics",
 ]
 
 log = logging.getLogger(__name__)
 
-# The *_created series double every counter and histogram and no dashboard reads them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
-
-EVENTS_CONSUMED = Counter(
-    "gateway_events_consumed_total",
-    "Records read from the events topic, by event type (undecodable and invalid records "
-    "count under those names).", ["event_type"],
-)
-EVENTS_WITHOUT_ENDPOINT = Counter(
-    "gateway_events_without_endpoint_total",
-    "Events skipped because no enabled endpoint of their bot admits them.", ["event_type"]
-)
-DECODE_ERRORS = Counter(
-    "gateway_decode_errors_total",
-    "Records that could not be decoded or validated (dead-lettered with their bytes).",
-    ["tier", "reason"],
-)
-ATTEMPTS = Counter(
-    "gateway_delivery_attempts_total", "HTTP delivery attempts by tier and outcome.",
-    ["tier", "outcome", "status_class"],
-)
-RETRIES_SCHEDULED = Counter(
-    "gateway_retries_scheduled_total", "Deliveries sent on to a retry tier (the tier named).",
-    ["tier"],
-)
-DEAD_LETTERS = Counter(
-    "gateway_dead_letters_total", "Records written to the dead-letter topic.", ["reason"]
-)
-DELIVERY_SECONDS = Histogram(
-    "gateway_delivery_duration_seconds", "Duration of one HTTP attempt.", ["tier"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
-)
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
 END_TO_END_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30,  # first attempt (request timeout 15 s)
     60, 90, 120, 180, 300,                      # first retry, due 1 min after
@@ -133,35 +96,28 @@ END_TO_END_BUCKETS = (
 )
 """Each stage of the default 1m/5m/15m schedule lands just after its cumulative delay
 (60, 360, 1260 s) and gets bounds there, so quantiles show which stage delivered."""
-END_TO_END_SECONDS = Histogram(
-    "gateway_end_to_end_latency_seconds",
-    "From the event's occurrence to its 2xx, across retries.", ["event_type"],
-    buckets=END_TO_END_BUCKETS,
-)
-DELIVERIES_IN_FLIGHT = Gauge(
-    "gateway_deliveries_in_flight", "HTTP deliveries started and not finished (waiting for "
-    "a connection lane of their endpoint, or on the wire).", ["tier"],
-)
-IN_FLIGHT = Gauge(
-    "gateway_in_flight_records",
-    "Records being processed (an event fanned out to several endpoints is one record).",
-    ["tier"],
-)
-CONSUMER_LAG = Gauge(
-    "gateway_consumer_lag_records",
-    "Records of an assigned partition not settled yet: high watermark minus the stored "
-    "(else committed) offset. Includes retries held until due.",
-    ["tier", "topic", "partition"],
-)
-ENDPOINTS = Gauge("gateway_endpoints", "Registered endpoints by state.", ["state"])
-LAST_SUCCESS = Gauge(
-    "gateway_last_success_timestamp_seconds", "Unix time of the last 2xx delivery (0: none yet)."
-)
-READY = Gauge(
-    "gateway_ready", "1 when /readyz answers 200: endpoint table loaded, partitions assigned."
-)
-READY.set_function(lambda: 1.0 if HEALTH.readiness()[0] else 0.0)
-BUILD_INFO = Info("gateway_build", "Versions this process runs.")
+
+LAG_INTERVAL_MS = 5000
+"""How often librdkafka reports its statistics, from which consumer lag is taken."""
+
+_STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def attempt_labels(attempt: Attempt) -> tuple[str, str]:
+    """(outcome, status class) labels of an attempt. The status class is the status's
+    only when the status decided the outcome (a timeout while reading a 2xx body is a
+    timeout, status class ``none``), so every pair comes from a small preset set."""
+    outcome = attempt.outcome
+    if outcome is Outcome.SUCCESS or outcome is Outcome.HTTP_ERROR:
+        return outcome.value, status_class(attempt.status)
+    return outcome.value, "none"
+
+
+def _attempt_label_pairs() -> list[tuple[str, str]]:
+    pairs = [(Outcome.SUCCESS.value, "2xx")]
+    pairs += [(Outcome.HTTP_ERROR.value, c) for c in _STATUS_CLASSES if c != "2xx"]
+    pairs += [(o.value, "none") for o in Outcome if o not in (Outcome.SUCCESS, Outcome.HTTP_ERROR)]
+    return pairs
 
 
 def _version() -> str:
@@ -171,73 +127,152 @@ def _version() -> str:
         return "unknown"
 
 
-BUILD_INFO.info({
-    "version": _version(),
-    "python": platform.python_version(),
-    "librdkafka": confluent_kafka.libversion()[0],
-})
+class Metrics:
+    """Every metric of one process, in a registry of its own (``registry``), with every
+    known label combination of ``tiers`` (all tier names of the configuration, events
+    first) created at zero: a counter that appears with the value 1 has no earlier
+    sample, so ``increase()`` would miss the first dead letter of a process without it.
 
-OUTCOMES: tuple[tuple[str, str], ...] = (
-    ("success", "2xx"),
-    ("http_error", "3xx"),
-    ("http_error", "4xx"),
-    ("http_error", "5xx"),
-    ("timeout", "none"),
-    ("connection_error", "none"),
-    ("blocked", "none"),
-)
-"""The (outcome, status class) pairs an attempt usually ends with, created at zero."""
-
-LAG_INTERVAL_MS = 5000
-"""How often librdkafka reports its statistics, from which consumer lag is taken."""
-
-
-def initialize(tiers: Sequence[str]) -> None:
-    """Create every known label combination at zero, for ``tiers`` (all tier names of the
-    configuration, events first). A counter that appears with the value 1 has no earlier
-    sample, so ``increase()`` would miss the first dead letter of a process without this."""
-    for event_type in (*(t.value for t in EventType), "undecodable", "invalid"):
-        EVENTS_CONSUMED.labels(event_type)
-    for event_type in EventType:
-        EVENTS_WITHOUT_ENDPOINT.labels(event_type.value)
-        END_TO_END_SECONDS.labels(event_type.value)
-    for reason in DeadLetterReason:
-        DEAD_LETTERS.labels(reason.value)
-    for index, tier in enumerate(tiers):
-        for outcome, status_class in OUTCOMES:
-            ATTEMPTS.labels(tier, outcome, status_class)
-        for reason in (DeadLetterReason.UNDECODABLE, DeadLetterReason.INVALID):
-            DECODE_ERRORS.labels(tier, reason.value)
-        DELIVERY_SECONDS.labels(tier)
-        DELIVERIES_IN_FLIGHT.labels(tier)
-        IN_FLIGHT.labels(tier)
-        if index > 0:
-            RETRIES_SCHEDULED.labels(tier)
-    for state in ("enabled", "disabled"):
-        ENDPOINTS.labels(state)
-
-
-class labelled:  # noqa: N801 (used like a function)
-    """``metric.labels(*values)``, remembered: on the hot path the lookup (building and
+    ``health`` feeds ``gateway_ready``. Children of labelled metrics used on the hot path
+    are looked up once and kept (:meth:`attempts` and the rest): the lookup (building and
     hashing the label tuple under the metric's lock) costs more than the update.
-    Only for metrics whose children are never removed."""
+    """
 
-    __slots__ = ("_metric", "_children")
+    def __init__(self, tiers: Sequence[str], *, health: Health | None = None) -> None:
+        # The *_created series double every counter and histogram and no dashboard reads
+        # them. (A global switch of prometheus-client; flipping it again is harmless.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.health = health
+        self.events_consumed = Counter(
+            "gateway_events_consumed_total",
+            "Records read from the events topic, by event type (undecodable and invalid records "
+            "count under those names).", ["event_type"], registry=registry,
+        )
+        self.events_without_endpoint = Counter(
+            "gateway_events_without_endpoint_total",
+            "Events skipped because no enabled endpoint of their bot admits them.", ["event_type"],
+            registry=registry,
+        )
+        self.decode_errors = Counter(
+            "gateway_decode_errors_total",
+            "Records that could not be decoded or validated (dead-lettered with their bytes).",
+            ["tier", "reason"], registry=registry,
+        )
+        self.delivery_attempts = Counter(
+            "gateway_delivery_attempts_total", "Delivery attempts by tier and outcome.",
+            ["tier", "outcome", "status_class"], registry=registry,
+        )
+        self.retries_scheduled = Counter(
+            "gateway_retries_scheduled_total", "Deliveries sent on to a retry tier (the tier named).",
+            ["tier"], registry=registry,
+        )
+        self.dead_letters = Counter(
+            "gateway_dead_letters_total", "Records written to the dead-letter topic.", ["reason"],
+            registry=registry,
+        )
+        self.delivery_seconds = Histogram(
+            "gateway_delivery_duration_seconds",
+            "Duration of one HTTP attempt that made a request (connect to last byte).", ["tier"],
+            buckets=DELIVERY_BUCKETS, registry=registry,
+        )
+        self.end_to_end_seconds = Histogram(
+            "gateway_end_to_end_latency_seconds",
+            "From the event's occurrence to its 2xx, across retries.", ["event_type"],
+            buckets=END_TO_END_BUCKETS, registry=registry,
+        )
+        self.deliveries_in_flight = Gauge(
+            "gateway_deliveries_in_flight", "HTTP deliveries started and not finished (waiting for "
+            "a connection lane of their endpoint, or on the wire).", ["tier"], registry=registry,
+        )
+        self.in_flight_records = Gauge(
+            "gateway_in_flight_records",
+            "Records being processed (an event fanned out to several endpoints is one record).",
+            ["tier"], registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "gateway_consumer_lag_records",
+            "Records of an assigned partition not settled yet: high watermark minus the stored "
+            "(else committed) offset. Includes retries held until due.",
+            ["tier", "topic", "partition"], registry=registry,
+        )
+        self.schema_lookups_failed = Counter(
+            "gateway_schema_registry_errors_total",
+            "Schema lookups the registry did not answer (the partition waits and retries).",
+            registry=registry,
+        )
+        self.endpoints = Gauge("gateway_endpoints", "Registered endpoints by state.", ["state"],
+                               registry=registry)
+        self.last_success = Gauge(
+            "gateway_last_success_timestamp_seconds", "Unix time of the last 2xx delivery (0: none yet).",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "gateway_ready", "1 when /readyz answers 200: endpoint table loaded, partitions assigned.",
+            registry=registry,
+        )
+        self.ready.set_function(lambda: 1.0 if health is not None and health.readiness()[0] else 0.0)
+        Info("gateway_build", "Versions this process runs.", registry=registry).info({
+            "version": _version(),
+            "python": platform.python_version(),
+            "librdkafka": confluent_kafka.libversion()[0],
+        })
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._initialize(tiers)
 
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+    def _initialize(self, tiers: Sequence[str]) -> None:
+        for event_type in (*(t.value for t in EventType), "undecodable", "invalid"):
+            self.events_consumed.labels(event_type)
+        for event_type in EventType:
+            self.events_without_endpoint.labels(event_type.value)
+            self.end_to_end_seconds.labels(event_type.value)
+        for reason in DeadLetterReason:
+            self.dead_letters.labels(reason.value)
+        for index, tier in enumerate(tiers):
+            for outcome, status in _attempt_label_pairs():
+                self.delivery_attempts.labels(tier, outcome, status)
+            for reason in (DeadLetterReason.UNDECODABLE, DeadLetterReason.INVALID,
+                           DeadLetterReason.INTERNAL_ERROR):
+                self.decode_errors.labels(tier, reason.value)
+            self.delivery_seconds.labels(tier)
+            self.deliveries_in_flight.labels(tier)
+            self.in_flight_records.labels(tier)
+            if index > 0:
+                self.retries_scheduled.labels(tier)
+        for state in ("enabled", "disabled"):
+            self.endpoints.labels(state)
 
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
         if child is None:
-            child = self._children[values] = self._metric.labels(*values)
+            child = self._children[key] = metric.labels(*values)
         return child
 
+    # -- the hot path's children, kept ----------------------------------------------------
 
-def outcome_of(status: int | None, error: str | None) -> tuple[str, str]:
-    """(outcome, status class) labels of an attempt."""
-    return classify(status, error), "none" if status is None else f"{status // 100}xx"
+    def attempt(self, tier: str, attempt: Attempt) -> None:
+        """Count one attempt, and time it if it made a request (one that never reached the
+        network has no duration worth a histogram sample)."""
+        outcome, status = attempt_labels(attempt)
+        self._child(self.delivery_attempts, tier, outcome, status).inc()
+        if attempt.outcome.reached_network:
+            self._child(self.delivery_seconds, tier).observe(attempt.duration_ms / 1000)
+
+    def consumed(self, event_type: str) -> Any:
+        return self._child(self.events_consumed, event_type)
+
+    def in_flight(self, tier: str) -> Any:
+        return self._child(self.deliveries_in_flight, tier)
+
+    def records_in_flight(self, tier: str) -> Any:
+        return self._child(self.in_flight_records, tier)
+
+    def end_to_end(self, event_type: str) -> Any:
+        return self._child(self.end_to_end_seconds, event_type)
 
 
 # -- consumer lag ------------------------------------------------------------------------
@@ -282,15 +317,17 @@ class ConsumerLag:
     ``sum()`` never counts a partition twice.
     """
 
-    def __init__(self, tier: str) -> None:
+    def __init__(self, tier: str, gauge: Gauge) -> None:
         self.tier = tier
+        self._gauge = gauge
         self._assigned: set[tuple[str, int]] = set()
 
-    def assign(self, partitions: Iterable[Any]) -> None:
-        self._assigned |= {(p.topic, p.partition) for p in partitions}
+    def assign(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """(topic, partition) pairs now owned."""
+        self._assigned |= set(partitions)
 
-    def revoke(self, partitions: Iterable[Any]) -> None:
-        for key in [(p.topic, p.partition) for p in partitions]:
+    def revoke(self, partitions: Iterable[tuple[str, int]]) -> None:
+        for key in list(partitions):
             self._assigned.discard(key)
             self._remove(key)
 
@@ -307,11 +344,11 @@ class ConsumerLag:
             log.exception("consumer statistics unreadable", extra={"tier": self.tier})
             return
         for (topic, partition), lag in lags.items():
-            CONSUMER_LAG.labels(self.tier, topic, str(partition)).set(lag)
+            self._gauge.labels(self.tier, topic, str(partition)).set(lag)
 
     def _remove(self, key: tuple[str, int]) -> None:
         try:
-            CONSUMER_LAG.remove(self.tier, key[0], str(key[1]))
+            self._gauge.remove(self.tier, key[0], str(key[1]))
         except KeyError:
             pass  # no watermark was known yet
 
@@ -328,18 +365,20 @@ class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer:
-    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``port`` from a background thread.
+def serve_metrics(metrics: Metrics, health: Health, port: int, host: str = "0.0.0.0") -> WSGIServer:
+    """Serve ``/metrics`` (of ``metrics``), ``/healthz`` and ``/readyz`` (of ``health``) on
+    ``port`` from a background thread.
 
     Raises OSError when the port cannot be bound. The returned server stops with
     ``shutdown()``; the gateway's own processes simply exit.
     """
-    metrics_app = make_wsgi_app()
+    metrics_app = make_wsgi_app(metrics.registry)
+    answer_health = health_app(health)
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
         if path in ("/healthz", "/readyz"):
-            return health_app(environ, start_response)
+            return answer_health(environ, start_response)
         if path == "/metrics":
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         start_response("404 Not Found", [("content-type", "text/plain; charset=utf-8")])

@@ -2,6 +2,15 @@
 and dead letters. Each maps one-to-one onto its ``.avsc`` schema in ``avro/``.
 
 Times are integers of milliseconds since the Unix epoch, as in the schemas.
+
+How an attempt ended is an :class:`Outcome`, set once by whoever made the attempt (the
+sender) and stored with it; nothing parses it back out of error text. Records written
+before the outcome was stored read with it derived once, at decoding, from their status
+and error text (:meth:`Outcome.of_legacy`).
+
+Every text a receiver controls (response snippets, redirect targets, protocol errors) is
+cut to a bound before it is stored: it travels in every retry record, its headers, the
+dead letter and a log line.
 """
 
 from __future__ import annotations
@@ -12,36 +21,83 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
-    "BLOCKED_PREFIX",
-    "CONNECTION_PREFIX",
-    "TIMEOUT_PREFIX",
-    "classify",
-    "Endpoint",
+    "DEAD_LETTER_SCHEMA",
+    "DELIVERY_SCHEMA",
+    "ENDPOINT_SCHEMA",
+    "MAX_STORED_TEXT",
     "Attempt",
-    "Delivery",
     "DeadLetter",
     "DeadLetterReason",
-    "ENDPOINT_SCHEMA",
-    "DELIVERY_SCHEMA",
-    "DEAD_LETTER_SCHEMA",
+    "Delivery",
+    "Endpoint",
+    "Outcome",
+    "bounded",
+    "status_class",
 ]
 
-# How failed attempts without an HTTP status begin their error text. The sender writes
-# them; classify() reads them back, from live attempts and from stored attempt logs.
-BLOCKED_PREFIX = "blocked destination"
-TIMEOUT_PREFIX = "timeout"
-CONNECTION_PREFIX = "connection error"
+MAX_STORED_TEXT = 512
+"""Characters kept of any receiver-controlled text (snippet, error, redirect target)."""
 
 
-def classify(status: int | None, error: str | None) -> str:
-    """An attempt's outcome: success, http_error, timeout, blocked or connection_error."""
-    if status is not None:
-        return "success" if 200 <= status < 300 and error is None else "http_error"
-    if error and error.startswith(BLOCKED_PREFIX):
-        return "blocked"
-    if error and error.startswith(TIMEOUT_PREFIX):
-        return "timeout"
-    return "connection_error"
+def bounded(text: str | None, limit: int = MAX_STORED_TEXT) -> str | None:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters cut)"
+
+
+class Outcome(StrEnum):
+    """How one attempt ended. Only the first four reached the receiver's network."""
+
+    SUCCESS = "success"
+    """A 2xx answer within the deadline."""
+    HTTP_ERROR = "http_error"
+    """Any other status, redirects included."""
+    TIMEOUT = "timeout"
+    """The deadline (connect to last byte) passed."""
+    CONNECTION_ERROR = "connection_error"
+    """No usable answer: refused, reset, unresolvable, not HTTP."""
+    BLOCKED = "blocked"
+    """The destination is not allowed (SSRF guard); no request was made."""
+    INVALID_ENDPOINT = "invalid_endpoint"
+    """The endpoint's URL is unusable; no request was made."""
+    INTERNAL_ERROR = "internal_error"
+    """The gateway itself failed (a bug, an unusable secret); no request was made."""
+    UNKNOWN = "unknown"
+    """Written by a newer gateway with an outcome this one does not know."""
+
+    @property
+    def reached_network(self) -> bool:
+        """Whether a request was made (so the attempt has a duration worth measuring)."""
+        return self in _NETWORK
+
+    @classmethod
+    def of_legacy(cls, status: int | None, error: str | None) -> Outcome:
+        """The outcome of an attempt stored before outcomes were: read from its status and
+        the prefixes its error text then began with."""
+        if status is not None:
+            return cls.SUCCESS if 200 <= status < 300 and error is None else cls.HTTP_ERROR
+        text = error or ""
+        if text.startswith("blocked destination"):
+            return cls.BLOCKED
+        if text.startswith("invalid endpoint URL"):
+            return cls.INVALID_ENDPOINT
+        if text.startswith("timeout"):
+            return cls.TIMEOUT
+        return cls.CONNECTION_ERROR
+
+
+_NETWORK = frozenset({Outcome.SUCCESS, Outcome.HTTP_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
+
+
+def status_class(status: int | None) -> str:
+    """``2xx`` … ``5xx`` (and ``1xx``), ``none`` without a status, ``other`` for a status
+    outside 100-599 (``099``, ``999``): a bounded set of label values."""
+    if status is None:
+        return "none"
+    if 100 <= status <= 599:
+        return f"{status // 100}xx"
+    return "other"
 
 
 ENDPOINT_SCHEMA = "gateway.Endpoint"
@@ -119,11 +175,12 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One HTTP attempt and how it ended."""
+    """One attempt and how it ended."""
 
     at: int
     tier: str
     duration_ms: float
+    outcome: Outcome
     status: int | None = None
     error: str | None = None
     response_snippet: str | None = None
@@ -131,12 +188,16 @@ class Attempt:
     """Seconds a 429/503 answer's Retry-After asked for; steers the next tier, not stored."""
 
     @property
-    def outcome(self) -> str:
-        return classify(self.status, self.error)
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.SUCCESS
 
     @property
-    def succeeded(self) -> bool:
-        return self.outcome == "success"
+    def ended_at(self) -> int:
+        """A time in ms no earlier than the attempt's real end. ``at`` is the start cut
+        down to the millisecond (up to 1 ms early) and the duration is rounded to the
+        microsecond, so the end is taken one millisecond later and rounded up: a retry due
+        ``delay`` after it is never early (measured once: 2 ms early without this)."""
+        return -(-(self.at * 1000 + int(self.duration_ms * 1000) + 1001) // 1000)
 
     def describe(self) -> str:
         """``HTTP 503``, ``timeout after 15.0 s``, …: the outcome in a few words."""
@@ -149,6 +210,7 @@ class Attempt:
             "at": self.at,
             "tier": self.tier,
             "durationMs": self.duration_ms,
+            "outcome": self.outcome.value,
             "status": self.status,
             "error": self.error,
             "responseSnippet": self.response_snippet,
@@ -156,12 +218,15 @@ class Attempt:
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> Attempt:
+        status, error = r.get("status"), r.get("error")
+        stored = r.get("outcome")
         return cls(
             at=r["at"],
             tier=r["tier"],
             duration_ms=r["durationMs"],
-            status=r.get("status"),
-            error=r.get("error"),
+            outcome=Outcome.of_legacy(status, error) if stored is None else Outcome(stored),
+            status=status,
+            error=error,
             response_snippet=r.get("responseSnippet"),
         )
 
@@ -235,6 +300,8 @@ class DeadLetterReason(StrEnum):
     ENDPOINT_DISABLED = "endpoint_disabled"
     BLOCKED_DESTINATION = "blocked_destination"
     GONE = "gone"
+    INTERNAL_ERROR = "internal_error"
+    """The gateway itself failed on the record (a bug, or an unusable endpoint record)."""
 
 
 @dataclass(frozen=True, slots=True)

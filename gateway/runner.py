@@ -18,13 +18,14 @@ from confluent_kafka.admin import AdminClient
 from .codec import Codec
 from .config import Config
 from .dispatcher import Dispatcher
+from .capacity import Capacity
 from .endpoints import EndpointRegistry, EndpointTable
-from .health import ENDPOINTS_LOADED, HEALTH, assigned
+from .health import ENDPOINTS_LOADED, Health, assigned
 from .kafka_io import AckedProducer
-from .metrics import ENDPOINTS, initialize
+from .metrics import Metrics, serve_metrics
 from .sender import Sender
 from .topics import Tier, Topics
-from .worker import Capacity, TierWorker
+from .worker import TierWorker
 
 __all__ = ["serve", "run", "RunnerError", "resolve_tiers"]
 
@@ -62,10 +63,13 @@ def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
         )
 
 
-def _count_endpoints(table: EndpointTable) -> None:
-    endpoints = table.all()
-    ENDPOINTS.labels("enabled").set(sum(1 for e in endpoints if e.enabled))
-    ENDPOINTS.labels("disabled").set(sum(1 for e in endpoints if not e.enabled))
+def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
+    def count(table: EndpointTable) -> None:
+        endpoints = table.all()
+        metrics.endpoints.labels("enabled").set(sum(1 for e in endpoints if e.enabled))
+        metrics.endpoints.labels("disabled").set(sum(1 for e in endpoints if not e.enabled))
+
+    return count
 
 
 async def serve(
@@ -73,23 +77,30 @@ async def serve(
     tiers: Sequence[Tier],
     stop: asyncio.Event,
     *,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run the workers of ``tiers`` until ``stop`` is set; then drain, commit and return."""
+    """Run the workers of ``tiers`` until ``stop`` is set; then drain, commit and return.
+
+    ``metrics`` and ``health`` are what the process serves on its metrics port (made here
+    when not given)."""
     loop = asyncio.get_running_loop()
-    HEALTH.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
-    initialize([t.name for t in Topics.from_config(config).tiers])
+    health = health or Health()
+    metrics = metrics or Metrics([t.name for t in Topics.from_config(config).tiers], health=health)
+    health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
     await asyncio.to_thread(_check_topics, config, tiers)
     codec = Codec(config.schema_registry_url)
-    registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints)
+    registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints(metrics))
     await asyncio.to_thread(registry.start)
-    HEALTH.met(ENDPOINTS_LOADED)
+    health.met(ENDPOINTS_LOADED)
     producer = AckedProducer(config, loop)
     sender = Sender(config)
     dispatcher = Dispatcher(config, codec=codec, endpoints=registry.table, sender=sender,
-                            producer=producer)
-    capacity = Capacity(config.concurrency)
-    workers = [TierWorker(tier, config, dispatcher, capacity, loop) for tier in tiers]
+                            producer=producer, metrics=metrics)
+    capacity = Capacity(config.concurrency, [t.name for t in tiers])
+    workers = [TierWorker(tier, config, dispatcher, capacity, loop, metrics=metrics, health=health)
+               for tier in tiers]
     for worker in workers:
         worker.start()
     log.info("workers started", extra={"tiers": ",".join(t.name for t in tiers),
@@ -99,7 +110,7 @@ async def serve(
             on_ready()
         await stop.wait()
     finally:
-        HEALTH.stopping()
+        health.stopping()
         log.info("stopping: draining in-flight deliveries",
                  extra={"timeout_s": config.shutdown_timeout})
         # Draining is bounded by shutdown_timeout; closing the consumers (leave the group,
@@ -119,14 +130,30 @@ async def serve(
         log.info("stopped")
 
 
-def run(config: Config, tiers: Sequence[Tier], *, on_ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down in order. Blocks."""
+def run(
+    config: Config,
+    tiers: Sequence[Tier],
+    *,
+    metrics_port: int | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down in order. Blocks.
+
+    With ``metrics_port``, ``/metrics``, ``/healthz`` and ``/readyz`` are served there
+    (:class:`RunnerError` if the port cannot be bound)."""
+    health = Health()
+    metrics = Metrics([t.name for t in Topics.from_config(config).tiers], health=health)
+    if metrics_port is not None:
+        try:
+            serve_metrics(metrics, health, metrics_port)
+        except OSError as exc:
+            raise RunnerError(f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}") from None
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(config, tiers, stop, on_ready=on_ready)
+        await serve(config, tiers, stop, metrics=metrics, health=health, on_ready=on_ready)
 
     asyncio.run(main())

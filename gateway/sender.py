@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,11 +32,14 @@ import httpx
 
 from .config import Config
 from .destinations import BlockedDestination, DestinationPolicy
-from .records import CONNECTION_PREFIX, TIMEOUT_PREFIX, Attempt, Endpoint
+from .records import Attempt, Endpoint, Outcome, bounded
+from .logs import Log
 from .signing import secret_key, signature_header
 from .transport import KEEPALIVE_EXPIRY, Connection, check_header, head_of
 
-__all__ = ["Sender", "SNIPPET_CHARS", "parse_retry_after"]
+__all__ = ["SNIPPET_CHARS", "Sender", "SenderClosed", "parse_retry_after"]
+
+_log = logging.getLogger(__name__)
 
 SNIPPET_CHARS = 512
 USER_AGENT = "webhook-gateway/0.1"
@@ -223,29 +227,37 @@ class Sender:
             key = self._keys[secret] = secret_key(secret)
         return key
 
-    async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str) -> Attempt:
-        """POST ``body`` to ``endpoint`` once; never raises for what the receiver does."""
+    async def send(
+        self, endpoint: Endpoint, event_id: str, body: bytes, tier: str, *, log: Log = _log
+    ) -> Attempt:
+        """POST ``body`` to ``endpoint`` once; never raises for what the receiver does.
+
+        Raises :class:`SenderClosed` once :meth:`aclose` ran (the caller leaves its record
+        unsettled, for the next owner), and :class:`~gateway.signing.InvalidSecret` for an
+        endpoint record with an unusable secret. ``log`` carries the caller's context
+        (event and endpoint ids)."""
         lanes = self._lanes.get(endpoint.id)
         if lanes is None or lanes.url != endpoint.url:  # (aclose forgets every endpoint)
             if self._closed:  # a connection made now would never be closed
-                return _unsent(tier, f"{CONNECTION_PREFIX}: the sender is closed")
+                raise SenderClosed("the sender is closed")
             try:
                 lanes = self._new_lanes(endpoint, lanes)
             except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
-                return _unsent(tier, f"invalid endpoint URL: {exc}")
+                return _unsent(tier, Outcome.INVALID_ENDPOINT, f"invalid endpoint URL: {exc}")
         try:
             lane = await lanes.acquire(self.config.request_timeout)
         except TimeoutError:
             # Deliveries waiting for a slow endpoint's connections hold the process's
             # in-flight slots: bounded, they go on to the retry tiers instead of making
             # every other endpoint wait at that endpoint's pace.
-            return _unsent(tier, f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s waiting for "
-                                 f"one of the endpoint's {lanes.limit} connections (all busy)")
+            return _unsent(tier, Outcome.TIMEOUT, f"timeout after {self.config.request_timeout:g} s waiting "
+                                                  f"for one of the endpoint's {lanes.limit} connections (all busy)")
         try:
             started_at = time.time_ns() // 1_000_000
             started = time.perf_counter()
             timestamp = int(time.time())
             keys = tuple(self._key(s) for s in endpoint.secrets_at(started_at))
+            outcome = Outcome.CONNECTION_ERROR
             status: int | None = None
             error: str | None = None
             snippet: str | None = None
@@ -262,25 +274,30 @@ class Sender:
                     finally:
                         answer.close()
                 snippet = raw[:SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS] or None
+                outcome = Outcome.SUCCESS if 200 <= status < 300 else Outcome.HTTP_ERROR
                 if 300 <= status < 400:
                     error = f"redirect to {answer.header(b'location') or '?'} (not followed)"
             except BlockedDestination as exc:
-                error = str(exc)
-            except TimeoutError:
-                error = f"{TIMEOUT_PREFIX} after {self.config.request_timeout:g} s"
+                outcome, error = Outcome.BLOCKED, str(exc)
+            except TimeoutError:  # (with a status when the head came and the body did not)
+                outcome, error = Outcome.TIMEOUT, f"timeout after {self.config.request_timeout:g} s"
             except httpx.ConnectError as exc:
-                error = f"{CONNECTION_PREFIX}: {exc or type(exc).__name__}"
+                error = f"connection error: {exc or type(exc).__name__}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             except OSError as exc:
-                error = f"{CONNECTION_PREFIX}: {exc}"
+                error = f"connection error: {exc}"
             duration_ms = (time.perf_counter() - started) * 1000
         finally:
             lanes.release(lane)
-        return Attempt(
-            at=started_at, tier=tier, duration_ms=round(duration_ms, 3), status=status,
-            error=error, response_snippet=snippet, retry_after=retry_after,
+        attempt = Attempt(
+            at=started_at, tier=tier, duration_ms=round(duration_ms, 3), outcome=outcome, status=status,
+            error=bounded(error), response_snippet=snippet, retry_after=retry_after,
         )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("attempt", extra={"outcome": outcome.value, "status": status,
+                                        "duration_ms": attempt.duration_ms})
+        return attempt
 
     @staticmethod
     def _request(lanes: _Lanes, keys: tuple[bytes, ...], event_id: str, timestamp: int, body: bytes) -> bytes:
@@ -309,7 +326,11 @@ class Sender:
         await self.policy.aclose()
 
 
-def _unsent(tier: str, error: str) -> Attempt:
+def _unsent(tier: str, outcome: Outcome, error: str) -> Attempt:
     """A failed attempt that never reached the network."""
-    return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, status=None,
-                   error=error, response_snippet=None, retry_after=None)
+    return Attempt(at=time.time_ns() // 1_000_000, tier=tier, duration_ms=0.0, outcome=outcome,
+                   error=bounded(error))
+
+
+class SenderClosed(RuntimeError):
+    """A send after :meth:`Sender.aclose`: nothing was attempted."""

@@ -1,109 +1,94 @@
-"""The worker: Kafka consumers, partitions, offsets, holding retries until due, shutdown.
+"""The tier worker: one tier's consumer, its partitions, and the records it runs.
 
 One process runs one :class:`TierWorker` per tier it serves (the events topic and/or
 retry tiers), sharing one event loop, one :class:`~gateway.dispatcher.Dispatcher`, one
-HTTP sender and one producer. Each tier consumes in its own consumer group
-(``{consumer_group}.{tier}``, e.g. ``webhooks-gateway.retry-1m``), so a rebalance in one tier never pauses another.
+HTTP sender, one producer and one in-flight budget (:class:`~gateway.capacity.Capacity`).
+Each tier consumes in its own consumer group (``{consumer_group}.{tier}``, e.g.
+``webhooks-gateway.retry-1m``), so a rebalance in one tier never pauses another.
 
-Threads and who owns what:
+Who owns what:
 
-* A consumer thread per tier is the only caller of its ``Consumer`` (confluent-kafka's
-  consumer is not thread-safe: calling ``store_offsets`` from another thread while
-  ``poll`` runs deadlocks). It polls (so it also runs the rebalance callbacks), hands
-  each batch to the event loop, and carries out the loop's requests (store offsets,
-  pause, resume) between polls. It only polls while the process has room
-  (``concurrency`` records in flight), which bounds memory however deep the backlog.
-* The event loop owns every partition's state: the offset tracker, the records held
-  until due, the tasks in flight. Nothing else touches it.
+* The tier's :class:`~gateway.consumer.ConsumerPump` thread is the only caller of its
+  Kafka consumer: it polls (so it runs the rebalance callbacks), hands batches over, and
+  carries out pause/resume commands and offset stores between polls. It never stops
+  polling, whatever the budget, so the group never evicts a busy worker.
+* The event loop owns every partition's :class:`~gateway.partitions.PartitionState`
+  (offsets, held records), the timers that wake held partitions and the tasks in flight.
+  Nothing else touches them.
 
-Rules this module keeps (see also :mod:`gateway.offsets`):
+Rules this module keeps (see also :mod:`gateway.offsets` and :mod:`gateway.partitions`):
 
 * An offset is stored for commit (``store_offsets``, committed by librdkafka's
-  auto-commit and synchronously on revoke and close) only when every record up to it is
-  settled.
-* A retry tier's records all share one delay, so the head of a partition is always the
-  earliest due. When the head is not due, the partition is paused, the records already
-  fetched are held in order, a timer fires when the head is due, and the partition
-  resumes once nothing is held. The poll loop never blocks on a due time, and nothing is
-  attempted before it is due.
+  auto-commit every 250 ms and synchronously on revoke and close) only when every record
+  up to it is settled.
+* Nothing is attempted before it is due: a held partition is paused, a timer fires when
+  its head is due, and it resumes once nothing is held.
 * On revoke (rebalance or close), the partition stops taking records; held records are
   dropped (their offsets were never stored, so the next owner reads them); records in
-  flight get up to ``shutdown_timeout`` to settle; then the settled position is
-  committed. A record still in flight after that is handed over: the next owner repeats
-  it (at least once, receivers dedupe on ``webhook-id``).
-* If processing a record raises (a bug), its offset is never settled: the partition
-  keeps delivering, but commits stop below that record, so a restart retries it.
+  flight get up to ``shutdown_timeout`` to settle; then the settled position is stored
+  and committed. A record still in flight after that is handed over: the next owner
+  repeats it (at least once, receivers dedupe on ``webhook-id``). A lost partition (the
+  session expired) is dropped at once.
+* If processing a record raises (the dead letter itself could not be written, or the
+  sender closed under it), its offset is never settled: the partition keeps delivering,
+  but commits stop below that record, so a restart retries it.
+* A record whose schema the registry has not given yet holds its partition (paused)
+  while the schema is fetched off the loop, retried with backoff for as long as the
+  registry is away; only bytes that really cannot be decoded are dead-lettered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from collections.abc import Callable
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer
 
+from .capacity import Capacity
+from .codec import DecodeError, RegistryUnavailable
 from .config import Config
-from .dispatcher import Dispatcher, Job, now_ms
-from .health import HEALTH, assigned
-from .metrics import IN_FLIGHT, LAG_INTERVAL_MS, ConsumerLag
-from .offsets import OffsetTracker
-from .retry import is_due
+from .consumer import ConsumerLike, ConsumerPump, Key, Pause, Resume
+from .dispatcher import Dispatcher, Job, Pending, now_ms
+from .health import Health, assigned
+from .metrics import LAG_INTERVAL_MS, ConsumerLag, Metrics
+from .partitions import PartitionState
 from .topics import Tier
 
-__all__ = ["TierWorker", "Capacity"]
+__all__ = ["TierWorker", "consumer_settings"]
 
 log = logging.getLogger(__name__)
 
-_BATCH = 500
+SCHEMA_RETRY_MAX = 30.0
+"""Longest wait between two lookups of a schema while the registry is away (seconds)."""
 
 
-class Capacity:
-    """Records in flight in this process, bounded. Taken by consumer threads before
-    they hand records over, given back by the event loop as records settle (or are held
-    until due, which costs no delivery slot)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._used = 0
-        self._cond = threading.Condition()
-
-    def room(self, timeout: float) -> int:
-        """Wait up to ``timeout`` for room; returns how many records fit now (maybe 0)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._used < self.limit, timeout)
-            return max(0, self.limit - self._used)
-
-    def take(self, n: int) -> None:
-        with self._cond:
-            self._used += n
-
-    def give(self, n: int = 1) -> None:
-        with self._cond:
-            self._used -= n
-            if self._used + n >= self.limit:  # someone may be waiting for room
-                self._cond.notify_all()
-
-    @property
-    def used(self) -> int:
-        return self._used
-
-
-@dataclass
-class _Partition:
-    tp: TopicPartition
-    tracker: OffsetTracker = field(default_factory=OffsetTracker)
-    held: deque[Job] = field(default_factory=deque)
-    """Records fetched but not due yet, in offset order."""
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    paused: bool = False
-    timer: asyncio.TimerHandle | None = None
-    revoked: bool = False
+def consumer_settings(config: Config, tier: Tier) -> dict[str, Any]:
+    """librdkafka settings of a tier's consumer (without callbacks)."""
+    settings: dict[str, Any] = config.kafka_common() | {
+        "group.id": f"{config.consumer_group}.{tier.name}",
+        "enable.auto.commit": True,
+        # Settled offsets reach the broker within 250 ms: what a crash repeats.
+        "auto.commit.interval.ms": 250,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "max.poll.interval.ms": config.max_poll_interval_ms,
+        # The bundled broker holds every fetch this long even when records arrive
+        # (measured: p50 242 ms at the default 500); Kafka answers as soon as data is
+        # there, so this only costs idle fetches there.
+        "fetch.wait.max.ms": config.fetch_wait_ms,
+        # Consumer lag comes from these statistics (high watermark of the last fetch,
+        # stored offsets), delivered on the consumer's thread by poll().
+        "statistics.interval.ms": LAG_INTERVAL_MS,
+    }
+    if config.group_protocol == "consumer":
+        # KIP-848: the broker sets the session and heartbeat (librdkafka refuses these
+        # settings with it) and assigns partitions itself.
+        settings["group.protocol"] = "consumer"
+    else:
+        session = config.session_timeout_ms
+        settings |= {"session.timeout.ms": session, "heartbeat.interval.ms": max(100, session // 4)}
+    return settings
 
 
 class TierWorker:
@@ -116,234 +101,144 @@ class TierWorker:
         dispatcher: Dispatcher,
         capacity: Capacity,
         loop: asyncio.AbstractEventLoop,
+        *,
+        metrics: Metrics,
+        health: Health,
+        consumer: ConsumerLike | None = None,
     ) -> None:
         self.tier = tier
         self.config = config
         self.dispatcher = dispatcher
         self.capacity = capacity
         self.loop = loop
-        self._partitions: dict[tuple[str, int], _Partition] = {}
-        self._stopping = threading.Event()
-        self._requests: queue.SimpleQueue[Callable[[Consumer], None]] = queue.SimpleQueue()
-        # Settled positions waiting to be stored, latest per partition: one store_offsets
-        # call per poll round instead of one request per record.
-        self._positions: dict[tuple[str, int], int] = {}
-        self._positions_lock = threading.Lock()
+        self.health = health
+        self.partitions: dict[Key, PartitionState] = {}
+        self._tasks: dict[Key, set[asyncio.Task[None]]] = {}
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._schema_fetches: dict[int, asyncio.Task[None]] = {}
         self._done: asyncio.Future[None] = loop.create_future()
-        session = config.session_timeout_ms
-        self._lag = ConsumerLag(tier.name)
-        self._in_flight = IN_FLIGHT.labels(tier.name)
-        self._consumer = Consumer(
-            config.kafka_common()
-            | {
-                "group.id": f"{config.consumer_group}.{tier.name}",
-                "enable.auto.commit": True,
-                # Settled offsets reach the broker within 250 ms: what a crash repeats.
-                "auto.commit.interval.ms": 250,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": session,
-                "heartbeat.interval.ms": max(100, session // 4),
-                # The bundled broker holds every fetch this long even when records arrive
-                # (measured: p50 242 ms at the default 500); Kafka answers as soon as data
-                # is there, so this only costs idle fetches there.
-                "fetch.wait.max.ms": config.fetch_wait_ms,
-                # Consumer lag comes from these statistics (high watermark of the last
-                # fetch, stored offsets), delivered on this consumer's thread by poll().
-                "statistics.interval.ms": LAG_INTERVAL_MS,
-                "stats_cb": self._lag.update,
-            }
-        )
-        self._thread = threading.Thread(target=self._poll_loop, name=f"consumer-{tier.name}", daemon=True)
+        self._lag = ConsumerLag(tier.name, metrics.consumer_lag)
+        self._in_flight = metrics.records_in_flight(tier.name)
+        self._metrics = metrics
+        if consumer is None:
+            consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._lag.update}))
+        self.pump = ConsumerPump(consumer, tier.name, capacity, self)
 
-    # -- lifecycle (event loop) ------------------------------------------------------
+    # -- lifecycle (event loop) ----------------------------------------------------------
 
     def start(self) -> None:
-        self._consumer.subscribe(
-            [self.tier.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
-        self._thread.start()
+        self.pump.start([self.tier.topic])
 
     async def stop(self) -> None:
         """Stop taking records, let in-flight ones settle (bounded), commit, close."""
-        self._stopping.set()
+        self.pump.stop()
         await self._done
+        for task in self._schema_fetches.values():
+            task.cancel()
 
-    # -- consumer thread -------------------------------------------------------------
+    # -- PartitionOwner: called on the pump's thread -------------------------------------
 
-    def _poll_loop(self) -> None:
-        consumer = self._consumer
-        try:
-            while not self._stopping.is_set():
-                self._serve_requests(consumer)
-                room = self.capacity.room(0.1)
-                if room == 0:
-                    continue
-                first = consumer.poll(0.05)
-                if first is None:
-                    continue
-                batch = [first]
-                if room > 1:
-                    batch += consumer.consume(min(room, _BATCH) - 1, 0)
-                records = []
-                for msg in batch:
-                    error = msg.error()
-                    if error is None:
-                        records.append(msg)
-                    elif error.code() != KafkaError._PARTITION_EOF:
-                        log.error("consumer error", extra={"tier": self.tier.name, "error": error.str()})
-                if records:
-                    self.capacity.take(len(records))
-                    self.loop.call_soon_threadsafe(self._accept, records)
-        except Exception:
-            log.exception("consumer loop failed", extra={"tier": self.tier.name})
-            HEALTH.broken(f"consumer {self.tier.name}", "consumer loop failed")
-        finally:
-            try:
-                consumer.close()  # runs _on_revoke: drain, commit
-            except Exception:
-                log.exception("consumer close failed", extra={"tier": self.tier.name})
-            self._lag.clear()
-            self.loop.call_soon_threadsafe(_finish, self._done)
-
-    def _serve_requests(self, consumer: Consumer) -> None:
-        with self._positions_lock:
-            positions, self._positions = self._positions, {}
-        if positions:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
-            try:
-                consumer.store_offsets(offsets=offsets)
-            except KafkaException:  # a partition revoked since: store the others one by one
-                for offset in offsets:
-                    try:
-                        consumer.store_offsets(offsets=[offset])
-                    except KafkaException:
-                        pass
-        while True:
-            try:
-                request = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                request(consumer)
-            except KafkaException as exc:  # e.g. a partition revoked since the request
-                log.debug("consumer request failed", extra={"tier": self.tier.name, "error": exc.args[0].str()})
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # librdkafka keeps a partition's pause across revoke and re-assignment: one paused
-        # while its head was not due would come back silent, its records held until a
-        # restart (found by the chaos suite's rebalance scenario).
-        consumer.resume(partitions)
+    def assigned(self, partitions: list[Key]) -> None:
         self._lag.assign(partitions)
-        self.loop.call_soon_threadsafe(self._assign, [(p.topic, p.partition) for p in partitions])
+        self.loop.call_soon_threadsafe(self._assign, partitions)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def revoked(self, partitions: list[Key], *, lost: bool) -> None:
         self._lag.revoke(partitions)
-        keys = [(p.topic, p.partition) for p in partitions]
-        future = asyncio.run_coroutine_threadsafe(self._release(keys, self.config.shutdown_timeout), self.loop)
-        try:
-            future.result(self.config.shutdown_timeout + 5)
-        except Exception:
-            log.exception("releasing partitions failed", extra={"tier": self.tier.name})
-        self._serve_requests(consumer)  # the offsets stored while releasing
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.error("commit on revoke failed", extra={"tier": self.tier.name, "error": exc.args[0].str()})
+        timeout = 0.0 if lost else self.config.shutdown_timeout
+        future = asyncio.run_coroutine_threadsafe(self._release(partitions, timeout), self.loop)
+        future.result(timeout + 5)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._lag.revoke(partitions)
-        keys = [(p.topic, p.partition) for p in partitions]
-        future = asyncio.run_coroutine_threadsafe(self._release(keys, 0.0), self.loop)
-        try:
-            future.result(5)
-        except Exception:
-            log.exception("releasing lost partitions failed", extra={"tier": self.tier.name})
+    def accept(self, records: list[Any]) -> None:
+        self.loop.call_soon_threadsafe(self._accept, records)
 
-    # -- event loop ------------------------------------------------------------------
+    def stopped(self, failure: BaseException | None) -> None:
+        self._lag.clear()
+        if failure is not None:
+            self.health.broken(f"consumer {self.tier.name}", "consumer loop failed")
+        self.loop.call_soon_threadsafe(_finish, self._done)
 
-    def _assign(self, keys: list[tuple[str, int]]) -> None:
-        for topic, partition in keys:
-            self._partitions[(topic, partition)] = _Partition(TopicPartition(topic, partition))
-        HEALTH.met(assigned(self.tier.name))
+    # -- event loop ----------------------------------------------------------------------
+
+    def _assign(self, keys: list[Key]) -> None:
+        for key in keys:
+            self.partitions[key] = PartitionState(*key)
+            self._tasks[key] = set()
+        self.health.met(assigned(self.tier.name))
         log.info("partitions assigned", extra={"tier": self.tier.name, "partitions": [p for _, p in keys]})
 
-    async def _release(self, keys: list[tuple[str, int]], timeout: float) -> None:
+    async def _release(self, keys: list[Key], timeout: float) -> None:
         # Out of the table first: records still arriving for these partitions are dropped.
-        states = [s for k in keys if (s := self._partitions.pop(k, None)) is not None]
+        states = [s for k in keys if (s := self.partitions.pop(k, None)) is not None]
         tasks: set[asyncio.Task[None]] = set()
         for state in states:
-            if state.timer is not None:
-                state.timer.cancel()
-                state.timer = None
-            state.held.clear()
-            tasks |= state.tasks
+            timer = self._timers.pop(state.key, None)
+            if timer is not None:
+                timer.cancel()
+            state.drop_held()
+            tasks |= self._tasks.pop(state.key, set())
         if tasks and timeout > 0:
             await asyncio.wait(tasks, timeout=timeout)  # they keep settling meanwhile
         for state in states:
-            state.revoked = True  # what settles from now on is the next owner's to repeat
-            if state.tracker.position is not None:
-                self._store(state.tp, state.tracker.position)
-        unfinished = sum(1 for t in tasks if not t.done())
+            position = state.revoke()  # what settles from now on is the next owner's to repeat
+            if position is not None:
+                self.pump.store(state.topic, state.partition, position)
         log.info("partitions released", extra={
-            "tier": self.tier.name, "partitions": [s.tp.partition for s in states],
-            "handed_over_in_flight": unfinished,
+            "tier": self.tier.name, "partitions": [s.partition for s in states],
+            "handed_over_in_flight": sum(1 for t in tasks if not t.done()),
         })
 
     def _accept(self, records: list[Any]) -> None:
         now = now_ms()
         for msg in records:
-            state = self._partitions.get((msg.topic(), msg.partition()))
-            if state is None or state.revoked:
-                self.capacity.give()
+            state = self.partitions.get((msg.topic(), msg.partition()))
+            if state is None:
+                self.capacity.give(self.tier.name)
                 continue
+            job = self.dispatcher.prepare(self.tier, msg)
             try:
-                state.tracker.received(msg.offset())
+                run_now = state.receive(job, now)
             except ValueError:
                 log.warning("offset received twice, skipped",
                             extra={"tier": self.tier.name, "partition": msg.partition(), "offset": msg.offset()})
-                self.capacity.give()
+                self.capacity.give(self.tier.name)
                 continue
-            job = self.dispatcher.prepare(self.tier, msg)
-            if state.held or not is_due(job.due_at, now):
-                state.held.append(job)
-                self.capacity.give()
-                self._hold(state)
-            else:
+            if run_now:
                 self._start(state, job)
+                continue
+            self.capacity.give(self.tier.name)  # a held record costs no slot
+            if isinstance(job.content, Pending):
+                self._fetch_schema(job.content.schema_id)
+            self._sync(state)
 
-    def _hold(self, state: _Partition) -> None:
-        if not state.paused:
-            tp = state.tp
-            self._requests.put(lambda c: c.pause([tp]))
-            state.paused = True
-        if state.timer is None:
-            delay = max(0.0, (state.held[0].due_at - now_ms()) / 1000)
-            state.timer = self.loop.call_later(delay, self._wake, state)
+    def _sync(self, state: PartitionState) -> None:
+        """Make the consumer and the timer match what ``state`` holds."""
+        if state.pause_needed():
+            self.pump.send(Pause(*state.key))
+        elif state.resume_needed():
+            self.pump.send(Resume(*state.key))
+        wake_at = state.wake_at
+        if wake_at is not None and state.key not in self._timers:
+            delay = max(0.0, (wake_at - now_ms()) / 1000)
+            self._timers[state.key] = self.loop.call_later(delay, self._wake, state)
 
-    def _wake(self, state: _Partition) -> None:
-        state.timer = None
+    def _wake(self, state: PartitionState) -> None:
+        timer = self._timers.pop(state.key, None)
+        if timer is not None:
+            timer.cancel()  # (woken by its schema, not by the timer)
         if state.revoked:
             return
-        now = now_ms()
-        while state.held and is_due(state.held[0].due_at, now):
-            self.capacity.take(1)
-            self._start(state, state.held.popleft())
-        if state.held:
-            self._hold(state)
-        elif state.paused:
-            tp = state.tp
-            self._requests.put(lambda c: c.resume([tp]))
-            state.paused = False
+        for job in state.release(now_ms()):
+            self.capacity.take(self.tier.name)
+            self._start(state, job)
+        self._sync(state)
 
-    def _start(self, state: _Partition, job: Job) -> None:
+    def _start(self, state: PartitionState, job: Job) -> None:
         task = self.loop.create_task(self._run(state, job))
-        state.tasks.add(task)
-        task.add_done_callback(state.tasks.discard)
+        tasks = self._tasks[state.key]
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
-    async def _run(self, state: _Partition, job: Job) -> None:
+    async def _run(self, state: PartitionState, job: Job) -> None:
         gauge = self._in_flight
         gauge.inc()
         try:
@@ -355,18 +250,45 @@ class TierWorker:
             return
         finally:
             gauge.dec()
-            self.capacity.give()
-        if not state.revoked:
-            position = state.tracker.settle(job.offset)
-            if position is not None:
-                self._store(state.tp, position)
+            self.capacity.give(self.tier.name)
+        position = state.settle(job.offset)
+        if position is not None:
+            self.pump.store(state.topic, state.partition, position)
 
-    def _store(self, tp: TopicPartition, position: int) -> None:
-        """Ask the consumer thread to store ``position`` (carried out between polls)."""
-        with self._positions_lock:
-            self._positions[(tp.topic, tp.partition)] = position
+    # -- schemas from the registry -------------------------------------------------------
+
+    def _fetch_schema(self, schema_id: int) -> None:
+        if schema_id not in self._schema_fetches:
+            task = self.loop.create_task(self._fetch(schema_id))
+            self._schema_fetches[schema_id] = task
+            task.add_done_callback(lambda _: self._schema_fetches.pop(schema_id, None))
+
+    async def _fetch(self, schema_id: int) -> None:
+        """Fetch a writer schema off the loop, for as long as the registry is away; then
+        decode the records that waited for it again and wake their partitions."""
+        wait = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self.dispatcher.codec.fetch_schema, schema_id)
+                break
+            except DecodeError:
+                break  # not a schema we can read: the records are dead-lettered as undecodable
+            except RegistryUnavailable as exc:
+                self._metrics.schema_lookups_failed.inc()
+                log.warning("schema registry unavailable; partitions wait", extra={
+                    "tier": self.tier.name, "schema_id": schema_id, "error": str(exc), "retry_in_s": wait})
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, SCHEMA_RETRY_MAX)
+        for state in list(self.partitions.values()):
+            if schema_id in state.pending_schemas():
+                state.redecode(schema_id, self._redecode)
+                self._wake(state)
+
+    def _redecode(self, job: Job) -> Job:
+        return self.dispatcher.prepare(self.tier, job.message)
 
 
 def _finish(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+

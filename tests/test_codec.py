@@ -3,10 +3,13 @@ and the errors the decoder gives for bytes it cannot read."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
+import fastavro
 import pytest
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +26,7 @@ from gateway.records import (
     DeadLetterReason,
     Delivery,
     Endpoint,
+    Outcome,
 )
 
 TOPIC = "test.events"
@@ -331,8 +335,78 @@ def _canonical_form(name: str) -> str:
 
 def test_every_bundled_schema_is_in_the_set() -> None:
     names = {p.name.removesuffix(".avsc") for p in schema_dir().glob("*.avsc")}
+    history = list((schema_dir() / "history").glob("*.avsc"))
     assert names == set(SchemaSet.ORDER) == set(SINGLE.schemas.by_name)
-    assert len(SINGLE.schemas.by_fingerprint) == len(names)
+    assert len(SINGLE.schemas.by_fingerprint) == len(names) + len(history)
+
+
+# Every schema fingerprint a released gateway ever wrote in single-object encoding. A
+# record carries nothing else to name its schema, so each must stay readable: a change to
+# a schema adds its new fingerprint here and leaves the old version in avro/history/.
+RELEASED_FINGERPRINTS = {
+    "gateway.events.Message": {"6f85d86184496e35"},
+    "gateway.events.RateMessage": {"93a1bbf4f1c6639e"},
+    "gateway.events.Ticket": {"77c64bd5b7263dd9"},
+    "gateway.events.CreateLead": {"3c4ab18d337d2316"},
+    "gateway.Endpoint": {"6221d69c4ded9302"},
+    "gateway.Delivery": {"98b5dfd68bc3f4fe", "4d047dfe5a414271"},
+    "gateway.DeadLetter": {"bdcf587a602151ee", "e78343e031c01d31"},
+    "gateway.Replay": {"117ddb6992e7be67"},
+}
+
+
+def test_every_released_schema_version_stays_readable() -> None:
+    current = {name: SINGLE.schemas[name].fingerprint.hex() for name in SchemaSet.ORDER}
+    for name, printed in current.items():
+        assert printed in RELEASED_FINGERPRINTS[name], (
+            f"{name} changed (now {printed}): put its previous version in avro/history/ and add "
+            "the new fingerprint to RELEASED_FINGERPRINTS")
+    readable = {(s.name, p.hex()) for p, s in SINGLE.schemas.by_fingerprint.items()}
+    for name, prints in RELEASED_FINGERPRINTS.items():
+        for printed in prints:
+            assert (name, printed) in readable, f"{name} {printed} was released and can no longer be read"
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_delivery_written_before_outcomes_reads_with_them_derived() -> None:
+    # Bytes written by the gateway as it was before attempts stored their outcome.
+    name, record = SINGLE.decode((DATA / "delivery-before-outcomes.avro").read_bytes())
+    assert name == DELIVERY_SCHEMA
+    delivery = Delivery.from_record(record)
+    assert [a.outcome for a in delivery.attempts] == [
+        Outcome.HTTP_ERROR, Outcome.TIMEOUT, Outcome.BLOCKED, Outcome.CONNECTION_ERROR]
+    assert [a.status for a in delivery.attempts] == [503, None, None, None]
+    assert delivery.attempts[0].response_snippet == "busy"
+    # and it is written again with the outcomes stored
+    again = Delivery.from_record(SINGLE.decode(SINGLE.encode(DELIVERY_SCHEMA, delivery.to_record(),
+                                                            topic=TOPIC))[1])
+    assert again == delivery
+
+
+def test_a_dead_letter_written_before_outcomes_reads() -> None:
+    name, record = SINGLE.decode((DATA / "dead-letter-before-outcomes.avro").read_bytes())
+    assert name == DEAD_LETTER_SCHEMA
+    dead = DeadLetter.from_record(record)
+    assert dead.reason == "retries_exhausted" and dead.delivery is not None
+    assert dead.delivery.attempts[-1].outcome is Outcome.CONNECTION_ERROR
+
+
+def test_an_outcome_this_gateway_does_not_know_reads_as_unknown() -> None:
+    # A newer gateway may add outcomes; the enum's default makes them readable here.
+    raw = json.loads(SINGLE.schemas[DELIVERY_SCHEMA].full)
+    outcome = raw["fields"][9]["type"]["items"]["fields"][3]
+    assert outcome["name"] == "outcome"
+    outcome["type"][1]["symbols"].append("from_the_future")
+    newer = parse_schema(raw)
+    record = _SAMPLE_DELIVERY.to_record()
+    record["attempts"][0]["outcome"] = "from_the_future"
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, newer, record)
+    buf.seek(0)
+    read = fastavro.schemaless_reader(buf, newer, SINGLE.schemas[DELIVERY_SCHEMA].parsed)
+    assert Delivery.from_record(read).attempts[0].outcome is Outcome.UNKNOWN
 
 
 @pytest.mark.parametrize("name", SchemaSet.ORDER)
@@ -376,7 +450,7 @@ def test_encoded_bytes_carry_the_fingerprint() -> None:
 
 _SAMPLE_DELIVERY = Delivery(
     "0b6f6a52-3c51-4d2e-9a43-5b1b8f1c7e10", "MESSAGE", "b", "s", 1, "{}", "ep", 1, 2,
-    (Attempt(1, "events", 12.5, 503),),
+    (Attempt(1, "events", 12.5, Outcome.HTTP_ERROR, 503),),
 )
 _SAMPLES: dict[str, dict[str, Any]] = {
     "gateway.events.Message": parse_event({
@@ -460,7 +534,7 @@ def test_confluent_record_without_a_registry_is_a_decode_error() -> None:
 
 def test_unregistered_schema_id_is_a_decode_error() -> None:
     data = b"\x00" + struct.pack(">I", 987654) + _endpoint_bytes("single-object")[10:]
-    with pytest.raises(DecodeError, match="schema id 987654 could not be fetched"):
+    with pytest.raises(DecodeError, match="schema id 987654 is not in the registry"):
         CONFLUENT.decode(data)
 
 

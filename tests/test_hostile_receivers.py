@@ -35,11 +35,13 @@ from gateway.codec import Codec
 from gateway.config import Config
 from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy
 from gateway.dispatcher import Dispatcher
+from gateway.metrics import Metrics
 from gateway.endpoints import EndpointTable
 from gateway.events import parse_event
-from gateway.records import Attempt, DeadLetterReason, Endpoint
-from gateway.retry import GiveUp, Retry, next_step
-from gateway.sender import SNIPPET_CHARS, Sender
+from gateway.kafka_io import delivery_headers
+from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, Delivery, Endpoint
+from gateway.retry import GiveUp, Retry, decide, next_step
+from gateway.sender import SNIPPET_CHARS, Sender, SenderClosed
 from gateway.signing import new_secret
 from gateway.topics import Topics
 from gateway.transport import Connection
@@ -127,6 +129,38 @@ def test_a_redirect_is_a_failed_attempt_and_is_not_followed(status: int) -> None
     assert len(redirector.requests) == 1
     step = next_step(DEFAULT_TIERS, EVENTS, attempt)
     assert isinstance(step, Retry) and step.tier == RETRY_1M
+
+
+def test_a_huge_location_header_is_not_stored_whole() -> None:
+    """Fault: the whole ``Location`` of a 3xx went into the attempt's error text, and from
+    there into every retry record, its ``last-error`` header, the dead letter's detail and
+    a log line: a receiver answering with a 60 KB Location got 60 KB into each. Every
+    receiver-controlled text stored is cut to a bound now."""
+    location = "https://elsewhere.example/" + "x" * 60_000
+    with RawServer(respond(302, f"location: {location}", body=b"y" * 70_000)) as server:
+        sent = send(config(), server.url())
+    attempt = sent.attempt
+    assert attempt.status == 302 and attempt.error is not None
+    assert attempt.error.startswith("redirect to https://elsewhere.example/xxx")
+    assert len(attempt.error) < MAX_STORED_TEXT + 100, len(attempt.error)
+    assert "more characters cut" in attempt.error
+    assert attempt.response_snippet is not None and len(attempt.response_snippet) <= SNIPPET_CHARS
+    # what travels on: the retry record, its plain headers, a dead letter's detail
+    tiers = DEFAULT_TIERS
+    decision = decide(tiers, tiers[-1], _delivery_for(endpoint(server.url())), endpoint(server.url()),
+                      attempt, b"{}")
+    assert isinstance(decision.step, GiveUp) and len(decision.step.detail) < MAX_STORED_TEXT + 200
+    assert decision.delivery is not None
+    stored = Codec().encode("gateway.Delivery", decision.delivery.to_record(), topic="x")
+    assert len(stored) < 4_000
+    headers = dict(delivery_headers(decision.delivery, source=("t", 0, 0)))
+    last_error = headers["last-error"]
+    assert isinstance(last_error, bytes) and len(last_error) < MAX_STORED_TEXT * 4
+
+
+def _delivery_for(target: Endpoint) -> Delivery:
+    return Delivery(event_id=str(uuid.uuid4()), event_type="MESSAGE", bot_id=BOT, session_id=str(uuid.uuid4()),
+                    occurred_at=0, payload="{}", endpoint_id=target.id, attempt=3, due_at=0)
 
 
 def test_a_redirect_to_cloud_metadata_is_not_followed_either() -> None:
@@ -323,8 +357,8 @@ def test_429_retry_after_120_skips_to_the_tier_that_waits_at_least_that_long() -
     step = next_step(DEFAULT_TIERS, EVENTS, attempt)
     assert isinstance(step, Retry) and step.tier == RETRY_5M  # retry-1m would be too early
     assert step.due_at >= sent.started_ms + 300_000
-    assert step.due_at == attempt.at + int(attempt.duration_ms) + 300_000
-    assert step.due_at <= sent.ended_ms + 300_000
+    assert step.due_at == attempt.ended_at + 300_000
+    assert step.due_at <= sent.ended_ms + 2 + 300_000  # (the end, rounded up to be never early)
 
 
 def test_429_retry_after_shorter_than_the_next_tier_keeps_the_schedule() -> None:
@@ -334,7 +368,7 @@ def test_429_retry_after_shorter_than_the_next_tier_keeps_the_schedule() -> None
     assert attempt.retry_after == 30
     step = next_step(DEFAULT_TIERS, EVENTS, attempt)
     # Never earlier than the schedule, even when the receiver would take it sooner.
-    assert step == Retry(RETRY_1M, attempt.at + int(attempt.duration_ms) + 60_000)
+    assert step == Retry(RETRY_1M, attempt.ended_at + 60_000)
 
 
 def test_503_with_an_http_date_retry_after() -> None:
@@ -369,7 +403,7 @@ def test_retry_after_is_only_taken_from_429_and_503_in_a_valid_form(status: int,
         sent = send(config(), server.url())
     assert sent.attempt.status == status and sent.attempt.retry_after is None
     assert next_step(DEFAULT_TIERS, EVENTS, sent.attempt) == Retry(
-        RETRY_1M, sent.attempt.at + int(sent.attempt.duration_ms) + 60_000
+        RETRY_1M, sent.attempt.ended_at + 60_000
     )
 
 
@@ -452,7 +486,7 @@ def test_a_410_for_an_endpoint_removed_meanwhile_does_not_bring_it_back() -> Non
         producer = _Producer()
         sender = Sender(cfg)
         dispatcher = Dispatcher(cfg, codec=Codec(), endpoints=table, sender=sender,
-                                producer=producer)  # type: ignore[arg-type]
+                                producer=producer, metrics=Metrics([t.name for t in Topics.from_config(cfg).tiers]))
         tier = Topics.from_config(cfg).tiers[0]
         doc = {"event": "MESSAGE", "botId": BOT, "sessionId": str(uuid.uuid4()), "role": "USER",
                "message": "hi", "messageId": str(uuid.uuid4())}
@@ -871,21 +905,21 @@ def test_closing_the_sender_while_a_lookup_waits_neither_raises_nor_leaks(
 
     monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
 
-    async def go(port: int) -> tuple[list[Attempt], Attempt]:
+    async def go(port: int) -> list[Attempt]:
         sender = Sender(config())
         sends = [asyncio.create_task(sender.send(endpoint(f"http://h{i}.customer.test:{port}/hook"),
                                                  str(uuid.uuid4()), b"{}", "events")) for i in range(2)]
         await asyncio.sleep(0.1)
         await sender.aclose()
         attempts = list(await asyncio.gather(*sends))
-        after = await sender.send(endpoint(f"http://127.0.0.1:{port}/hook"), str(uuid.uuid4()), b"{}", "events")
+        with pytest.raises(SenderClosed):  # the caller leaves its record for the next owner
+            await sender.send(endpoint(f"http://127.0.0.1:{port}/hook"), str(uuid.uuid4()), b"{}", "events")
         await asyncio.sleep(0.2)  # the connections made after the close are closing
-        return attempts, after
+        return attempts
 
     with RawServer(respond(204)) as server:
-        attempts, after = asyncio.run(go(server.port))
+        attempts = asyncio.run(go(server.port))
         time.sleep(0.2)
         assert [a.status for a in attempts] == [204, 204], attempts
-        assert after.error == "connection error: the sender is closed"
         # The server's side closes once it reads our close.
         assert len(server.connections) == 2 and all(c.sock.fileno() == -1 for c in server.connections)

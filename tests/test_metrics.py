@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Producer
-from prometheus_client import REGISTRY
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import metrics
@@ -28,16 +29,16 @@ from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
 from gateway.health import ENDPOINTS_LOADED, Health, assigned
 from gateway.metrics import (
-    CONSUMER_LAG,
+    DELIVERY_BUCKETS,
     END_TO_END_BUCKETS,
     ConsumerLag,
-    initialize,
+    Metrics,
+    attempt_labels,
     lag_from_stats,
-    outcome_of,
     serve_metrics,
 )
 from gateway.publisher import Publisher
-from gateway.records import Endpoint
+from gateway.records import Attempt, Endpoint, Outcome
 from gateway.topics import Topics
 
 from .conftest import free_port, gateway_env
@@ -146,9 +147,12 @@ class GatewayProcess:
 # -- names, labels, buckets ----------------------------------------------------------
 
 
+def fresh_metrics() -> Metrics:
+    return Metrics([t.name for t in Topics.from_config(Config()).tiers], health=Health())
+
+
 def gateway_families() -> list[Any]:
-    initialize([t.name for t in Topics.from_config(Config()).tiers])
-    return [f for f in REGISTRY.collect() if f.name.startswith("gateway_")]
+    return [f for f in fresh_metrics().registry.collect() if f.name.startswith("gateway_")]
 
 
 def test_metric_names_and_labels_follow_prometheus_conventions() -> None:
@@ -179,17 +183,46 @@ def test_initialize_creates_every_known_series_at_zero() -> None:
     assert retries >= {"retry-1m", "retry-5m", "retry-15m"} and "events" not in retries
 
 
-@pytest.mark.parametrize(("status", "error", "labels"), [
-    (204, None, ("success", "2xx")),
-    (500, None, ("http_error", "5xx")),
-    (404, None, ("http_error", "4xx")),
-    (302, "redirect to /x (not followed)", ("http_error", "3xx")),
-    (None, "timeout after 15 s", ("timeout", "none")),
-    (None, "blocked destination: 10.0.0.1 is private", ("blocked", "none")),
-    (None, "connection error: refused", ("connection_error", "none")),
+@pytest.mark.parametrize(("outcome", "status", "labels"), [
+    (Outcome.SUCCESS, 204, ("success", "2xx")),
+    (Outcome.HTTP_ERROR, 500, ("http_error", "5xx")),
+    (Outcome.HTTP_ERROR, 404, ("http_error", "4xx")),
+    (Outcome.HTTP_ERROR, 302, ("http_error", "3xx")),
+    (Outcome.HTTP_ERROR, 101, ("http_error", "1xx")),
+    (Outcome.HTTP_ERROR, 99, ("http_error", "other")),
+    (Outcome.HTTP_ERROR, 999, ("http_error", "other")),
+    (Outcome.TIMEOUT, None, ("timeout", "none")),
+    (Outcome.TIMEOUT, 200, ("timeout", "none")),  # the head came, the body did not
+    (Outcome.BLOCKED, None, ("blocked", "none")),
+    (Outcome.CONNECTION_ERROR, None, ("connection_error", "none")),
 ])
-def test_outcome_labels(status: int | None, error: str | None, labels: tuple[str, str]) -> None:
-    assert outcome_of(status, error) == labels
+def test_outcome_labels(outcome: Outcome, status: int | None, labels: tuple[str, str]) -> None:
+    assert attempt_labels(Attempt(0, "events", 1.0, outcome, status)) == labels
+
+
+@pytest.mark.parametrize("status", [0, 99, 100, 199, 600, 999])
+def test_any_status_counts_under_a_preset_series(status: int) -> None:
+    """Statuses such as 099 or 999 must not create label values that never existed
+    (a series appearing at 1 has no increase)."""
+    metrics = fresh_metrics()
+    before = {(s.labels["outcome"], s.labels["status_class"]) for f in metrics.registry.collect()
+              if f.name == "gateway_delivery_attempts" for s in f.samples}
+    metrics.attempt("events", Attempt(0, "events", 3.0, Outcome.HTTP_ERROR, status))
+    after = {(s.labels["outcome"], s.labels["status_class"]): s.value for f in metrics.registry.collect()
+             if f.name == "gateway_delivery_attempts" for s in f.samples if s.labels["tier"] == "events"}
+    assert set(after) <= before
+    assert sum(after.values()) == 1
+
+
+def test_attempts_that_never_reached_the_network_are_not_timed() -> None:
+    metrics = fresh_metrics()
+    for outcome in (Outcome.BLOCKED, Outcome.INVALID_ENDPOINT, Outcome.INTERNAL_ERROR):
+        metrics.attempt("events", Attempt(0, "events", 0.0, outcome))
+    metrics.attempt("events", Attempt(0, "events", 120.0, Outcome.SUCCESS, 204))
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "gateway_delivery_attempts_total", tier="events") == 4
+    assert value(text, "gateway_delivery_duration_seconds_count", tier="events") == 1
+    assert value(text, "gateway_delivery_duration_seconds_sum", tier="events") == 0.12
 
 
 def test_end_to_end_buckets_resolve_each_stage_of_the_default_schedule() -> None:
@@ -201,8 +234,7 @@ def test_end_to_end_buckets_resolve_each_stage_of_the_default_schedule() -> None
         window = [b for b in END_TO_END_BUCKETS if stage_start <= b <= stage_start + 60]
         assert len(window) >= 3, (stage_start, window)
     assert END_TO_END_BUCKETS[-1] > sum(config.retry_delays) + 4 * config.request_timeout
-    durations = metrics.DELIVERY_SECONDS._upper_bounds
-    assert config.request_timeout in durations and durations[-2] > config.request_timeout
+    assert config.request_timeout in DELIVERY_BUCKETS and DELIVERY_BUCKETS[-1] > config.request_timeout
 
 
 # -- consumer lag --------------------------------------------------------------------
@@ -231,28 +263,24 @@ def test_lag_counts_from_the_stored_then_committed_offset_then_the_log_start() -
     }
 
 
-def lag_series(tier: str) -> dict[tuple[str, str], float]:
+def lag_series(metrics: Metrics, tier: str) -> dict[tuple[str, str], float]:
     return {(s.labels["topic"], s.labels["partition"]): s.value
-            for f in REGISTRY.collect() if f.name == CONSUMER_LAG._name
+            for f in metrics.registry.collect() if f.name == "gateway_consumer_lag_records"
             for s in f.samples if s.labels["tier"] == tier}
 
 
-class _TP:
-    def __init__(self, topic: str, partition: int) -> None:
-        self.topic, self.partition = topic, partition
-
-
 def test_lag_series_follow_the_assignment() -> None:
-    lag = ConsumerLag("unit-tier")
-    lag.assign([_TP("t", 0), _TP("t", 1)])
+    metrics = fresh_metrics()
+    lag = ConsumerLag("unit-tier", metrics.consumer_lag)
+    lag.assign([("t", 0), ("t", 1)])
     lag.update(json.dumps(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
                                 p2={"hi_offset": 9, "stored_offset": 0})))
-    assert lag_series("unit-tier") == {("t", "0"): 3, ("t", "1"): 0}
-    lag.revoke([_TP("t", 0)])  # another process owns it now: it must not count twice
-    assert lag_series("unit-tier") == {("t", "1"): 0}
+    assert lag_series(metrics, "unit-tier") == {("t", "0"): 3, ("t", "1"): 0}
+    lag.revoke([("t", 0)])  # another process owns it now: it must not count twice
+    assert lag_series(metrics, "unit-tier") == {("t", "1"): 0}
     lag.update("{not json")  # logged, never raised into poll()
     lag.clear()
-    assert lag_series("unit-tier") == {}
+    assert lag_series(metrics, "unit-tier") == {}
 
 
 # -- health ----------------------------------------------------------------------------
@@ -276,12 +304,10 @@ def test_readiness_needs_the_endpoint_table_and_every_tier_assigned() -> None:
     assert health.readiness() == (False, "stopping") and health.liveness()[0]
 
 
-def test_metrics_port_serves_metrics_health_and_readiness(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_port_serves_metrics_health_and_readiness() -> None:
     health = Health()
-    monkeypatch.setattr("gateway.health.HEALTH", health)
-    monkeypatch.setattr("gateway.metrics.HEALTH", health)
     port = free_port()
-    server = serve_metrics(port, host="127.0.0.1")
+    server = serve_metrics(Metrics(["events"], health=health), health, port, host="127.0.0.1")
     try:
         assert scrape(port, "/readyz").status_code == 503
         assert scrape(port, "/healthz").text == "ok\n"
@@ -293,8 +319,9 @@ def test_metrics_port_serves_metrics_health_and_readiness(monkeypatch: pytest.Mo
         assert scrape(port, "/readyz").status_code == 200
         text = scrape(port).text
         assert value(text, "gateway_ready") == 1
-        assert value(text, "gateway_build_info", version=metrics._version()) == 1
+        assert value(text, "gateway_build_info", version=importlib.metadata.version("webhook-gateway")) == 1
         assert "_created" not in text
+        assert value(text, "process_resident_memory_bytes")  # the process's own series too
         assert scrape(port, "/nothing").status_code == 404
     finally:
         server.shutdown()

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prometheus_client import REGISTRY
 
 from gateway.config import Config
-from gateway.metrics import initialize
+from gateway.metrics import Metrics
 from gateway.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +51,9 @@ def dashboard() -> dict[str, Any]:
 
 def exported_names() -> set[str]:
     """Every series name the gateway's registry can expose, labelled children or not."""
-    initialize([t.name for t in Topics.from_config(Config()).tiers])
+    metrics = Metrics([t.name for t in Topics.from_config(Config()).tiers])
     names = {"up"}
-    for family in REGISTRY.collect():
+    for family in metrics.registry.collect():
         names |= {s.name for s in family.samples}
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
                     "info": ["_info"]}.get(family.type, [""])

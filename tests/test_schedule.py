@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.endpoints import EndpointError, EndpointTable, new_endpoint
 from gateway.offsets import OffsetTracker
-from gateway.records import Attempt, DeadLetterReason, Endpoint
+from gateway.records import Attempt, DeadLetterReason, Endpoint, Outcome
 from gateway.retry import Delivered, GiveUp, Retry, is_due, next_step
 from gateway.signing import secret_key
 from gateway.topics import Tier, Topics
@@ -193,7 +193,8 @@ AT = 1_700_000_000_000
 
 def attempt(status: int | None = None, error: str | None = None, *, tier: str = "events",
             duration_ms: float = 123.7) -> Attempt:
-    return Attempt(at=AT, tier=tier, duration_ms=duration_ms, status=status, error=error)
+    return Attempt(at=AT, tier=tier, duration_ms=duration_ms, outcome=Outcome.of_legacy(status, error),
+                   status=status, error=error)
 
 
 def test_tiers_are_named_after_their_delays() -> None:
@@ -211,17 +212,17 @@ def test_2xx_is_delivered_from_any_tier(status: int, tier: Tier) -> None:
 
 def test_failure_on_events_goes_to_the_first_retry_tier() -> None:
     step = next_step(TIERS, EVENTS, attempt(503))
-    assert step == Retry(RETRY_1S, AT + 123 + 1000)
+    assert step == Retry(RETRY_1S, AT + 125 + 1000)
 
 
 def test_failure_on_retry_1s_goes_to_retry_2s() -> None:
     step = next_step(TIERS, RETRY_1S, attempt(500, tier="retry-1s", duration_ms=40.0))
-    assert step == Retry(RETRY_2S, AT + 40 + 2000)
+    assert step == Retry(RETRY_2S, AT + 42 + 2000)
 
 
 def test_failure_on_retry_2s_goes_to_retry_3s() -> None:
     step = next_step(TIERS, RETRY_2S, attempt(429, tier="retry-2s", duration_ms=0.9))
-    assert step == Retry(RETRY_3S, AT + 0 + 3000)
+    assert step == Retry(RETRY_3S, AT + 2 + 3000)
 
 
 def test_due_at_is_never_before_failure_end_plus_delay() -> None:
@@ -230,7 +231,7 @@ def test_due_at_is_never_before_failure_end_plus_delay() -> None:
         step = next_step(TIERS, current, a)
         assert isinstance(step, Retry)
         assert step.tier == following
-        assert step.due_at >= a.at + int(a.duration_ms) + following.delay * 1000
+        assert step.due_at >= a.at + a.duration_ms + 1 + following.delay * 1000
         assert not is_due(step.due_at, step.due_at - 1)
         assert is_due(step.due_at, step.due_at)
 
@@ -262,14 +263,14 @@ def test_410_gives_up_as_gone_from_any_tier(tier: Tier) -> None:
 def test_redirect_is_retried(status: int) -> None:
     a = attempt(status, "redirect to https://elsewhere.example/ (not followed)")
     assert not a.succeeded
-    assert next_step(TIERS, EVENTS, a) == Retry(RETRY_1S, AT + 123 + 1000)
+    assert next_step(TIERS, EVENTS, a) == Retry(RETRY_1S, AT + 125 + 1000)
 
 
 @pytest.mark.parametrize("error", ["timeout after 5.0 s", "connection refused"])
 def test_no_response_is_retried(error: str) -> None:
-    assert next_step(TIERS, EVENTS, attempt(None, error)) == Retry(RETRY_1S, AT + 123 + 1000)
+    assert next_step(TIERS, EVENTS, attempt(None, error)) == Retry(RETRY_1S, AT + 125 + 1000)
     assert next_step(TIERS, RETRY_1S, attempt(None, error, tier="retry-1s")) == Retry(
-        RETRY_2S, AT + 123 + 2000
+        RETRY_2S, AT + 125 + 2000
     )
 
 
@@ -299,8 +300,9 @@ def test_a_single_tier_schedule_gives_up_after_the_events_attempt() -> None:
 )
 def test_next_step_property(tier_index: int, status: int | None, at: int, duration: float) -> None:
     current = TIERS[tier_index]
-    a = Attempt(at=at, tier=current.name, duration_ms=duration, status=status,
-                error=None if status is not None else "timeout")
+    error = None if status is not None else "timeout"
+    a = Attempt(at=at, tier=current.name, duration_ms=duration, outcome=Outcome.of_legacy(status, error),
+                status=status, error=error)
     step = next_step(TIERS, current, a)
     if status is not None and 200 <= status < 300:
         assert step == Delivered()
@@ -312,7 +314,8 @@ def test_next_step_property(tier_index: int, status: int | None, at: int, durati
     else:
         assert isinstance(step, Retry)
         assert step.tier == TIERS[tier_index + 1]
-        assert step.due_at == at + int(duration) + step.tier.delay * 1000
+        assert step.due_at == a.ended_at + step.tier.delay * 1000
+        assert step.due_at >= at + duration + 1 + step.tier.delay * 1000  # never early
 
 
 # --- EndpointTable -------------------------------------------------------------------------

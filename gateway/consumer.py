@@ -1,0 +1,302 @@
+"""The consumer pump: the one thread that calls one tier's Kafka consumer.
+
+confluent-kafka's consumer is not thread-safe (calling ``store_offsets`` from another
+thread while ``poll`` runs deadlocks), so a :class:`ConsumerPump` owns it: it polls, so
+it also runs the rebalance callbacks, hands each batch of records to its
+:class:`PartitionOwner` (the tier's worker, which passes them to the event loop), and
+between polls carries out what the event loop asked for: typed :class:`Pause` and
+:class:`Resume` commands, and the settled positions to store for commit.
+
+The pump never stops polling. ``max.poll.interval.ms`` (default 5 minutes) is enforced by
+the client: a consumer that does not call ``poll`` for that long leaves its group, and
+``pause`` does not stop that clock. So when the process's in-flight budget
+(:class:`~gateway.capacity.Capacity`) has no room for the records a poll fetched, they
+wait in the pump (one batch at most), the pump pauses the whole assignment and goes on
+polling, which keeps the membership and serves rebalances while nothing more is
+fetched; once they all got room it resumes the partitions, except those the event loop
+paused itself (a retry tier's head not due yet). A broker that is
+down, a receiver that is slow or records held until due can hold the budget for hours:
+the group never notices.
+
+The rebalance contract (the owner's side is in :mod:`gateway.worker`):
+
+* On assignment, the new partitions are resumed first (librdkafka keeps a partition's
+  pause across revoke and re-assignment: one paused while its head was not due would
+  come back silent), paused again if the budget is full, and announced to the owner.
+* On revocation, the owner releases the partitions (bounded: it waits for their records
+  in flight up to ``shutdown_timeout``), then the positions it stored meanwhile are
+  stored and committed synchronously before the callback returns, so the next owner
+  starts exactly after what was settled.
+* On loss (the session expired: another member may own them already), the owner drops
+  them without waiting and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from .capacity import Capacity
+
+__all__ = [
+    "BATCH",
+    "Command",
+    "ConsumerLike",
+    "ConsumerPump",
+    "Key",
+    "PartitionOwner",
+    "Pause",
+    "Resume",
+]
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+"""Most records handed to the event loop at once."""
+
+Key = tuple[str, int]
+"""(topic, partition)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Stop fetching a partition (its held head is not due yet)."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Fetch a partition again (nothing of it is held any more)."""
+
+    topic: str
+    partition: int
+
+
+Command = Pause | Resume
+
+
+class ConsumerLike(Protocol):
+    """The part of ``confluent_kafka.Consumer`` the pump uses (tests pass a fake)."""
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None: ...
+    def poll(self, timeout: float) -> Any: ...
+    def consume(self, num_messages: int, timeout: float) -> list[Any]: ...
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def store_offsets(self, *, offsets: list[TopicPartition]) -> None: ...
+    def commit(self, *, asynchronous: bool) -> Any: ...
+    def close(self) -> None: ...
+
+
+class PartitionOwner(Protocol):
+    """What the pump tells the tier's worker. Every method is called on the pump's thread."""
+
+    def assigned(self, partitions: list[Key]) -> None:
+        """New partitions: prepare their state (must not block)."""
+
+    def revoked(self, partitions: list[Key], *, lost: bool) -> None:
+        """Release the partitions: drop what is held, and unless ``lost`` wait (bounded)
+        for their records in flight and store their settled positions. Blocks."""
+
+    def accept(self, records: list[Any]) -> None:
+        """Records to process (must not block); their room is already taken."""
+
+    def stopped(self, failure: BaseException | None) -> None:
+        """The pump ended: closed normally, or because ``failure`` broke its loop."""
+
+
+class ConsumerPump:
+    """Polls one consumer on its own thread; the event loop talks to it through
+    :meth:`send` (commands) and :meth:`store` (positions)."""
+
+    def __init__(
+        self,
+        consumer: ConsumerLike,
+        tier: str,
+        capacity: Capacity,
+        owner: PartitionOwner,
+        *,
+        poll_timeout: float = 0.05,
+    ) -> None:
+        self.consumer = consumer
+        self.tier = tier
+        self.capacity = capacity
+        self.owner = owner
+        self.poll_timeout = poll_timeout
+        self._waiting: list[Any] = []
+        """Records fetched, in order, that the budget had no room for yet: while any
+        wait, the assignment stays paused (so at most a batch waits per tier)."""
+        self.held: set[Key] = set()
+        """Partitions the event loop paused (heads not due)."""
+        self.budget_paused = False
+        """The whole assignment is paused because the budget has no room."""
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        # Settled positions waiting to be stored, latest per partition: one store_offsets
+        # call per poll round instead of one request per record.
+        self._positions: dict[Key, int] = {}
+        self._positions_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- from any thread -----------------------------------------------------------------
+
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+
+    def store(self, topic: str, partition: int, position: int) -> None:
+        """Store ``position`` for commit (carried out between polls)."""
+        with self._positions_lock:
+            self._positions[(topic, partition)] = position
+
+    def start(self, topics: list[str]) -> None:
+        self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        self._thread = threading.Thread(target=self._run, name=f"consumer-{self.tier}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the pump to stop: it closes the consumer (which revokes and commits) and
+        tells the owner :meth:`~PartitionOwner.stopped`."""
+        self._stopping.set()
+
+    # -- the pump's thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        failure: BaseException | None = None
+        try:
+            while not self._stopping.is_set():
+                self.run_once()
+        except Exception as exc:
+            log.exception("consumer loop failed", extra={"tier": self.tier})
+            failure = exc
+        finally:
+            try:
+                self.consumer.close()  # runs _on_revoke: release, store, commit
+            except Exception:
+                log.exception("consumer close failed", extra={"tier": self.tier})
+            self.owner.stopped(failure)
+
+    def run_once(self) -> None:
+        """One round: carry out the requests, hand over what the budget has room for,
+        then poll (with the assignment paused while fetched records still wait)."""
+        self.serve()
+        if self._waiting:
+            self._hand_over()
+        if self._waiting:
+            self._pause_budget()
+        elif self.budget_paused:
+            self._resume_budget()
+        first = self.consumer.poll(self.poll_timeout)
+        if first is None:
+            return
+        batch = [first]
+        if not self.budget_paused:
+            batch += self.consumer.consume(BATCH - 1, 0)
+        for msg in batch:
+            error = msg.error()
+            if error is None:
+                # (Records fetched before a pause may still come: they wait like the rest.)
+                self._waiting.append(msg)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.error("consumer error", extra={"tier": self.tier, "error": error.str()})
+        if self._waiting:
+            self._hand_over()
+            if self._waiting:
+                self._pause_budget()
+
+    def _hand_over(self) -> None:
+        granted = self.capacity.claim(self.tier, len(self._waiting))
+        if granted:
+            records, self._waiting = self._waiting[:granted], self._waiting[granted:]
+            self.owner.accept(records)
+
+    def serve(self) -> None:
+        """Store the positions and carry out the commands the event loop sent."""
+        with self._positions_lock:
+            positions, self._positions = self._positions, {}
+        if positions:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+            try:
+                self.consumer.store_offsets(offsets=offsets)
+            except KafkaException:  # a partition revoked since: store the others one by one
+                for offset in offsets:
+                    try:
+                        self.consumer.store_offsets(offsets=[offset])
+                    except KafkaException:
+                        pass
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            key = (command.topic, command.partition)
+            tp = [TopicPartition(*key)]
+            try:
+                if isinstance(command, Pause):
+                    self.held.add(key)
+                    self.consumer.pause(tp)
+                else:
+                    self.held.discard(key)
+                    if not self.budget_paused:
+                        self.consumer.resume(tp)
+            except KafkaException as exc:  # e.g. a partition revoked since the request
+                log.debug("consumer request failed", extra={"tier": self.tier, "error": exc.args[0].str()})
+
+    def _pause_budget(self) -> None:
+        if not self.budget_paused:
+            self.budget_paused = True
+            self.consumer.pause(self.consumer.assignment())
+            log.debug("budget full: tier paused", extra={"tier": self.tier})
+
+    def _resume_budget(self) -> None:
+        self.budget_paused = False
+        again = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in self.held]
+        if again:
+            self.consumer.resume(again)
+
+    # -- rebalance callbacks (run by poll, on this thread) -------------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        consumer.resume(partitions)  # a pause kept from an earlier assignment would silence it
+        if self.budget_paused:
+            consumer.pause(partitions)
+        self.owner.assigned([(p.topic, p.partition) for p in partitions])
+
+    def _forget(self, keys: list[Key]) -> None:
+        """Partitions leave: what of them was fetched and still waits is the next
+        owner's to read (nothing of it was stored)."""
+        self.held.difference_update(keys)
+        gone = set(keys)
+        self._waiting = [m for m in self._waiting if (m.topic(), m.partition()) not in gone]
+        if not self._waiting:
+            self.capacity.withdraw(self.tier)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = [(p.topic, p.partition) for p in partitions]
+        self._forget(keys)
+        try:
+            self.owner.revoked(keys, lost=False)
+        except Exception:
+            log.exception("releasing partitions failed", extra={"tier": self.tier})
+        self.serve()  # the positions stored while releasing
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.error("commit on revoke failed", extra={"tier": self.tier, "error": exc.args[0].str()})
+
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        keys = [(p.topic, p.partition) for p in partitions]
+        self._forget(keys)
+        try:
+            self.owner.revoked(keys, lost=True)
+        except Exception:
+            log.exception("releasing lost partitions failed", extra={"tier": self.tier})

@@ -1,0 +1,155 @@
+"""Fakes for the worker's unit tests: a Kafka consumer, its messages, a clock, a
+producer and a sender. They stand in for I/O only; the code under test is the real one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import TopicPartition
+
+from gateway.records import Attempt, Endpoint, Outcome
+
+
+@dataclass
+class FakeMessage:
+    topic_: str
+    partition_: int
+    offset_: int
+    value_: bytes | None = b""
+    key_: bytes | None = b"k"
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def error(self) -> None:
+        return None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return []
+
+
+@dataclass
+class FakeConsumer:
+    """A consumer of one topic whose partitions hold ``queued`` messages. Paused
+    partitions give nothing; every call is recorded."""
+
+    queued: dict[tuple[str, int], deque[FakeMessage]] = field(default_factory=dict)
+    assigned: list[tuple[str, int]] = field(default_factory=list)
+    paused: set[tuple[str, int]] = field(default_factory=set)
+    stored: dict[tuple[str, int], int] = field(default_factory=dict)
+    polls: int = 0
+    commits: int = 0
+    closed: bool = False
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def add(self, *messages: FakeMessage) -> None:
+        for message in messages:
+            self.queued.setdefault((message.topic_, message.partition_), deque()).append(message)
+
+    def rebalance(self, assign: list[tuple[str, int]]) -> None:
+        """What librdkafka does inside poll: revoke what goes, assign what comes."""
+        gone = [k for k in self.assigned if k not in assign]
+        if gone:
+            self.callbacks["on_revoke"](self, [TopicPartition(*k) for k in gone])
+        new = [k for k in assign if k not in self.assigned]
+        self.assigned = list(assign)
+        if new:
+            self.callbacks["on_assign"](self, [TopicPartition(*k) for k in new])
+
+    def _next(self) -> FakeMessage | None:
+        for key in self.assigned:
+            if key in self.paused:
+                continue
+            messages = self.queued.get(key)
+            if messages:
+                return messages.popleft()
+        return None
+
+    def poll(self, timeout: float) -> FakeMessage | None:
+        self.polls += 1
+        return self._next()
+
+    def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
+        out = []
+        while len(out) < num_messages and (message := self._next()) is not None:
+            out.append(message)
+        return out
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused |= {(p.topic, p.partition) for p in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused -= {(p.topic, p.partition) for p in partitions}
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(*k) for k in self.assigned]
+
+    def store_offsets(self, *, offsets: list[TopicPartition]) -> None:
+        for tp in offsets:
+            self.stored[(tp.topic, tp.partition)] = tp.offset
+
+    def commit(self, *, asynchronous: bool) -> None:
+        self.commits += 1
+
+    def close(self) -> None:
+        self.rebalance([])
+        self.closed = True
+
+
+class FakeClock:
+    def __init__(self, now_ms: int = 1_000_000) -> None:
+        self.now_ms = now_ms
+
+    def advance(self, ms: int) -> int:
+        self.now_ms += ms
+        return self.now_ms
+
+
+class RecordingProducer:
+    """Stands in for the AckedProducer: keeps what would be written, acknowledges at once
+    (or waits on ``gate`` when set)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes, Any]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.records.append((topic, key, value, headers))
+
+
+class ScriptedSender:
+    """Stands in for the HTTP sender: answers each endpoint with a programmed status, or
+    raises what it was told to."""
+
+    def __init__(self, answers: dict[str, int | BaseException]) -> None:
+        self.answers = answers
+        self.sent: list[tuple[str, str]] = []
+
+    async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str, *, log: Any = None) -> Attempt:
+        self.sent.append((endpoint.id, event_id))
+        await asyncio.sleep(0)
+        answer = self.answers[endpoint.id]
+        if isinstance(answer, BaseException):
+            raise answer
+        outcome = Outcome.SUCCESS if 200 <= answer < 300 else Outcome.HTTP_ERROR
+        return Attempt(at=1_700_000_000_000, tier=tier, duration_ms=5.0, outcome=outcome, status=answer)

@@ -1,0 +1,515 @@
+"""The worker's parts without processes or a broker: the partition state under a fake
+clock, the in-flight budget, the consumer pump against a fake consumer, the tier worker
+on a real event loop, and the dispatcher's outcome/decision path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.capacity import Capacity, fair_room
+from gateway.codec import Codec
+from gateway.config import Config
+from gateway.consumer import ConsumerPump, Pause, Resume
+from gateway.dispatcher import BadRecord, Dispatcher, Job, Pending
+from gateway.endpoints import EndpointTable, new_endpoint
+from gateway.events import parse_event
+from gateway.health import Health
+from gateway.metrics import Metrics
+from gateway.partitions import PartitionState
+from gateway.records import Attempt, DeadLetter, DeadLetterReason, Delivery, Endpoint, Outcome
+from gateway.retry import Delivered, GiveUp, Retry, decide
+from gateway.topics import Topics
+from gateway.worker import TierWorker
+
+from .fakes import FakeClock, FakeConsumer, FakeMessage, RecordingProducer, ScriptedSender
+
+TOPIC = "t.retry-1s"
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+
+
+def job(offset: int, due_at: int = 0, *, pending: int | None = None, partition: int = 0) -> Job:
+    content: Any = Pending(pending) if pending is not None else BadRecord(DeadLetterReason.INVALID, "x")
+    return Job(FakeMessage(TOPIC, partition, offset), content, due_at)
+
+
+# -- PartitionState ------------------------------------------------------------------------
+
+
+def test_a_due_record_runs_at_once_and_nothing_is_paused() -> None:
+    clock = FakeClock()
+    state = PartitionState(TOPIC, 0)
+    assert state.receive(job(0, clock.now_ms), clock.now_ms)
+    assert not state.pause_needed() and state.wake_at is None
+
+
+def test_a_record_not_due_holds_it_and_everything_after_it_in_order() -> None:
+    clock = FakeClock()
+    state = PartitionState(TOPIC, 0)
+    head_due = clock.now_ms + 1000
+    assert not state.receive(job(0, head_due), clock.now_ms)
+    # Records behind the head are held even when due: their order is the schedule's.
+    assert not state.receive(job(1, clock.now_ms - 5), clock.now_ms)
+    assert not state.receive(job(2, head_due + 500), clock.now_ms)
+    assert state.pause_needed() and not state.pause_needed()  # asked once
+    assert state.wake_at == head_due
+    assert state.release(clock.advance(999)) == []  # never a millisecond early
+    released = state.release(clock.advance(1))
+    assert [j.offset for j in released] == [0, 1]
+    assert state.wake_at == head_due + 500 and not state.resume_needed()
+    assert [j.offset for j in state.release(clock.advance(500))] == [2]
+    assert state.resume_needed() and not state.resume_needed()
+    assert state.wake_at is None
+
+
+def test_held_records_keep_the_committable_position() -> None:
+    clock = FakeClock()
+    state = PartitionState(TOPIC, 0)
+    assert state.receive(job(10, 0), clock.now_ms)
+    assert not state.receive(job(11, clock.now_ms + 100), clock.now_ms)
+    assert state.settle(10) == 11  # stops at the held one
+    assert state.tracker.position == 11
+    (released,) = state.release(clock.advance(100))
+    assert state.settle(released.offset) == 12
+
+
+def test_a_pending_schema_holds_the_partition_until_the_schema_comes() -> None:
+    clock = FakeClock()
+    state = PartitionState(TOPIC, 0)
+    assert not state.receive(job(0, pending=7), clock.now_ms)
+    assert not state.receive(job(1, 0), clock.now_ms)
+    assert state.pause_needed()
+    assert state.wake_at is None  # no timer: the schema's arrival wakes it
+    assert state.release(clock.advance(10_000)) == []
+    assert state.pending_schemas() == {7}
+    state.redecode(7, lambda j: job(j.offset, 0))
+    assert [j.offset for j in state.release(clock.now_ms)] == [0, 1]
+    assert state.resume_needed()
+
+
+def test_revoke_drops_what_is_held_and_nothing_settles_after_it() -> None:
+    clock = FakeClock()
+    state = PartitionState(TOPIC, 0)
+    assert state.receive(job(0, 0), clock.now_ms)
+    assert state.receive(job(1, 0), clock.now_ms)
+    assert not state.receive(job(2, clock.now_ms + 1000), clock.now_ms)
+    assert state.settle(0) == 1
+    assert state.drop_held() == 1
+    assert state.revoke() == 1  # the final position: 1 was still in flight
+    assert state.settle(1) is None  # the next owner repeats it
+    assert state.tracker.position == 1
+
+
+def test_an_offset_received_twice_is_refused() -> None:
+    state = PartitionState(TOPIC, 0)
+    state.receive(job(5, 0), 0)
+    with pytest.raises(ValueError):
+        state.receive(job(5, 0), 0)
+
+
+@given(st.lists(st.integers(0, 5_000), min_size=1, max_size=40),
+       st.lists(st.integers(0, 3_000), min_size=1, max_size=40))
+def test_nothing_is_ever_released_before_it_is_due_and_order_is_kept(
+    dues: list[int], steps: list[int]
+) -> None:
+    clock = FakeClock(0)
+    state = PartitionState(TOPIC, 0)
+    ran: list[Job] = []
+    for offset, due in enumerate(sorted(dues)):  # a tier's records come in due order
+        received = job(offset, due)
+        if state.receive(received, clock.now_ms):
+            assert received.due_at <= clock.now_ms
+            ran.append(received)
+    for step in steps:
+        for released in state.release(clock.advance(step)):
+            assert released.due_at <= clock.now_ms
+            ran.append(released)
+    ran += state.release(clock.advance(10_000))
+    assert [j.offset for j in ran] == list(range(len(dues)))
+
+
+# -- Capacity ------------------------------------------------------------------------------
+
+
+def test_one_tier_may_use_the_whole_budget_while_no_other_needs_it() -> None:
+    assert fair_room(100, {"events": 0, "retry-1s": 0}, set(), "events") == 100
+    assert fair_room(100, {"events": 90, "retry-1s": 0}, set(), "events") == 10
+
+
+def test_a_starved_tier_stops_the_tiers_above_their_share() -> None:
+    used = {"events": 100, "retry-1s": 0}
+    assert fair_room(100, used, set(), "retry-1s") == 0
+    # retry-1s asked and found no room: events, above its share of 50, gets no more ...
+    assert fair_room(100, {"events": 99, "retry-1s": 0}, {"retry-1s"}, "events") == 0
+    # ... while retry-1s gets what frees up
+    assert fair_room(100, {"events": 99, "retry-1s": 0}, {"retry-1s"}, "retry-1s") == 1
+    # a tier below its share is never stopped by another's starvation
+    assert fair_room(100, {"events": 10, "retry-1s": 60}, {"retry-1s"}, "events") == 30
+
+
+def test_capacity_gives_a_starved_tier_its_share_back() -> None:
+    capacity = Capacity(10, ["events", "retry-1s"])
+    assert capacity.claim("events", 500) == 10  # a burst: it may have it all
+    assert capacity.claim("retry-1s", 3) == 0  # starved now
+    for _ in range(3):
+        capacity.give("events")
+        assert capacity.claim("events", 500) == 0  # above its share: it waits
+        assert capacity.claim("retry-1s", 3 - capacity.used("retry-1s")) == 1
+    assert capacity.used("retry-1s") == 3 and not capacity.starved("retry-1s")
+    assert capacity.used("events") == 7
+    capacity.give("events", 2)
+    assert capacity.claim("events", 500) == 2  # nobody else is short: events may use it
+
+
+def test_an_idle_tier_reserves_nothing() -> None:
+    capacity = Capacity(8, ["events", "retry-1s", "retry-2s", "retry-3s"])
+    assert capacity.claim("events", 8) == 8
+    for tier in ("retry-1s", "retry-2s", "retry-3s"):
+        assert capacity.claim(tier, 0) == 0 and not capacity.starved(tier)
+    capacity.give("events", 8)
+    assert capacity.claim("events", 8) == 8
+
+
+@given(st.lists(st.tuples(st.sampled_from(["events", "retry-1s"]), st.integers(0, 30), st.integers(0, 30)),
+                max_size=60))
+def test_the_budget_is_never_exceeded_by_claims(steps: list[tuple[str, int, int]]) -> None:
+    capacity = Capacity(20, ["events", "retry-1s"])
+    for tier, wanted, giving in steps:
+        give = min(giving, capacity.used(tier))
+        capacity.give(tier, give)
+        granted = capacity.claim(tier, wanted)
+        assert 0 <= granted <= wanted
+        assert capacity.used() <= 20
+
+
+# -- ConsumerPump --------------------------------------------------------------------------
+
+
+class Owner:
+    """Stands in for the tier worker: records what the pump tells it."""
+
+    def __init__(self) -> None:
+        self.accepted: list[FakeMessage] = []
+        self.assigned_keys: list[tuple[str, int]] = []
+        self.revocations: list[tuple[list[tuple[str, int]], bool]] = []
+        self.pump: ConsumerPump | None = None
+        self.store_on_revoke: dict[tuple[str, int], int] = {}
+
+    def assigned(self, partitions: list[tuple[str, int]]) -> None:
+        self.assigned_keys += partitions
+
+    def revoked(self, partitions: list[tuple[str, int]], *, lost: bool) -> None:
+        self.revocations.append((partitions, lost))
+        assert self.pump is not None
+        for key in partitions:  # what a worker stores while it releases
+            if key in self.store_on_revoke:
+                self.pump.store(*key, self.store_on_revoke[key])
+
+    def accept(self, records: list[Any]) -> None:
+        self.accepted += records
+
+    def stopped(self, failure: BaseException | None) -> None:
+        pass
+
+
+def pump_with(consumer: FakeConsumer, capacity: Capacity) -> tuple[ConsumerPump, Owner]:
+    """A pump run round by round by the test (no thread)."""
+    owner = Owner()
+    pump = ConsumerPump(consumer, "events", capacity, owner)
+    owner.pump = pump
+    consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
+    return pump, owner
+
+
+def test_the_pump_hands_over_what_the_budget_has_room_for() -> None:
+    consumer = FakeConsumer()
+    capacity = Capacity(3, ["events"])
+    pump, owner = pump_with(consumer, capacity)
+    consumer.rebalance([("t", 0)])
+    consumer.add(*(FakeMessage("t", 0, i) for i in range(5)))
+    pump.run_once()
+    assert [m.offset() for m in owner.accepted] == [0, 1, 2]
+    assert capacity.used("events") == 3
+    assert pump.budget_paused and consumer.paused == {("t", 0)}  # 3 and 4 wait in the pump
+    capacity.give("events", 2)
+    pump.run_once()
+    assert [m.offset() for m in owner.accepted] == [0, 1, 2, 3, 4]
+    assert not pump.budget_paused and consumer.paused == set()
+
+
+def test_the_pump_keeps_polling_with_the_budget_full_and_the_assignment_paused() -> None:
+    """Fault: polling stopped while there was no room, so a worker whose budget stayed
+    full (a broker that is down, a slow receiver) went past max.poll.interval.ms and was
+    evicted from its group."""
+    consumer = FakeConsumer()
+    capacity = Capacity(2, ["events"])
+    pump, owner = pump_with(consumer, capacity)
+    consumer.rebalance([("t", 0), ("t", 1)])
+    consumer.add(*(FakeMessage("t", p, i) for p in (0, 1) for i in range(5)))
+    pump.run_once()
+    assert capacity.used("events") == 2
+    polls = consumer.polls
+    for _ in range(10):
+        pump.run_once()
+    assert consumer.polls == polls + 10  # still polling: the group keeps us
+    assert consumer.paused == {("t", 0), ("t", 1)} and pump.budget_paused
+    assert len(owner.accepted) == 2
+    consumer.rebalance([("t", 0), ("t", 1), ("t", 2)])  # a partition assigned meanwhile comes paused
+    assert ("t", 2) in consumer.paused
+    capacity.give("events", 2)
+    pump.run_once()
+    assert len(owner.accepted) == 4
+
+
+def test_the_budget_resumes_everything_but_what_the_loop_paused() -> None:
+    consumer = FakeConsumer()
+    capacity = Capacity(1, ["events"])
+    pump, owner = pump_with(consumer, capacity)
+    consumer.rebalance([("t", 0), ("t", 1)])
+    pump.send(Pause("t", 1))  # its head is not due
+    consumer.add(FakeMessage("t", 0, 0), FakeMessage("t", 0, 1))
+    pump.run_once()
+    assert consumer.paused == {("t", 0), ("t", 1)}  # offset 1 waits for room
+    capacity.give("events")
+    pump.run_once()
+    assert [m.offset() for m in owner.accepted] == [0, 1]
+    assert ("t", 1) in consumer.paused and ("t", 0) not in consumer.paused
+    pump.send(Resume("t", 1))
+    pump.run_once()
+    assert ("t", 1) not in consumer.paused
+
+
+def test_records_waiting_for_room_are_dropped_when_their_partition_goes() -> None:
+    consumer = FakeConsumer()
+    capacity = Capacity(1, ["events"])
+    pump, owner = pump_with(consumer, capacity)
+    consumer.rebalance([("t", 0), ("t", 1)])
+    consumer.add(FakeMessage("t", 0, 0), FakeMessage("t", 0, 1), FakeMessage("t", 1, 0))
+    pump.run_once()
+    assert len(owner.accepted) == 1 and capacity.starved("events")
+    consumer.rebalance([("t", 1)])  # partition 0 goes: its waiting record is the next owner's
+    capacity.give("events")
+    pump.run_once()
+    assert [(m.partition(), m.offset()) for m in owner.accepted] == [(0, 0), (1, 0)]
+
+
+def test_positions_are_stored_between_polls_and_committed_on_revoke() -> None:
+    consumer = FakeConsumer()
+    pump, owner = pump_with(consumer, Capacity(10, ["events"]))
+    consumer.rebalance([("t", 0), ("t", 1)])
+    pump.store("t", 0, 5)
+    pump.store("t", 0, 7)  # the latest wins
+    pump.run_once()
+    assert consumer.stored == {("t", 0): 7}
+    owner.store_on_revoke = {("t", 1): 3}
+    consumer.rebalance([("t", 0)])
+    assert owner.revocations == [([("t", 1)], False)]
+    # what the owner stored while releasing is stored before the commit
+    assert consumer.stored[("t", 1)] == 3 and consumer.commits == 1
+
+
+def test_a_lost_partition_is_released_without_a_commit() -> None:
+    consumer = FakeConsumer()
+    pump, owner = pump_with(consumer, Capacity(10, ["events"]))
+    consumer.rebalance([("t", 0)])
+    consumer.callbacks["on_lost"](consumer, consumer.assignment())
+    assert owner.revocations == [([("t", 0)], True)] and consumer.commits == 0
+
+
+# -- TierWorker on a real event loop -------------------------------------------------------
+
+
+class _Dispatcher:
+    """Stands in for the dispatcher: jobs from raw bytes (b"due:<ms>" or b"ok"), and a
+    run that waits for the test's go-ahead when told to."""
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+        self.gate: asyncio.Event | None = None
+        self.codec = Codec()
+
+    def prepare(self, tier: Any, message: Any) -> Job:
+        value = message.value()
+        due = int(value.split(b":")[1]) if value.startswith(b"due:") else 0
+        return Job(message, BadRecord(DeadLetterReason.INVALID, "x"), due)
+
+    async def run(self, tier: Any, job: Job) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.ran.append(job.offset)
+
+
+def _worker(consumer: FakeConsumer, dispatcher: _Dispatcher, loop: asyncio.AbstractEventLoop,
+            **config: Any) -> TierWorker:
+    cfg = Config(topic_prefix="t", retry_delays=(1,), shutdown_timeout=config.pop("shutdown_timeout", 2.0))
+    tier = Topics.from_config(cfg).tiers[1]
+    return TierWorker(tier, cfg, dispatcher, Capacity(100, [tier.name]), loop,  # type: ignore[arg-type]
+                      metrics=Metrics([t.name for t in Topics.from_config(cfg).tiers]), health=Health(),
+                      consumer=consumer)
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_the_worker_holds_a_retry_until_due_then_settles_in_order() -> None:
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        consumer = FakeConsumer()
+        dispatcher = _Dispatcher()
+        worker = _worker(consumer, dispatcher, loop)
+        topic = "t.retry-1s"
+        due = int(time.time() * 1000) + 300
+        consumer.add(FakeMessage(topic, 0, 0, b"ok"), FakeMessage(topic, 0, 1, f"due:{due}".encode()),
+                     FakeMessage(topic, 0, 2, b"ok"))
+        worker.start()
+        consumer.rebalance([(topic, 0)])  # (as if from within poll: the fake's lists are simple)
+        await _until(lambda: dispatcher.ran == [0])
+        await _until(lambda: (topic, 0) in consumer.paused)
+        assert dispatcher.ran == [0]  # 2 is due, but waits behind 1
+        await _until(lambda: dispatcher.ran == [0, 1, 2])
+        assert time.time() * 1000 >= due
+        await _until(lambda: consumer.stored.get((topic, 0)) == 3)
+        await _until(lambda: (topic, 0) not in consumer.paused)
+        await worker.stop()
+        assert consumer.closed
+
+    asyncio.run(go())
+
+
+def test_the_worker_hands_over_what_is_still_in_flight_after_the_shutdown_timeout() -> None:
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        consumer = FakeConsumer()
+        dispatcher = _Dispatcher()
+        dispatcher.gate = asyncio.Event()  # never set: the record stays in flight
+        worker = _worker(consumer, dispatcher, loop, shutdown_timeout=0.2)
+        topic = "t.retry-1s"
+        consumer.add(FakeMessage(topic, 0, 0, b"ok"))
+        worker.start()
+        consumer.rebalance([(topic, 0)])
+        await _until(lambda: worker.partitions.get((topic, 0)) is not None
+                     and worker.partitions[(topic, 0)].tracker.unsettled == 1)
+        started = time.monotonic()
+        await worker.stop()
+        assert time.monotonic() - started >= 0.2
+        assert (topic, 0) not in consumer.stored  # nothing settled: the next owner repeats it
+        assert consumer.commits == 1
+
+    asyncio.run(go())
+
+
+# -- Dispatcher: outcomes, decisions, and what one attempt's failure costs --------------------
+
+
+def _event_message(doc: dict[str, Any]) -> FakeMessage:
+    value = Codec().encode("gateway.events.Message", parse_event(doc).to_record(), topic="x")
+    return FakeMessage("u.events", 0, 3, value)
+
+
+def _dispatcher(endpoints: list[Endpoint], answers: dict[str, int | BaseException]) -> tuple[
+        Dispatcher, RecordingProducer, ScriptedSender, Metrics]:
+    cfg = Config(topic_prefix="u", retry_delays=(1, 2))
+    table = EndpointTable()
+    for e in endpoints:
+        table.apply(e.id, e)
+    producer = RecordingProducer()
+    sender = ScriptedSender(answers)
+    metrics = Metrics([t.name for t in Topics.from_config(cfg).tiers])
+    dispatcher = Dispatcher(cfg, codec=Codec(), endpoints=table, sender=sender,  # type: ignore[arg-type]
+                            producer=producer, metrics=metrics)
+    return dispatcher, producer, sender, metrics
+
+
+DOC = {"event": "MESSAGE", "botId": BOT, "sessionId": str(uuid.uuid4()), "role": "USER", "message": "hi",
+       "messageId": str(uuid.uuid4())}
+
+
+def test_a_fan_out_where_one_attempt_raises_tracks_the_others() -> None:
+    """Fault: one attempt that raised dead-lettered the whole record as ``invalid``, and the
+    record was settled while its other attempts were still running, untracked: their
+    failures could be lost to a crash. Now each pair stands alone: the one that raised is
+    dead-lettered as internal_error with its delivery, the others complete (here: one
+    delivered, one sent on to the retry tier) before run() returns."""
+    ok, broken, failing = (new_endpoint(bot_id=BOT, url=f"https://{n}.example/hook") for n in "abc")
+    dispatcher, producer, sender, metrics = _dispatcher(
+        [ok, broken, failing], {ok.id: 204, broken.id: RuntimeError("boom"), failing.id: 503})
+    tier = dispatcher.tiers[0]
+    job = dispatcher.prepare(tier, _event_message(DOC))
+    asyncio.run(dispatcher.run(tier, job))
+    assert sorted(e for e, _ in sender.sent) == sorted([ok.id, broken.id, failing.id])
+    written = {topic: Codec().decode(value)[1] for topic, _, value, _ in producer.records}
+    assert set(written) == {"u.retry-1s", "u.dlq"}
+    retry = Delivery.from_record(written["u.retry-1s"])
+    assert retry.endpoint_id == failing.id and retry.attempts[0].outcome is Outcome.HTTP_ERROR
+    dead = DeadLetter.from_record(written["u.dlq"])
+    assert dead.reason == DeadLetterReason.INTERNAL_ERROR == "internal_error"
+    assert dead.delivery is not None and dead.delivery.endpoint_id == broken.id
+    assert dead.delivery.attempts[-1].outcome is Outcome.INTERNAL_ERROR
+    assert "boom" in dead.detail
+
+
+def test_an_unusable_secret_dead_letters_that_endpoint_alone() -> None:
+    """An endpoint record written straight to the topic with a secret that is not base64
+    (the real sender raises InvalidSecret while signing)."""
+    from gateway.sender import Sender
+
+    good = new_endpoint(bot_id=BOT, url="http://127.0.0.1:9/hook")
+    bad = Endpoint(id=str(uuid.uuid4()), bot_id=BOT, url="http://127.0.0.1:9/other",
+                   secret="whsec_!!!not-base64", created_at=1, updated_at=1)
+    cfg = Config(topic_prefix="u", retry_delays=(1, 2), allow_private_networks=True, request_timeout=2.0)
+    table = EndpointTable()
+    for e in (good, bad):
+        table.apply(e.id, e)
+    producer = RecordingProducer()
+
+    async def go() -> None:
+        sender = Sender(cfg)
+        metrics = Metrics([t.name for t in Topics.from_config(cfg).tiers])
+        dispatcher = Dispatcher(cfg, codec=Codec(), endpoints=table, sender=sender, producer=producer,
+                                metrics=metrics)
+        tier = dispatcher.tiers[0]
+        await dispatcher.run(tier, dispatcher.prepare(tier, _event_message(DOC)))
+        await sender.aclose()
+
+    asyncio.run(go())
+    written = [(t, Codec().decode(v)[1]) for t, _, v, _ in producer.records]
+    topics = sorted(t for t, _ in written)
+    assert topics == ["u.dlq", "u.retry-1s"]  # the good one's refused connection is retried
+    dead = DeadLetter.from_record(next(r for t, r in written if t == "u.dlq"))
+    assert dead.reason == "internal_error" and dead.delivery is not None
+    assert dead.delivery.endpoint_id == bad.id
+    assert "!!!" not in dead.detail  # never the secret
+
+
+def test_decide_sends_a_failure_on_and_a_410_disables() -> None:
+    tiers = Topics.from_config(Config(retry_delays=(1, 2))).tiers
+    endpoint = new_endpoint(bot_id=BOT, url="https://a.example/hook")
+    event = parse_event(DOC)
+    body = event.json_body()
+    at = 1_700_000_000_000
+
+    def attempt(outcome: Outcome, status: int | None = None) -> Attempt:
+        return Attempt(at=at, tier="events", duration_ms=10.0, outcome=outcome, status=status)
+
+    delivered = decide(tiers, tiers[0], event, endpoint, attempt(Outcome.SUCCESS, 200), body)
+    assert delivered.step == Delivered() and delivered.delivery is None
+    failed = decide(tiers, tiers[0], event, endpoint, attempt(Outcome.TIMEOUT), body)
+    assert isinstance(failed.step, Retry) and failed.delivery is not None
+    assert failed.delivery.attempt == 1 and failed.delivery.due_at == failed.step.due_at
+    assert json.loads(failed.delivery.payload) == DOC and not failed.disable_endpoint
+    gone = decide(tiers, tiers[1], failed.delivery, endpoint, attempt(Outcome.HTTP_ERROR, 410), body)
+    assert isinstance(gone.step, GiveUp) and gone.disable_endpoint
+    assert gone.delivery is not None and gone.delivery.attempt == 2
+    blocked = decide(tiers, tiers[0], event, endpoint, attempt(Outcome.BLOCKED), body)
+    assert isinstance(blocked.step, GiveUp) and blocked.step.reason is DeadLetterReason.BLOCKED_DESTINATION
