@@ -135,9 +135,12 @@ def topics_create(**settings: str | None) -> None:
 
     def report(status: TopicStatus) -> None:
         click.echo(f"{'created' if status.created else 'exists '}  {status.topic}")
+        for problem in status.problems:
+            click.echo(f"warning: {status.topic} exists with {problem}; topics create leaves it as it is",
+                       err=True)
 
     try:
-        create_topics(config, on_status=report)
+        create_topics(config, on_status=report, on_warning=lambda text: click.echo(f"warning: {text}", err=True))
     except TopicsError as exc:
         fail(f"could not create topics: {exc}")
 

@@ -101,6 +101,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _replication_factor(text: str) -> int | None:
+    if text.strip().lower() in ("", "auto"):
+        return None
+    return _positive_int(text)
+
+
 def _group_protocol(text: str) -> str:
     value = text.strip().lower()
     if value not in ("classic", "consumer"):
@@ -136,8 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Retry tier delays in seconds (or with s/m/h), comma-separated."),
     Setting("partitions", "--partitions", _positive_int,
             "Partition count used by `topics create` (bounds parallelism)."),
-    Setting("replication_factor", "--replication-factor", _positive_int,
-            "Replication factor used by `topics create`."),
+    Setting("replication_factor", "--replication-factor", _replication_factor,
+            "Copies of each topic `topics create` makes: auto (3, or one per broker on a smaller "
+            "cluster) or a number."),
     Setting("schema_registry_url", "--schema-registry-url", _optional_str,
             "Confluent schema registry URL; without it records use Avro single-object encoding."),
     Setting("group_id", "--group-id", str.strip,
@@ -183,7 +190,8 @@ class Config:
     topic_prefix: str = "webhooks"
     retry_delays: tuple[int, ...] = (60, 300, 900)
     partitions: int = 6
-    replication_factor: int = 1
+    replication_factor: int | None = None
+    """None: three, or one per broker on a smaller cluster (see gateway.topics)."""
     schema_registry_url: str | None = None
     group_id: str = ""
     """Empty: derived from the topic prefix (see :attr:`consumer_group`)."""

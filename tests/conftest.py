@@ -29,12 +29,43 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+BROKERS = ("tansu", "kafka")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--brokers", default=",".join(BROKERS), metavar="NAMES",
+        help="Brokers the integration tests run on: tansu (the bundled one), kafka (Apache Kafka "
+             "from Maven Central's jars; needs Java 17+ and Maven), or both (the default).")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses a broker runs once per broker chosen with ``--brokers``."""
+    if "broker_kind" in metafunc.fixturenames:
+        chosen = [b.strip() for b in metafunc.config.getoption("brokers").split(",") if b.strip()]
+        unknown = set(chosen) - set(BROKERS)
+        if unknown:
+            raise pytest.UsageError(f"--brokers: unknown {sorted(unknown)}; choose from {', '.join(BROKERS)}")
+        only = metafunc.definition.get_closest_marker("brokers")
+        if only is not None:
+            chosen = [b for b in chosen if b in only.args]
+        metafunc.parametrize("broker_kind", chosen, scope="session")
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """One bundled broker for the whole run; tests isolate themselves by topic prefix."""
-    log = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with Broker(port=free_port(), log=log) as running:
-        yield running
+def broker(broker_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One broker of each kind for the whole run; tests isolate themselves by topic prefix.
+    It has ``bootstrap`` (host:port) and ``kind``."""
+    if broker_kind == "tansu":
+        log = tmp_path_factory.mktemp("broker") / "tansu.log"
+        with Broker(port=free_port(), log=log) as running:
+            running.kind = "tansu"  # type: ignore[attr-defined]
+            yield running
+    else:
+        from .apache_kafka import KafkaNode
+
+        with KafkaNode(tmp_path_factory.mktemp("kafka")) as node:
+            yield node
 
 
 @pytest.fixture
@@ -118,12 +149,13 @@ def read_topic(
             msg = meta_consumer.poll(0.2)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(msg.partition())
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(int(msg.partition() or 0))
                     continue
-                raise RuntimeError(msg.error().str())
-            at_end.discard(msg.partition())
+                raise RuntimeError(error.str())
+            at_end.discard(int(msg.partition() or 0))
             records.append(msg)
         return records
     finally:

@@ -88,7 +88,7 @@ class FakeConsumer:
         return self._next()
 
     def consume(self, num_messages: int, timeout: float) -> list[FakeMessage]:
-        out = []
+        out: list[FakeMessage] = []
         while len(out) < num_messages and (message := self._next()) is not None:
             out.append(message)
         return out

@@ -406,6 +406,7 @@ def test_an_outcome_this_gateway_does_not_know_reads_as_unknown() -> None:
     fastavro.schemaless_writer(buf, newer, record)
     buf.seek(0)
     read = fastavro.schemaless_reader(buf, newer, SINGLE.schemas[DELIVERY_SCHEMA].parsed)
+    assert isinstance(read, dict)
     assert Delivery.from_record(read).attempts[0].outcome is Outcome.UNKNOWN
 
 

@@ -269,10 +269,10 @@ def test_a_slow_endpoint_does_not_stall_another(
     receiver.wait_for(lambda: len(receiver.at("/fast")) >= 100, 30, "100 fast deliveries")
     fast_done = time.monotonic() - started
     slow_so_far = len(receiver.at("/slow"))
-    # /slow takes 2 s a request, 20 at a time: 100 need >= 10 s. /fast is not held back.
-    # Those that waited longer than the request timeout (5 s) for one of /slow's
-    # connections come back through the first retry tier.
-    assert fast_done < 6, fast_done
+    # /slow takes 2 s a request, 20 at a time: 100 need >= 10 s. /fast is not held back:
+    # it is done before /slow could possibly be (compared with /slow's own pace, not a
+    # wall-clock bound a loaded machine could miss).
+    assert fast_done < 10, fast_done
     assert slow_so_far < 100
     receiver.wait_for(lambda: len(receiver.at("/slow")) >= 100, 40, "100 slow deliveries")
     assert {r.event_id for r in receiver.at("/slow")} == set(ids)

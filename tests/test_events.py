@@ -23,7 +23,7 @@ from gateway.events import (
 )
 
 # The example payloads of reference/webhook-events.md, verbatim and in documented order.
-MESSAGE = {
+MESSAGE: dict[str, Any] = {
     "event": "MESSAGE",
     "botId": "6434515b-8541-4861-bb24-8acd6e77e8c4",
     "sessionId": "b8e034be-90d8-477d-b919-8fcfcf37dc10",
@@ -31,14 +31,14 @@ MESSAGE = {
     "message": "hi",
     "messageId": "733b7d55-61ea-450f-b585-27755b015596",
 }
-RATE_MESSAGE = {
+RATE_MESSAGE: dict[str, Any] = {
     "event": "RATE_MESSAGE",
     "botId": "6434515b-8541-4861-bb24-8acd6e77e8c4",
     "sessionId": "ee9181d5-33b0-4433-ad88-2c1e6e28a26b",
     "rating": 1,
     "messageId": "ad2deddc-6f36-4af7-8b2f-3ddeab122b64",
 }
-TICKET = {
+TICKET: dict[str, Any] = {
     "event": "TICKET",
     "customerName": "jd",
     "customerEmail": "test@email.com",
@@ -47,7 +47,7 @@ TICKET = {
     "sessionId": "ee9181d5-33b0-4433-ad88-2c1e6e28a26b",
 }
 # The document gives the CREATE_LEAD shape but no example; this one follows the shape.
-CREATE_LEAD = {
+CREATE_LEAD: dict[str, Any] = {
     "event": "CREATE_LEAD",
     "userId": "user-42",
     "email": "lead@example.com",
@@ -57,7 +57,7 @@ CREATE_LEAD = {
     "sessionId": "ee9181d5-33b0-4433-ad88-2c1e6e28a26b",
 }
 
-EXAMPLES = {
+EXAMPLES: dict[EventType, dict[str, Any]] = {
     EventType.MESSAGE: MESSAGE,
     EventType.RATE_MESSAGE: RATE_MESSAGE,
     EventType.TICKET: TICKET,

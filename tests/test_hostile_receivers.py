@@ -39,7 +39,7 @@ from gateway.metrics import Metrics
 from gateway.endpoints import EndpointTable
 from gateway.events import parse_event
 from gateway.kafka_io import delivery_headers
-from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, Delivery, Endpoint
+from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, Delivery, Endpoint, Outcome
 from gateway.retry import GiveUp, Retry, decide, next_step
 from gateway.sender import SNIPPET_CHARS, Sender, SenderClosed
 from gateway.signing import new_secret
@@ -205,7 +205,8 @@ def test_a_huge_response_is_read_only_up_to_max_response_bytes(size: int) -> Non
     for sent in both:
         attempt = sent.attempt
         assert attempt.status == 200 and attempt.error is None and attempt.succeeded
-        assert sent.seconds < 1.5, f"took {sent.seconds:.2f} s: the body was read beyond the limit"
+        # Reading on would have run into the 5 s deadline (a timeout, not a 200).
+        assert sent.seconds < 5.0, f"took {sent.seconds:.2f} s: the body was read beyond the limit"
         assert attempt.response_snippet == "A" * SNIPPET_CHARS
 
 
@@ -234,7 +235,7 @@ def test_a_compressed_bomb_is_not_inflated() -> None:
     bomb = gzip.compress(b"\0" * (20 * 1024 * 1024), compresslevel=9)  # ~20 KB on the wire
     with RawServer(respond(500, "content-encoding: gzip", body=bomb)) as server:
         sent = send(config(max_response_bytes=4096), server.url())
-    assert sent.attempt.status == 500 and sent.seconds < 1.5
+    assert sent.attempt.status == 500 and sent.attempt.outcome is Outcome.HTTP_ERROR  # not cut by the deadline
     snippet = sent.attempt.response_snippet
     assert snippet is not None and len(snippet) <= SNIPPET_CHARS
     assert snippet != "\0" * SNIPPET_CHARS  # the raw gzip bytes, never the inflated body
@@ -273,8 +274,10 @@ def test_a_receiver_trickling_a_byte_a_second_is_cut_at_the_deadline(
     attempt = sent.attempt
     assert attempt.error == f"timeout after {TIMEOUT:g} s"
     assert attempt.status == status and not attempt.succeeded
-    assert TIMEOUT - 0.1 <= sent.seconds <= TIMEOUT + 1.0, sent.seconds
-    assert TIMEOUT * 1000 - 100 <= attempt.duration_ms <= (TIMEOUT + 1.0) * 1000
+    # Never before the deadline; after it only by what a loaded machine adds (the trickle
+    # itself would go on for 11 days).
+    assert TIMEOUT - 0.1 <= sent.seconds <= 2 * TIMEOUT + 1.0, sent.seconds
+    assert TIMEOUT * 1000 - 100 <= attempt.duration_ms <= (2 * TIMEOUT + 1.0) * 1000
     step = next_step(DEFAULT_TIERS, EVENTS, attempt)
     assert isinstance(step, Retry) and step.tier == RETRY_1M
 
@@ -290,7 +293,7 @@ def test_a_receiver_that_never_answers_times_out(accept: bool) -> None:
         sent = send(config(), server.url())
     assert sent.attempt.error == f"timeout after {TIMEOUT:g} s"
     assert sent.attempt.status is None
-    assert TIMEOUT - 0.1 <= sent.seconds <= TIMEOUT + 1.0, sent.seconds
+    assert TIMEOUT - 0.1 <= sent.seconds <= 2 * TIMEOUT + 1.0, sent.seconds
     assert len(server.requests) == (1 if accept else 0)
 
 
@@ -308,8 +311,7 @@ def test_the_endpoints_lane_still_works_after_an_attempt_was_cut() -> None:
     with RawServer(handle) as server:
         timed_out, delivered = send_twice(config(endpoint_concurrency=1), endpoint(server.url()))
     assert timed_out.attempt.error == f"timeout after {TIMEOUT:g} s"
-    assert delivered.attempt.status == 204 and delivered.attempt.succeeded
-    assert delivered.seconds < 1.0
+    assert delivered.attempt.status == 204 and delivered.attempt.succeeded  # a stuck lane would time out
     assert len(server.requests) == 2
 
 
@@ -341,7 +343,7 @@ def test_protocol_garbage_is_a_failed_attempt_never_an_exception(
     attempt = sent.attempt
     assert attempt.status == status
     assert attempt.error and not attempt.succeeded, attempt
-    assert sent.seconds < 1.5
+    assert attempt.outcome is Outcome.CONNECTION_ERROR, attempt  # at once, not at the deadline
     step = next_step(DEFAULT_TIERS, EVENTS, attempt)
     assert isinstance(step, Retry) and step.tier == RETRY_1M
 
@@ -518,7 +520,7 @@ def test_the_deadline_covers_a_name_that_takes_long_to_resolve(
     monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
     sent = send(config(request_timeout=1.0), "http://slow.customer.test/hook")
     assert sent.attempt.error == "timeout after 1 s"
-    assert 0.9 <= sent.seconds <= 1.5, sent.seconds
+    assert 0.9 <= sent.seconds < 2.8, sent.seconds  # the lookup takes 3 s
 
 
 # --- the SSRF guard, in the connection path ------------------------------------------------
@@ -576,8 +578,8 @@ def assert_blocked(sent: Sent, *fragments: str) -> None:
     assert attempt.error is not None and attempt.error.startswith(BLOCKED_PREFIX), attempt
     for fragment in fragments:
         assert fragment in attempt.error, attempt.error
-    assert attempt.status is None
-    assert sent.seconds < 1.0
+    assert attempt.status is None and attempt.outcome is Outcome.BLOCKED
+    assert sent.seconds < TIMEOUT  # nothing waited for
     step = next_step(DEFAULT_TIERS, EVENTS, attempt)
     assert isinstance(step, GiveUp) and step.reason is DeadLetterReason.BLOCKED_DESTINATION
 
@@ -756,7 +758,7 @@ def test_a_name_whose_dns_hangs_does_not_hold_up_other_endpoints(monkeypatch: py
 
     with RawServer(respond(204)) as server:
         fast, seconds, slow = asyncio.run(go(server.url(host="fast.customer.test")))
-    assert fast.succeeded and seconds < 0.5, (fast, seconds)
+    assert fast.succeeded and seconds < 0.9, (fast, seconds)  # waiting on a lookup would take 1 s
     assert [a.error for a in slow] == ["timeout after 1 s"] * 8
     assert lookups.count("slow.customer.test") == 1
 
@@ -814,7 +816,7 @@ def test_waiting_for_a_busy_endpoints_connection_is_bounded_too() -> None:
         (first, _), (second, _), (third, at) = asyncio.run(three(server.url()))
         assert first.status == 204 and second.status == 204, (first, second)
         assert third.error == "timeout after 1 s waiting for one of the endpoint's 1 connections (all busy)"
-        assert third.outcome == "timeout" and 0.9 <= at < 1.5, at
+        assert third.outcome == "timeout" and 0.9 <= at < 3.0, at
         assert isinstance(next_step(DEFAULT_TIERS, EVENTS, third), Retry)
         time.sleep(0.3)
         assert len(server.requests) == 2
@@ -854,7 +856,7 @@ def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
             await server.wait_closed()
 
     after, remembered, now = asyncio.run(go())
-    assert 0.2 <= after <= 1.2, after
+    assert 0.2 <= after <= 1.5, after  # (expiry 0.3 s; checked every 0.3 s; the test looks at 1.5 s)
     assert (remembered, now) == (0, 1)
 
 

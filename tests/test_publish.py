@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "events.jsonl"
 
 
-def documented_examples() -> list[dict[str, object]]:
+def documented_examples() -> list[dict[str, Any]]:
     return [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
 
 

@@ -311,7 +311,7 @@ def test_one_request_at_a_time() -> None:
 
 
 def test_a_cancelled_request_closes_its_connection_and_the_next_gets_a_new_one() -> None:
-    first = []
+    first: list[int] = []
 
     def slow_first(conn: Conn, request: bytes) -> bool:
         if not first:
@@ -327,7 +327,7 @@ def test_a_cancelled_request_closes_its_connection_and_the_next_gets_a_new_one()
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
                     await post(conn, url)
-            assert time.monotonic() - started < 1
+            assert time.monotonic() - started < 2  # cut at 0.3 s; the server holds it 5 s
             return (await post(conn, url))[0]
         finally:
             await conn.aclose()
@@ -468,7 +468,7 @@ def test_an_address_that_drops_packets_gives_way_to_the_next(monkeypatch: pytest
         finally:
             for filler in fillers:
                 filler.close()
-    assert status == 204 and 0.4 <= seconds < 2, seconds
+    assert status == 204 and 0.4 <= seconds < 4, seconds  # (the deadline is 5 s)
 
 
 def test_a_slow_tls_handshake_on_the_first_address_is_not_abandoned(
@@ -518,5 +518,5 @@ def test_a_slow_tls_handshake_on_the_first_address_is_not_abandoned(
             listener.close()
 
     status, seconds = run(go())
-    assert status == 204 and 0.7 <= seconds < 2, seconds
+    assert status == 204 and 0.7 <= seconds < 4.5, seconds  # (abandoning it would fail: nothing at .2)
     assert handshakes == ["done"]

@@ -453,7 +453,7 @@ def test_a_fan_out_where_one_attempt_raises_tracks_the_others() -> None:
     retry = Delivery.from_record(written["u.retry-1s"])
     assert retry.endpoint_id == failing.id and retry.attempts[0].outcome is Outcome.HTTP_ERROR
     dead = DeadLetter.from_record(written["u.dlq"])
-    assert dead.reason == DeadLetterReason.INTERNAL_ERROR == "internal_error"
+    assert dead.reason == DeadLetterReason.INTERNAL_ERROR.value == "internal_error"
     assert dead.delivery is not None and dead.delivery.endpoint_id == broken.id
     assert dead.delivery.attempts[-1].outcome is Outcome.INTERNAL_ERROR
     assert "boom" in dead.detail
