@@ -7,14 +7,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
 from .config import SETTINGS, Config, ConfigError
 from .logs import configure_logging
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,9 +59,17 @@ def build_config(settings: dict[str, str | None], **fixed: Any) -> Config:
         raise click.UsageError(str(exc)) from None
 
 
-def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+class CommandError(click.ClickException):
+    """The work failed or the input was refused: ``error: <message>`` on stderr, exit 1.
+
+    Raised by commands instead of printing and exiting themselves, so every refusal takes
+    click's one error path; usage errors stay click's own (exit 2).
+    """
+
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -97,8 +105,7 @@ def broker(port: int) -> None:
     try:
         running = Broker(port=port).start()
     except BrokerError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     click.echo(f"broker listening on {running.bootstrap} (in memory; Ctrl-C stops it)", err=True)
     stopping = False
 
@@ -112,7 +119,7 @@ def broker(port: int) -> None:
     code = running.wait()
     running.stop()
     if not stopping:
-        fail(f"the broker exited by itself with code {code}")
+        raise CommandError(f"the broker exited by itself with code {code}")
     click.echo("broker stopped", err=True)
 
 
@@ -139,7 +146,7 @@ def topics_create(**settings: str | None) -> None:
     try:
         create_topics(config, on_status=report)
     except TopicsError as exc:
-        fail(f"could not create topics: {exc}")
+        raise CommandError(f"could not create topics: {exc}") from None
 
 
 @cli.command()
@@ -167,18 +174,16 @@ def publish(source: Any, skip_invalid: bool, as_json: bool, **settings: str | No
     try:
         items = read_events(source.read())
     except UnicodeDecodeError as exc:
-        fail(f"{source.name}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-        return
+        raise CommandError(f"{source.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except ValueError as exc:
-        fail(f"{source.name}: {exc}")
-        return
+        raise CommandError(f"{source.name}: {exc}") from None
     if not items:
-        fail(f"{source.name}: no events in the input")
+        raise CommandError(f"{source.name}: no events in the input")
     invalid = [item for item in items if item.error]
     for item in invalid:
         click.echo(f"error: {source.name} {item.where}: {item.error}", err=True)
     if invalid and not skip_invalid:
-        fail(
+        raise CommandError(
             f"nothing was published: {len(invalid)} of {len(items)} events are invalid "
             "(fix them, or pass --skip-invalid to publish the valid ones)"
         )
@@ -207,7 +212,7 @@ def publish(source: Any, skip_invalid: bool, as_json: bool, **settings: str | No
         err=True,
     )
     if invalid or failed:
-        sys.exit(1)
+        click.get_current_context().exit(1)
 
 
 WORKER_SETTINGS = (
@@ -243,14 +248,14 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
         if workers > 1:
             from .supervisor import supervise
 
-            sys.exit(supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics))
+            click.get_current_context().exit(supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics))
         if not no_metrics:
             serve_metrics(config.metrics_port)
         run_workers(config, chosen)
     except (RunnerError, ValueError) as exc:
-        fail(str(exc))
+        raise CommandError(str(exc)) from None
     except OSError as exc:
-        fail(f"metrics port {config.metrics_port}: {exc.strerror or exc}")
+        raise CommandError(f"metrics port {config.metrics_port}: {exc.strerror or exc}") from None
 
 
 @cli.command()
@@ -283,8 +288,7 @@ def up(port: int, **settings: str | None) -> None:
         try:
             broker = Broker(port=port).start()
         except BrokerError as exc:
-            fail(str(exc))
-            return
+            raise CommandError(str(exc)) from None
         fixed["bootstrap_servers"] = broker.bootstrap
         if settings.get("partitions") is None and "GATEWAY_PARTITIONS" not in os.environ:
             fixed["partitions"] = 3
@@ -312,9 +316,9 @@ def up(port: int, **settings: str | None) -> None:
 
         run_workers(config, tiers, on_ready=ready)
     except (RunnerError, TopicsError, ValueError) as exc:
-        fail(str(exc))
+        raise CommandError(str(exc)) from None
     except OSError as exc:
-        fail(f"metrics port: {exc.strerror or exc}")
+        raise CommandError(f"metrics port: {exc.strerror or exc}") from None
     finally:
         if broker is not None:
             broker.stop()
@@ -357,9 +361,9 @@ def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
 def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, description: str | None,
                   as_json: bool, **settings: str | None) -> None:
     """Register an endpoint. Its signing secret is printed once: keep it."""
+    import asyncio
     import json
 
-    import asyncio
     import httpx
 
     from .destinations import DestinationPolicy
@@ -382,8 +386,7 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
                        err=True)
         save_endpoint(config, endpoint)
     except EndpointError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(_endpoint_json(endpoint, show_secret=True)))
     else:
@@ -407,8 +410,7 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
     try:
         table = load_endpoints(config)
     except EndpointError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     rows = [e for e in table.all() if bot_id is None or e.bot_id == bot_id]
     if as_json:
         for endpoint in rows:
@@ -425,21 +427,25 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
 
 
 def _change_endpoint(endpoint_id: str, settings: dict[str, str | None], action: str) -> None:
-    from .endpoints import EndpointError, load_endpoints, remove_endpoint, save_endpoint, set_enabled
+    from .endpoints import (
+        EndpointError,
+        load_endpoints,
+        remove_endpoint,
+        save_endpoint,
+        set_enabled,
+    )
 
     config = build_config(settings)
     try:
         endpoint = load_endpoints(config).get(endpoint_id)
         if endpoint is None:
-            fail(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
-            return
+            raise CommandError(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
         if action == "remove":
             remove_endpoint(config, endpoint_id)
         else:
             save_endpoint(config, set_enabled(endpoint, action == "enable"))
     except EndpointError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     click.echo(f"{action}d {endpoint_id}", err=True)
 
 
@@ -560,7 +566,7 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
                     "value": base64.b64encode(dead.original_value).decode() if dead and dead.original_value else None,
                 }) + "\n")
     except DlqError as exc:
-        fail(str(exc))
+        raise CommandError(str(exc))
     click.echo(f"{count} dead letters", err=True)
 
 
@@ -587,10 +593,9 @@ def dlq_show(selector: str, **settings: str | None) -> None:
     try:
         entries = list(read_dead_letters(config, filters))
     except DlqError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     if not entries:
-        fail(f"no dead letter matches {selector}")
+        raise CommandError(f"no dead letter matches {selector}")
     for entry in entries:
         click.echo(json.dumps(entry.full(), indent=2))
 
@@ -609,8 +614,7 @@ def dlq_stats(as_json: bool, **kwargs: Any) -> None:
     try:
         counts = stats(read_dead_letters(config, filters))
     except DlqError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     if as_json:
         click.echo(json.dumps({k: dict(v) for k, v in counts.items()}))
         return
@@ -645,13 +649,12 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
         per_second = parse_rate(rate) if rate else None
         known = {e.id for e in load_endpoints(config).all()}
         if to_endpoint is not None and to_endpoint not in known:
-            fail(f"no endpoint with id {to_endpoint!r} (see `gateway endpoints list`)")
+            raise CommandError(f"no endpoint with id {to_endpoint!r} (see `gateway endpoints list`)")
         replayer = Replayer(config)
         entries = list(read_dead_letters(config, filters))
         planned, report = replayer.plan(entries, again=again, to_endpoint=to_endpoint, known_endpoints=known)
     except (DlqError, EndpointError) as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     for entry in report.refused:
         why = ("not a delivery: an undecodable or invalid record has no endpoint to send to; "
                "export it with `gateway dlq list --raw FILE`") if entry.delivery is None else (
@@ -665,7 +668,7 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
             f"dry run: {len(planned)} of {report.selected} selected would be replayed into "
             f"{replayer.first_tier.topic}; {report.skipped_already_replayed} already replayed "
             f"(--again to include); {len(report.refused)} refused; nothing sent", err=True)
-        sys.exit(1 if report.refused else 0)
+        click.get_current_context().exit(1 if report.refused else 0)
     try:
         if planned:
             with click.progressbar(length=len(planned), label="replaying", file=sys.stderr,
@@ -682,7 +685,7 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
 
                 replayer.send(planned, report, rate=per_second, on_progress=progress)
     except DlqError as exc:
-        fail(str(exc))
+        raise CommandError(str(exc))
     click.echo(
         f"replayed {report.replayed} of {report.selected} selected into {replayer.first_tier.topic} "
         f"in {report.seconds:.1f} s ({report.rate:.1f}/s), replay id {report.replay_id}; "
@@ -691,7 +694,7 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
         err=True,
     )
     if report.refused:
-        sys.exit(1)
+        click.get_current_context().exit(1)
 
 
 @endpoints.command("rotate-secret")
@@ -722,16 +725,14 @@ def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **
     try:
         current = load_endpoints(config).get(endpoint_id)
         if current is None:
-            fail(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
-            return
+            raise CommandError(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
         fresh = new_endpoint(bot_id=current.bot_id, url=current.url, secret=secret).secret
         now = time.time_ns() // 1_000_000
         rotated = replace(current, secret=fresh, previous_secret=current.secret,
                           previous_secret_expires_at=now + grace_seconds * 1000, updated_at=now)
         save_endpoint(config, rotated)
     except EndpointError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     click.echo(f"secret  {fresh}   (shown once; the old secret keeps signing for {grace})")
 
 
