@@ -20,7 +20,7 @@ from dataclasses import replace
 from urllib.parse import urlsplit
 
 import httpx
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
 from .codec import Codec, DecodeError
 from .config import Config
@@ -116,43 +116,91 @@ def new_endpoint(
 
 
 class EndpointTable:
-    """The latest registration per endpoint id, indexed by bot. Updated by one thread,
-    read by others: every update swaps in new immutable tuples, so a reader never sees a
-    half-applied change."""
+    """The latest registration per endpoint id, indexed by bot.
+
+    Written by one thread (the registry's), read by others (the dispatcher's). Every
+    change, and every :meth:`load` of many records, happens under one lock that the
+    readers take too, so a reader sees the table as it was between two changes: never
+    an endpoint in two bots at once, never a dictionary that changes size under it.
+    What a reader gets back (tuples, lists, frozen endpoints) is its own: nothing it
+    holds changes afterwards.
+
+    Costs: :meth:`load` is linear in the records it is given plus the endpoints of the
+    bots they touch; one change costs the endpoints of its bot (that bot's tuple is
+    rebuilt). Bot ids are UUIDs, compared case-insensitively.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._by_id: dict[str, Endpoint] = {}
+        # The writer's per-bot index (lower-case bot id → endpoint id → endpoint): a change
+        # touches one bot's dictionary instead of scanning every endpoint.
+        self._members: dict[str, dict[str, Endpoint]] = {}
+        # What readers route by: one immutable tuple per bot, swapped whole.
         self._by_bot: dict[str, tuple[Endpoint, ...]] = {}
 
     def apply(self, endpoint_id: str, endpoint: Endpoint | None) -> None:
         """Apply one record of the topic: a registration, or a removal (None)."""
-        old = self._by_id.get(endpoint_id)
-        if endpoint is None:
-            self._by_id.pop(endpoint_id, None)
-        else:
-            self._by_id[endpoint_id] = endpoint
-        for bot in {e.bot_id.lower() for e in (old, endpoint) if e is not None}:
-            members = tuple(e for e in self._by_id.values() if e.bot_id.lower() == bot)
-            if members:
-                self._by_bot[bot] = members
-            else:
-                self._by_bot.pop(bot, None)
+        self.load(((endpoint_id, endpoint),))
+
+    def load(self, records: Iterable[tuple[str, Endpoint | None]]) -> None:
+        """Apply many records in order, as :meth:`apply` would one by one, in one step
+        that readers see whole. ``records`` is consumed under the lock: pass a collection,
+        not a generator that waits on I/O."""
+        touched: set[str] = set()
+        with self._lock:
+            for endpoint_id, endpoint in records:
+                old = self._by_id.get(endpoint_id)
+                old_bot = old.bot_id.lower() if old is not None else None
+                new_bot = endpoint.bot_id.lower() if endpoint is not None else None
+                if old_bot is not None and old_bot != new_bot:
+                    members = self._members[old_bot]
+                    del members[endpoint_id]
+                    if not members:
+                        del self._members[old_bot]
+                    touched.add(old_bot)
+                if endpoint is None or new_bot is None:
+                    self._by_id.pop(endpoint_id, None)
+                    continue
+                self._by_id[endpoint_id] = endpoint
+                # A registration that stays with its bot keeps its place in the bot's order.
+                self._members.setdefault(new_bot, {})[endpoint_id] = endpoint
+                touched.add(new_bot)
+            for bot in touched:
+                current = self._members.get(bot)
+                if current:
+                    self._by_bot[bot] = tuple(current.values())
+                else:
+                    self._by_bot.pop(bot, None)
 
     def get(self, endpoint_id: str) -> Endpoint | None:
-        return self._by_id.get(endpoint_id)
+        with self._lock:
+            return self._by_id.get(endpoint_id)
 
     def for_event(self, bot_id: str, event_type: str) -> list[Endpoint]:
         """The enabled endpoints of ``bot_id`` whose filter admits ``event_type``.
 
         UUIDs are compared case-insensitively: ``6434515B-…`` and ``6434515b-…`` are one bot.
         """
-        return [e for e in self._by_bot.get(bot_id.lower(), ()) if e.admits(event_type)]
+        with self._lock:
+            members = self._by_bot.get(bot_id.lower(), ())
+        return [e for e in members if e.admits(event_type)]
+
+    def for_bot(self, bot_id: str) -> list[Endpoint]:
+        """Every endpoint of ``bot_id`` (enabled or not, any case), oldest first."""
+        with self._lock:
+            members = self._by_bot.get(bot_id.lower(), ())
+        return sorted(members, key=lambda e: (e.created_at, e.id))
 
     def all(self) -> list[Endpoint]:
-        return sorted(self._by_id.values(), key=lambda e: (e.bot_id, e.created_at, e.id))
+        """Every endpoint, by bot, then oldest first."""
+        with self._lock:
+            endpoints = list(self._by_id.values())
+        return sorted(endpoints, key=lambda e: (e.bot_id.lower(), e.created_at, e.id))
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        with self._lock:
+            return len(self._by_id)
 
 
 class EndpointRegistry:
@@ -180,11 +228,19 @@ class EndpointRegistry:
         self._consumer = reader_consumer(config, "endpoints-reader")
 
     def start(self, *, timeout: float = 30.0, follow: bool = True) -> EndpointRegistry:
+        # The initial read keeps the latest record per id, then loads them in one step:
+        # linear in the records, whatever the number of endpoints per bot.
+        latest: dict[str, Endpoint | None] = {}
         try:
             for msg in read_to_end(self._consumer, self.config, self.topic, timeout=timeout):
-                self._apply(msg)
+                change = self._decode(msg)
+                if change is not None:
+                    latest[change[0]] = change[1]
         except TopicReadError as exc:
             raise EndpointError(str(exc)) from None
+        self.table.load(latest.items())
+        for endpoint_id, endpoint in latest.items():
+            self._log_change(endpoint_id, endpoint)
         # read_to_end paused each partition at its end: follow from there.
         self._consumer.resume(self._consumer.assignment())
         log.info("endpoints loaded", extra={"endpoints": len(self.table), "topic": self.topic})
@@ -200,33 +256,42 @@ class EndpointRegistry:
             msg = self._consumer.poll(0.2)
             if msg is None or msg.error():
                 continue
-            self._apply(msg)
+            change = self._decode(msg)
+            if change is None:
+                continue
+            self.table.apply(*change)
+            self._log_change(*change)
             if self._on_change:
                 self._on_change(self.table)
 
-    def _apply(self, msg: object) -> None:
-        key = msg.key()  # type: ignore[attr-defined]
-        value = msg.value()  # type: ignore[attr-defined]
+    def _decode(self, msg: Message) -> tuple[str, Endpoint | None] | None:
+        """The (endpoint id, registration or None for a tombstone) a record holds, or None
+        when it holds nothing usable (logged)."""
+        key = msg.key()
+        value = msg.value()
         if not key:
-            log.warning("endpoint record without key skipped", extra={"offset": msg.offset()})  # type: ignore[attr-defined]
-            return
+            log.warning("endpoint record without key skipped", extra={"offset": msg.offset()})
+            return None
         endpoint_id = key.decode(errors="replace")
         if value is None:
-            self.table.apply(endpoint_id, None)
-            log.info("endpoint removed", extra={"endpoint_id": endpoint_id})
-            return
+            return endpoint_id, None
         try:
             name, record = self.codec.decode(value)
             if name != ENDPOINT_SCHEMA:
                 raise DecodeError(f"a {name} record, not an endpoint")
-            endpoint = Endpoint.from_record(record)
+            return endpoint_id, Endpoint.from_record(record)
         except (DecodeError, KeyError, TypeError) as exc:
             log.error("endpoint record unreadable, skipped",
                       extra={"endpoint_id": endpoint_id, "error": str(exc)})
-            return
-        self.table.apply(endpoint_id, endpoint)
-        log.info("endpoint updated", extra={"endpoint_id": endpoint_id, "bot_id": endpoint.bot_id,
-                                             "enabled": endpoint.enabled})
+            return None
+
+    @staticmethod
+    def _log_change(endpoint_id: str, endpoint: Endpoint | None) -> None:
+        if endpoint is None:
+            log.info("endpoint removed", extra={"endpoint_id": endpoint_id})
+        else:
+            log.info("endpoint updated", extra={"endpoint_id": endpoint_id, "bot_id": endpoint.bot_id,
+                                                 "enabled": endpoint.enabled})
 
     def stop(self) -> None:
         self._stop.set()
