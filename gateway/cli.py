@@ -215,6 +215,23 @@ def publish(source: Any, skip_invalid: bool, as_json: bool, **settings: str | No
         click.get_current_context().exit(1)
 
 
+def serve_metrics_or_fail(port: int) -> None:
+    """Serve /metrics on ``port``; only a failure to bind it is reported as the port's."""
+    from .metrics import serve_metrics
+
+    try:
+        serve_metrics(port)
+    except OSError as exc:
+        raise CommandError(f"metrics port {port}: {exc.strerror or exc}; stop what listens "
+                           "there or choose another port (--metrics-port)") from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An operating-system failure as it is (``[Errno 24] Too many open files``), with
+    the file it concerns when there is one: never blamed on the metrics port."""
+    return str(exc) or type(exc).__name__
+
+
 WORKER_SETTINGS = (
     "bootstrap_servers", "topic_prefix", "retry_delays", "schema_registry_url", "group_id",
     "metrics_port", "concurrency", "endpoint_concurrency", "request_timeout",
@@ -238,7 +255,6 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
     partitions allow. On SIGTERM a worker stops taking records, lets in-flight deliveries
     finish (up to --shutdown-timeout), commits and exits 0.
     """
-    from .metrics import serve_metrics
     from .runner import RunnerError, resolve_tiers
     from .runner import run as run_workers
 
@@ -250,12 +266,12 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
 
             click.get_current_context().exit(supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics))
         if not no_metrics:
-            serve_metrics(config.metrics_port)
+            serve_metrics_or_fail(config.metrics_port)
         run_workers(config, chosen)
     except (RunnerError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
-        raise CommandError(f"metrics port {config.metrics_port}: {exc.strerror or exc}") from None
+        raise CommandError(describe_os_error(exc)) from None
 
 
 @cli.command()
@@ -274,7 +290,6 @@ def up(port: int, **settings: str | None) -> None:
     import os
 
     from .broker import Broker, BrokerError
-    from .metrics import serve_metrics
     from .runner import RunnerError, resolve_tiers
     from .runner import run as run_workers
     from .topics import TopicsError, create_topics
@@ -295,7 +310,7 @@ def up(port: int, **settings: str | None) -> None:
     try:
         config = build_config(settings, **fixed)
         created = create_topics(config)
-        serve_metrics(config.metrics_port)
+        serve_metrics_or_fail(config.metrics_port)
         tiers = resolve_tiers(config, None)
 
         def ready() -> None:
@@ -318,7 +333,7 @@ def up(port: int, **settings: str | None) -> None:
     except (RunnerError, TopicsError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
-        raise CommandError(f"metrics port: {exc.strerror or exc}") from None
+        raise CommandError(describe_os_error(exc)) from None
     finally:
         if broker is not None:
             broker.stop()
