@@ -426,7 +426,7 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
         table = load_endpoints(config)
     except EndpointError as exc:
         raise CommandError(str(exc)) from None
-    rows = [e for e in table.all() if bot_id is None or e.bot_id == bot_id]
+    rows = table.all() if bot_id is None else table.for_bot(bot_id)
     if as_json:
         for endpoint in rows:
             click.echo(json.dumps(_endpoint_json(endpoint, show_secret=show_secrets)))

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
+from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.records import Endpoint
 from gateway.signing import secret_key
 
 from .conftest import run_gateway
@@ -193,3 +195,30 @@ def test_list_without_topics_fails_clearly(config: Config) -> None:
     assert f"{config.topic_prefix}.endpoints" in result.stderr
     assert "topics create" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def stored(bot_id: str, url: str = PUBLIC_URL, **fields: Any) -> Endpoint:
+    """A registration as the platform might write it straight to the endpoints topic,
+    without the CLI's validation."""
+    return Endpoint(id=str(uuid.uuid4()), bot_id=bot_id, url=url,
+                    secret=new_endpoint(bot_id=BOT_A, url=PUBLIC_URL).secret,
+                    created_at=1, updated_at=1, **fields)
+
+
+def test_list_by_bot_id_ignores_case(topics: Config) -> None:
+    [added] = json_lines(run_gateway(topics, "endpoints", "add", "--bot-id", BOT_A.upper(),
+                                     "--url", PUBLIC_URL, "--json"))
+    written = stored(BOT_A.upper())  # not lower-cased by the CLI on the way in
+    save_endpoint(topics, written)
+    save_endpoint(topics, stored(BOT_B))
+    upper, lower, table = run_all(
+        topics,
+        ("endpoints", "list", "--json", "--bot-id", BOT_A.upper()),
+        ("endpoints", "list", "--json", "--bot-id", BOT_A),
+        ("endpoints", "list", "--bot-id", BOT_A.upper()),
+    )
+    for result in (upper, lower):
+        assert sorted(r["id"] for r in json_lines(result)) == sorted([added["id"], written.id])
+    ok(table)
+    assert added["id"] in table.stdout and written.id in table.stdout
+
