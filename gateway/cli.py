@@ -72,6 +72,19 @@ class CommandError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\u202e``).
+
+    Endpoint fields and dead-letter details may have been written straight to a topic
+    by anyone, or come from a receiver: printed raw, an escape sequence would rewrite the
+    user's terminal or hide part of a line. JSON output needs none of this (json.dumps
+    escapes control characters itself).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="webhook-gateway")
 @click.option("--log-level", default=None, metavar="LEVEL",
@@ -437,8 +450,9 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
     click.echo(f"{'ID':36}  {'BOT':36}  {'STATE':8}  {'EVENTS':28}  URL")
     for e in rows:
         state = "enabled" if e.enabled else "disabled"
-        click.echo(f"{e.id:36}  {e.bot_id:36}  {state:8}  {','.join(e.event_types) or 'all':28}  {e.url}"
-                   + (f"  secret={e.secret}" if show_secrets else ""))
+        events = printable(",".join(e.event_types)) or "all"
+        click.echo(f"{printable(e.id):36}  {printable(e.bot_id):36}  {state:8}  {events:28}  "
+                   f"{printable(e.url)}" + (f"  secret={printable(e.secret)}" if show_secrets else ""))
 
 
 def _change_endpoint(endpoint_id: str, settings: dict[str, str | None], action: str) -> None:

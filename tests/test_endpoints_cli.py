@@ -222,3 +222,23 @@ def test_list_by_bot_id_ignores_case(topics: Config) -> None:
     ok(table)
     assert added["id"] in table.stdout and written.id in table.stdout
 
+
+CONTROL = "\x1b[2J\x1b]0;owned\x07\r\x08\x00\u202e"
+
+
+def test_list_escapes_control_characters_written_straight_to_the_topic(topics: Config) -> None:
+    url = f"https://example.com/{CONTROL}hook"
+    hostile = stored(BOT_A, url, description=f"crm{CONTROL}", event_types=(f"MESSAGE{CONTROL}",))
+    save_endpoint(topics, hostile)
+    table, as_json = run_all(topics, ("endpoints", "list"), ("endpoints", "list", "--json"))
+    ok(table)
+    for char in CONTROL:
+        if not char.isprintable():
+            assert char not in table.stdout + table.stderr, repr(char)
+    # Escaped, so the reader sees what is there.
+    assert r"https://example.com/\x1b[2J\x1b]0;owned\x07\r\x08\x00\u202ehook" in table.stdout
+    assert hostile.id in table.stdout
+    # JSON keeps the exact value (json escapes control characters itself).
+    [row] = json_lines(as_json)
+    assert row["url"] == url and row["description"] == f"crm{CONTROL}"
+    assert "\x1b" not in as_json.stdout
