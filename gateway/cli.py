@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any, TypeVar
 
 import click
@@ -361,20 +362,18 @@ ENDPOINT_SETTINGS = ("bootstrap_servers", "topic_prefix", "schema_registry_url")
 ADD_SETTINGS = (*ENDPOINT_SETTINGS, "allow_private_networks", "allowed_networks")
 
 
-def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
-    from .endpoints import mask_secret
+@contextmanager
+def refusals() -> Iterator[None]:
+    """The library's errors, which name what was wrong, become ``error: …`` and exit 1."""
+    from .dlq import DlqError
+    from .endpoints import EndpointError, EndpointNotFound
 
-    return {
-        "id": endpoint.id,
-        "botId": endpoint.bot_id,
-        "url": endpoint.url,
-        "events": list(endpoint.event_types),
-        "enabled": endpoint.enabled,
-        "description": endpoint.description,
-        "secret": endpoint.secret if show_secret else mask_secret(endpoint.secret),
-        "createdAt": endpoint.created_at,
-        "updatedAt": endpoint.updated_at,
-    }
+    try:
+        yield
+    except EndpointNotFound as exc:
+        raise CommandError(f"{exc} (see `gateway endpoints list`)") from None
+    except (EndpointError, DlqError) as exc:
+        raise CommandError(str(exc)) from None
 
 
 @endpoints.command("add")
@@ -389,36 +388,21 @@ def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
 def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, description: str | None,
                   as_json: bool, **settings: str | None) -> None:
     """Register an endpoint. Its signing secret is printed once: keep it."""
-    import asyncio
     import json
 
-    import httpx
-
-    from .destinations import DestinationPolicy
-    from .endpoints import EndpointError, new_endpoint, save_endpoint
-    from .transport import destination
+    from .endpoints import endpoint_json, register_endpoint
 
     config = build_config(settings)
-    try:
-        endpoint = new_endpoint(bot_id=bot_id, url=url, event_types=events.split(","),
-                                secret=secret, description=description)
-        # The same policy the sender applies at connection time, so the warning and the
-        # refusal cannot disagree.
-        policy = DestinationPolicy(allow_private=config.allow_private_networks,
-                                   allowed=config.allowed_networks)
-        # new_endpoint validated the URL; resolved as the sender will
-        refused = asyncio.run(policy.check(*destination(httpx.URL(url))))
-        if refused:
-            click.echo(f"warning: {url}: {refused}; deliveries to it are refused unless "
-                       "GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS covers it",
-                       err=True)
-        save_endpoint(config, endpoint)
-    except EndpointError as exc:
-        raise CommandError(str(exc)) from None
+    with refusals():
+        registration = register_endpoint(config, bot_id=bot_id, url=url, event_types=events.split(","),
+                                         secret=secret, description=description)
+    if registration.warning:
+        click.echo(f"warning: {printable(registration.warning)}", err=True)
+    endpoint = registration.endpoint
     if as_json:
-        click.echo(json.dumps(_endpoint_json(endpoint, show_secret=True)))
+        click.echo(json.dumps(endpoint_json(endpoint, show_secret=True)))
     else:
-        click.echo(f"id      {endpoint.id}\nbot     {endpoint.bot_id}\nurl     {endpoint.url}\n"
+        click.echo(f"id      {endpoint.id}\nbot     {endpoint.bot_id}\nurl     {printable(endpoint.url)}\n"
                    f"events  {','.join(endpoint.event_types) or 'all'}\n"
                    f"secret  {endpoint.secret}   (shown once)")
 
@@ -432,17 +416,14 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
     """List registered endpoints (read from the endpoints topic)."""
     import json
 
-    from .endpoints import EndpointError, load_endpoints
+    from .endpoints import endpoint_json, list_endpoints
 
     config = build_config(settings)
-    try:
-        table = load_endpoints(config)
-    except EndpointError as exc:
-        raise CommandError(str(exc)) from None
-    rows = table.all() if bot_id is None else table.for_bot(bot_id)
+    with refusals():
+        rows = list_endpoints(config, bot_id=bot_id)
     if as_json:
         for endpoint in rows:
-            click.echo(json.dumps(_endpoint_json(endpoint, show_secret=show_secrets)))
+            click.echo(json.dumps(endpoint_json(endpoint, show_secret=show_secrets)))
         return
     if not rows:
         click.echo("no endpoints", err=True)
@@ -455,35 +436,17 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
                    f"{printable(e.url)}" + (f"  secret={printable(e.secret)}" if show_secrets else ""))
 
 
-def _change_endpoint(endpoint_id: str, settings: dict[str, str | None], action: str) -> None:
-    from .endpoints import (
-        EndpointError,
-        load_endpoints,
-        remove_endpoint,
-        save_endpoint,
-        set_enabled,
-    )
-
-    config = build_config(settings)
-    try:
-        endpoint = load_endpoints(config).get(endpoint_id)
-        if endpoint is None:
-            raise CommandError(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
-        if action == "remove":
-            remove_endpoint(config, endpoint_id)
-        else:
-            save_endpoint(config, set_enabled(endpoint, action == "enable"))
-    except EndpointError as exc:
-        raise CommandError(str(exc)) from None
-    click.echo(f"{action}d {endpoint_id}", err=True)
-
-
 @endpoints.command("remove")
 @click.argument("endpoint_id")
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_remove(endpoint_id: str, **settings: str | None) -> None:
     """Remove an endpoint. Its pending retries are dead-lettered as endpoint_removed."""
-    _change_endpoint(endpoint_id, settings, "remove")
+    from .endpoints import remove_endpoint
+
+    config = build_config(settings)
+    with refusals():
+        remove_endpoint(config, endpoint_id)
+    click.echo(f"removed {printable(endpoint_id)}", err=True)
 
 
 @endpoints.command("disable")
@@ -491,7 +454,12 @@ def endpoints_remove(endpoint_id: str, **settings: str | None) -> None:
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_disable(endpoint_id: str, **settings: str | None) -> None:
     """Stop delivering to an endpoint without removing it."""
-    _change_endpoint(endpoint_id, settings, "disable")
+    from .endpoints import set_endpoint_enabled
+
+    config = build_config(settings)
+    with refusals():
+        set_endpoint_enabled(config, endpoint_id, False)
+    click.echo(f"disabled {printable(endpoint_id)}", err=True)
 
 
 @endpoints.command("enable")
@@ -499,7 +467,39 @@ def endpoints_disable(endpoint_id: str, **settings: str | None) -> None:
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_enable(endpoint_id: str, **settings: str | None) -> None:
     """Deliver to a disabled endpoint again."""
-    _change_endpoint(endpoint_id, settings, "enable")
+    from .endpoints import set_endpoint_enabled
+
+    config = build_config(settings)
+    with refusals():
+        set_endpoint_enabled(config, endpoint_id, True)
+    click.echo(f"enabled {printable(endpoint_id)}", err=True)
+
+
+@endpoints.command("rotate-secret")
+@click.argument("endpoint_id")
+@click.option("--secret", default=None, help="The new secret whsec_<base64> (default: generated).")
+@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
+              help="How long the old secret keeps signing too (e.g. 30m, 24h, 7d).")
+@config_options(*ENDPOINT_SETTINGS)
+def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **settings: str | None) -> None:
+    """Give an endpoint a new signing secret; the old one signs too until the grace ends.
+
+    During the grace period every request carries two signatures, space-separated, as
+    the Standard Webhooks specification allows, so the receiver can switch secrets
+    without losing a request. The new secret is printed once.
+    """
+    from .config import parse_delays
+    from .endpoints import rotate_secret
+
+    config = build_config(settings)
+    try:
+        (grace_seconds,) = parse_delays(grace)
+    except (ValueError, ConfigError):
+        raise click.BadParameter(f"{grace!r} is not a duration such as 30m, 24h or 7d",
+                                 param_hint="--grace") from None
+    with refusals():
+        endpoint = rotate_secret(config, endpoint_id, secret=secret, grace_seconds=grace_seconds)
+    click.echo(f"secret  {endpoint.secret}   (shown once; the old secret keeps signing for {grace})")
 
 
 @cli.group()
@@ -724,45 +724,6 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
     )
     if report.refused:
         click.get_current_context().exit(1)
-
-
-@endpoints.command("rotate-secret")
-@click.argument("endpoint_id")
-@click.option("--secret", default=None, help="The new secret whsec_<base64> (default: generated).")
-@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
-              help="How long the old secret keeps signing too (e.g. 30m, 24h, 7d).")
-@config_options(*ENDPOINT_SETTINGS)
-def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **settings: str | None) -> None:
-    """Give an endpoint a new signing secret; the old one signs too until the grace ends.
-
-    During the grace period every request carries two signatures, space-separated, as
-    the Standard Webhooks specification allows, so the receiver can switch secrets
-    without losing a request. The new secret is printed once.
-    """
-    import time
-    from dataclasses import replace
-
-    from .config import parse_delays
-    from .endpoints import EndpointError, load_endpoints, new_endpoint, save_endpoint
-
-    config = build_config(settings)
-    try:
-        (grace_seconds,) = parse_delays(grace)
-    except (ValueError, ConfigError):
-        raise click.BadParameter(f"{grace!r} is not a duration such as 30m, 24h or 7d",
-                                 param_hint="--grace") from None
-    try:
-        current = load_endpoints(config).get(endpoint_id)
-        if current is None:
-            raise CommandError(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
-        fresh = new_endpoint(bot_id=current.bot_id, url=current.url, secret=secret).secret
-        now = time.time_ns() // 1_000_000
-        rotated = replace(current, secret=fresh, previous_secret=current.secret,
-                          previous_secret_expires_at=now + grace_seconds * 1000, updated_at=now)
-        save_endpoint(config, rotated)
-    except EndpointError as exc:
-        raise CommandError(str(exc)) from None
-    click.echo(f"secret  {fresh}   (shown once; the old secret keeps signing for {grace})")
 
 
 def main() -> None:
