@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any, TypeVar
@@ -544,13 +543,14 @@ def _split_dlq_args(kwargs: dict[str, Any]) -> tuple[Any, dict[str, str | None]]
             event_type=kwargs.pop("event_type"), bot_id=kwargs.pop("bot_id"),
             endpoint_id=kwargs.pop("endpoint_id"), reason=kwargs.pop("reason"),
             status=kwargs.pop("status"),
-            since=parse_time(s) if (s := kwargs.pop("since")) else None,
-            until=parse_time(u) if (u := kwargs.pop("until")) else None,
+            since=parse_time(s, field="since") if (s := kwargs.pop("since")) else None,
+            until=parse_time(u, field="until") if (u := kwargs.pop("until")) else None,
             partition=kwargs.pop("partition"), from_offset=kwargs.pop("from_offset"),
             to_offset=kwargs.pop("to_offset"), limit=kwargs.pop("limit"),
         )
     except DlqError as exc:
-        raise click.UsageError(str(exc)) from None
+        hint = f"--{exc.field.replace('_', '-')}" if exc.field else None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     return filters, settings
 
 
@@ -565,12 +565,12 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
     import base64
     import json
 
-    from .dlq import DlqError, read_dead_letters
+    from .dlq import read_dead_letters
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
     count = 0
-    try:
+    with refusals():
         for entry in read_dead_letters(config, filters):
             count += 1
             row = entry.summary()
@@ -580,11 +580,13 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
                 if count == 1:
                     click.echo(f"{'P:OFFSET':10} {'DEAD AT':24} {'REASON':20} {'EVENT':12} {'BOT':8} "
                                f"{'ENDPOINT':8} {'N':>2} {'LAST':24} EVENT ID")
+                # Every field but the offsets came from a record: printed escaped.
                 click.echo(
-                    f"{entry.partition}:{entry.offset:<8} {row['deadAt'] or '-':24} {row['reason']:20} "
-                    f"{row['eventType'] or '-':12} {(row['botId'] or '-')[:8]:8} "
-                    f"{(row['endpointId'] or '-')[:8]:8} {row['attempts']:>2} "
-                    f"{str(row['lastOutcome'])[:24]:24} {row['eventId'] or '-'}"
+                    f"{entry.partition}:{entry.offset:<8} {row['deadAt'] or '-':24} "
+                    f"{printable(row['reason']):20} {printable(row['eventType'] or '-'):12} "
+                    f"{printable((row['botId'] or '-')[:8]):8} "
+                    f"{printable((row['endpointId'] or '-')[:8]):8} {row['attempts']:>2} "
+                    f"{printable(str(row['lastOutcome'])[:24]):24} {printable(row['eventId'] or '-')}"
                 )
             if raw_file is not None:
                 dead = entry.dead
@@ -594,8 +596,6 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
                     "key": base64.b64encode(dead.original_key).decode() if dead and dead.original_key else None,
                     "value": base64.b64encode(dead.original_value).decode() if dead and dead.original_value else None,
                 }) + "\n")
-    except DlqError as exc:
-        raise CommandError(str(exc))
     click.echo(f"{count} dead letters", err=True)
 
 
@@ -607,24 +607,18 @@ def dlq_show(selector: str, **settings: str | None) -> None:
     of that event) or PARTITION:OFFSET."""
     import json
 
-    from .dlq import DlqError, Filters, read_dead_letters
-    from .events import is_uuid
+    from .dlq import DeadLetterNotFound, DlqError, find_dead_letters, parse_selector
 
     config = build_config(settings)
-    match = selector.split(":")
-    if is_uuid(selector):
-        filters = Filters(event_id=selector)
-    elif len(match) == 2 and all(part.isdigit() for part in match):
-        filters = Filters(partition=int(match[0]), from_offset=int(match[1]), to_offset=int(match[1]))
-    else:
-        raise click.BadParameter(f"{selector!r} is neither an event id (UUID) nor PARTITION:OFFSET",
-                                 param_hint="SELECTOR")
     try:
-        entries = list(read_dead_letters(config, filters))
+        parse_selector(selector)
     except DlqError as exc:
-        raise CommandError(str(exc)) from None
-    if not entries:
-        raise CommandError(f"no dead letter matches {selector}")
+        raise click.BadParameter(str(exc), param_hint="SELECTOR") from None
+    try:
+        with refusals():
+            entries = find_dead_letters(config, selector)
+    except DeadLetterNotFound:
+        raise CommandError(f"no dead letter matches {printable(selector)}") from None
     for entry in entries:
         click.echo(json.dumps(entry.full(), indent=2))
 
@@ -636,14 +630,12 @@ def dlq_stats(as_json: bool, **kwargs: Any) -> None:
     """Counts of the selected dead letters by reason, event type, endpoint and hour."""
     import json
 
-    from .dlq import DlqError, read_dead_letters, stats
+    from .dlq import read_dead_letters, stats
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
-    try:
+    with refusals():
         counts = stats(read_dead_letters(config, filters))
-    except DlqError as exc:
-        raise CommandError(str(exc)) from None
     if as_json:
         click.echo(json.dumps({k: dict(v) for k, v in counts.items()}))
         return
@@ -651,7 +643,15 @@ def dlq_stats(as_json: bool, **kwargs: Any) -> None:
     for name, counter in counts.items():
         click.echo(f"\nby {name}")
         for key, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
-            click.echo(f"  {n:>7}  {key}")
+            click.echo(f"  {n:>7}  {printable(key)}")
+
+
+# What a user of the command line can do about each refusal, after the library's words.
+REFUSAL_HINTS = {
+    "not_a_delivery": "; export it with `gateway dlq list --raw FILE`",
+    "endpoint_not_registered": "; replay it to another endpoint with --to-endpoint",
+    "unknown_target": "; see `gateway endpoints list`",
+}
 
 
 @dlq.command("replay")
@@ -669,60 +669,62 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
     not deliveries (undecodable or invalid events) are refused: export them with
     `dlq list --raw FILE`.
     """
-    from .dlq import DlqError, Replayer, parse_rate, read_dead_letters
-    from .endpoints import EndpointError, load_endpoints
+    from .dlq import DlqError, ReplayProgress, parse_rate, plan_replay, send_replay
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
     try:
         per_second = parse_rate(rate) if rate else None
-        known = {e.id for e in load_endpoints(config).all()}
-        if to_endpoint is not None and to_endpoint not in known:
-            raise CommandError(f"no endpoint with id {to_endpoint!r} (see `gateway endpoints list`)")
-        replayer = Replayer(config)
-        entries = list(read_dead_letters(config, filters))
-        planned, report = replayer.plan(entries, again=again, to_endpoint=to_endpoint, known_endpoints=known)
-    except (DlqError, EndpointError) as exc:
-        raise CommandError(str(exc)) from None
-    for entry in report.refused:
-        why = ("not a delivery: an undecodable or invalid record has no endpoint to send to; "
-               "export it with `gateway dlq list --raw FILE`") if entry.delivery is None else (
-               f"endpoint {entry.delivery.endpoint_id} is no longer registered; use --to-endpoint")
-        click.echo(f"refused {entry.coordinate}: {why}", err=True)
+    except DlqError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rate") from None
+    with refusals():
+        plan = plan_replay(config, filters, again=again, to_endpoint=to_endpoint)
+    for refusal in plan.refused:
+        click.echo(f"refused {printable(refusal.coordinate)}: {printable(refusal.message)}"
+                   f"{REFUSAL_HINTS.get(refusal.reason, '')}", err=True)
     if dry_run:
-        for entry, delivery in planned:
-            click.echo(f"would replay {entry.coordinate}  event {delivery.event_id}  "
-                       f"{delivery.event_type}  to endpoint {delivery.endpoint_id}")
+        for item in plan.planned:
+            delivery = item.delivery
+            click.echo(f"would replay {printable(item.entry.coordinate)}  event {printable(delivery.event_id)}  "
+                       f"{printable(delivery.event_type)}  to endpoint {printable(delivery.endpoint_id)}")
         click.echo(
-            f"dry run: {len(planned)} of {report.selected} selected would be replayed into "
-            f"{replayer.first_tier.topic}; {report.skipped_already_replayed} already replayed "
-            f"(--again to include); {len(report.refused)} refused; nothing sent", err=True)
-        click.get_current_context().exit(1 if report.refused else 0)
-    try:
-        if planned:
-            with click.progressbar(length=len(planned), label="replaying", file=sys.stderr,
+            f"dry run: {len(plan.planned)} of {plan.selected} selected would be replayed into "
+            f"{plan.topic}; {plan.skipped_already_replayed} already replayed "
+            f"(--again to include); {len(plan.refused)} refused; nothing sent", err=True)
+        click.get_current_context().exit(1 if plan.refused else 0)
+    with refusals():
+        if not plan.planned:
+            report = send_replay(config, plan)  # sends nothing: the empty report
+        else:
+            with click.progressbar(length=len(plan.planned), label="replaying", file=sys.stderr,
                                    show_pos=True, show_eta=True,
                                    item_show_func=lambda rate: rate) as bar:
-                done = 0
-                started = time.monotonic()
+                shown = 0
 
-                def progress(n: int) -> None:
-                    nonlocal done
-                    rate = n / max(time.monotonic() - started, 1e-3)
-                    bar.update(n - done, f"{rate:,.0f}/s")
-                    done = n
+                def progress(now: ReplayProgress) -> None:
+                    nonlocal shown
+                    bar.update(now.sent - shown, f"{now.rate:,.0f}/s")
+                    shown = now.sent
 
-                replayer.send(planned, report, rate=per_second, on_progress=progress)
-    except DlqError as exc:
-        raise CommandError(str(exc))
+                report = send_replay(config, plan, rate=per_second, on_progress=progress)
     click.echo(
-        f"replayed {report.replayed} of {report.selected} selected into {replayer.first_tier.topic} "
-        f"in {report.seconds:.1f} s ({report.rate:.1f}/s), replay id {report.replay_id}; "
-        f"{report.skipped_already_replayed} skipped as already replayed (--again to include); "
-        f"{len(report.refused)} refused",
+        f"replayed {report.replayed} of {plan.selected} selected into {plan.topic} "
+        f"in {report.seconds:.1f} s ({report.rate:.1f}/s), replay id {plan.replay_id}; "
+        f"{plan.skipped_already_replayed} skipped as already replayed (--again to include); "
+        f"{len(plan.refused)} refused",
         err=True,
     )
-    if report.refused:
+    if report.failed:
+        raise CommandError(
+            f"{report.failed} of {len(plan.planned)} replays were not acknowledged by the broker "
+            f"(first: {printable(report.first_failure or '?')}); they are not recorded as replayed, "
+            "so the same command sends them again")
+    if report.unrecorded:
+        raise CommandError(
+            f"{report.unrecorded} replays were sent but not recorded as replayed "
+            f"({printable(report.first_unrecorded or '?')}); a later replay sends them again "
+            "unless you filter them out")
+    if plan.refused:
         click.get_current_context().exit(1)
 
 
