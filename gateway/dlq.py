@@ -545,9 +545,14 @@ def send_replay(
     timeout: float = 60.0,
     codec: Codec | None = None,
 ) -> ReplayReport:
-    """Send ``plan``'s deliveries into the first retry tier (at most ``rate`` per second),
-    wait up to ``timeout`` seconds after the last for the broker's acknowledgements, and
-    record the acknowledged ones on the ``dlq-replays`` topic.
+    """Send ``plan``'s deliveries into the first retry tier (at most ``rate`` per second)
+    and record the acknowledged ones on the ``dlq-replays`` topic.
+
+    Each replay has ``timeout`` seconds from when it is handed to the producer to be
+    acknowledged; at the end, whatever is still unanswered is withdrawn and counted as
+    failed, so every replay is either acknowledged (and recorded) or failed (and not
+    recorded, so the same replay sends it again). A withdrawn replay may have reached
+    the broker all the same: receivers dedupe on ``webhook-id``.
 
     Failures are values in the report, not exceptions: a replay job reports what it
     did. ``on_progress`` is called after each send and while waiting.
@@ -558,16 +563,18 @@ def send_replay(
         return ReplayReport(plan, replayed=0)
     producer = Producer(config.kafka_common() | {
         "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+        # librdkafka gives up on a message when we stop waiting for it, not minutes later.
+        "message.timeout.ms": max(1, int(timeout * 1000)),
     })
     errors: list[str] = []
     acked: list[PlannedReplay] = []
 
-    def on_delivery(item: PlannedReplay) -> Callable[[Any, Any], None]:
+    def on_delivery(item: PlannedReplay) -> Callable[[KafkaError | None, Any], None]:
         def callback(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                errors.append(f"{item.entry.coordinate}: {err.str()}")
-            else:
+            if err is None:
                 acked.append(item)
+            else:
+                errors.append(f"{item.entry.coordinate}: {_describe(err, timeout)}")
         return callback
 
     started = time.monotonic()
@@ -590,31 +597,83 @@ def send_replay(
             ("replay-id", plan.replay_id.encode()), ("replay-of", entry.coordinate.encode()),
         ]
         value = codec.encode(DELIVERY_SCHEMA, delivery.to_record(), topic=plan.topic)
-        producer.produce(plan.topic, key=delivery.endpoint_id.encode(), value=value,
-                         headers=headers, on_delivery=on_delivery(item))
+        _produce(producer, plan.topic, key=delivery.endpoint_id.encode(), value=value,
+                 headers=headers, on_delivery=on_delivery(item))
         producer.poll(0)
         progress(index + 1)
-    producer.flush(timeout)
-    progress(total)
+    _settle(producer, timeout, on_wait=lambda: progress(total))
+    # Counted once every report is in: nothing is acknowledged after this point.
+    replayed = list(acked)
     seconds = time.monotonic() - started
-    unrecorded, first_unrecorded = _record(config, producer, codec, plan, acked)
-    return ReplayReport(plan, replayed=len(acked), failed=len(errors),
-                        first_failure=errors[0] if errors else None, unrecorded=unrecorded,
-                        first_unrecorded=first_unrecorded, seconds=seconds)
+    failed = total - len(replayed)
+    first_failure = errors[0] if errors else (
+        f"not acknowledged within {timeout:g} s" if failed else None)
+    unrecorded, first_unrecorded = _record(config, producer, codec, plan, replayed, timeout)
+    return ReplayReport(plan, replayed=len(replayed), failed=failed, first_failure=first_failure,
+                        unrecorded=unrecorded, first_unrecorded=first_unrecorded, seconds=seconds)
+
+
+# Delivery reports that mean "no answer in time" rather than a refusal by the broker.
+_UNANSWERED = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._PURGE_QUEUE,
+               KafkaError._PURGE_INFLIGHT}
+
+
+def _describe(err: KafkaError, timeout: float) -> str:
+    if err.code() in _UNANSWERED:
+        return f"not acknowledged within {timeout:g} s ({err.str()})"
+    return str(err.str())
+
+
+def _produce(producer: Producer, topic: str, **message: Any) -> None:
+    """Produce, waiting while the producer's local queue is full: acknowledgements (or
+    message timeouts) make room."""
+    while True:
+        try:
+            producer.produce(topic, **message)
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
+def _settle(producer: Producer, timeout: float, *, on_wait: Callable[[], None] | None = None) -> None:
+    """Wait up to ``timeout`` seconds for every message's delivery report, then withdraw
+    the messages still unanswered: their reports come back as purged, so after this no
+    report is pending and none can arrive later."""
+    deadline = time.monotonic() + timeout
+    while len(producer) and (left := deadline - time.monotonic()) > 0:
+        producer.flush(min(left, 0.5))
+        if on_wait is not None:
+            on_wait()
+    if len(producer):
+        producer.purge()
+        producer.flush(5)  # serves the purged messages' reports; no broker needed
 
 
 def _record(config: Config, producer: Producer, codec: Codec, plan: ReplayPlan,
-            acked: list[PlannedReplay]) -> tuple[int, str | None]:
-    """Record ``acked`` on the dlq-replays topic: (how many were not recorded, first why)."""
+            replayed: list[PlannedReplay], timeout: float) -> tuple[int, str | None]:
+    """Record ``replayed`` on the dlq-replays topic: (how many were not recorded, first why)."""
+    if not replayed:
+        return 0, None
     topic = Topics.from_config(config).dlq_replays
     now = time.time_ns() // 1_000_000
-    for item in acked:
+    errors: list[str] = []
+    recorded = 0
+
+    def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        nonlocal recorded
+        if err is None:
+            recorded += 1
+        else:
+            errors.append(f"{topic}: {_describe(err, timeout)}")
+
+    for item in replayed:
         entry, delivery = item.entry, item.delivery
         record = {"deadLetter": entry.coordinate, "replayId": plan.replay_id, "replayedAt": now,
                   "eventId": delivery.event_id, "endpointId": delivery.endpoint_id}
-        producer.produce(topic, key=entry.coordinate.encode(),
-                         value=codec.encode(REPLAY_SCHEMA, record, topic=topic))
-    remaining = producer.flush(30)
-    if remaining:
-        return remaining, f"{topic} did not acknowledge within 30 s"
-    return 0, None
+        _produce(producer, topic, key=entry.coordinate.encode(),
+                 value=codec.encode(REPLAY_SCHEMA, record, topic=topic), on_delivery=on_delivery)
+        producer.poll(0)
+    _settle(producer, timeout)
+    unrecorded = len(replayed) - recorded
+    return unrecorded, (errors[0] if errors else (
+        f"{topic}: not acknowledged within {timeout:g} s" if unrecorded else None))
