@@ -9,7 +9,9 @@ import time
 import uuid
 
 import pytest
+from confluent_kafka import Producer
 
+from gateway.codec import Codec
 from gateway.config import Config
 from gateway.endpoints import (
     EndpointError,
@@ -29,8 +31,9 @@ from gateway.endpoints import (
     set_endpoint_enabled,
     update_endpoint,
 )
-from gateway.records import Endpoint
+from gateway.records import ENDPOINT_SCHEMA, Endpoint
 from gateway.signing import new_secret, secret_key
+from gateway.topics import Topics
 
 BOT_A = "6434515b-8541-4861-bb24-8acd6e77e8c4"
 BOT_B = "0b8c7f7e-2f5a-4c55-9a3b-6a4c0e0f1d2e"
@@ -214,3 +217,33 @@ def test_the_registry_loads_what_the_topic_holds_at_its_end(topics: Config) -> N
     assert [e.id for e in table.for_bot(BOT_B)] == [moved.id]
     assert table.for_bot(BOT_A) == [dataclasses.replace(kept, enabled=False)]
     assert table.for_event(BOT_A, "MESSAGE") == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_the_registry_loads_100k_endpoints_in_linear_time(topics: Config) -> None:
+    """Half of them in one bot, half spread over 5,000 bots, written straight to the topic.
+    Loading them takes a few seconds here; a table that rescans every endpoint per
+    record needs minutes."""
+    topic = Topics.from_config(topics).endpoints
+    codec = Codec()
+    big_bot = str(uuid.uuid4())
+    small_bots = [str(uuid.uuid4()) for _ in range(5_000)]
+    producer = Producer({"bootstrap.servers": topics.bootstrap_servers, "linger.ms": 50,
+                         "queue.buffering.max.messages": 200_000})
+    for i in range(100_000):
+        bot = big_bot if i % 2 else small_bots[i % len(small_bots)]
+        record = endpoint(f"e{i}", bot, created=i)
+        producer.produce(topic, key=record.id.encode(),
+                         value=codec.encode(ENDPOINT_SCHEMA, record.to_record(), topic=topic))
+        if i % 1_000 == 0:
+            producer.poll(0)
+    assert producer.flush(60) == 0
+
+    started = time.monotonic()
+    table = load_endpoints(topics, timeout=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"100,000 endpoints loaded in {elapsed:.1f} s"
+    assert len(table) == 100_000
+    assert len(table.for_event(big_bot.upper(), "MESSAGE")) == 50_000
+    assert [e.id for e in table.for_bot(small_bots[2])] == [f"e{i}" for i in range(2, 100_000, 5_000)]
