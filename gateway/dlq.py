@@ -16,7 +16,9 @@ replayed unless told ``again``.
 A replay is planned (:func:`plan_replay`: select, then decide per dead letter; what
 cannot be replayed is a :class:`Refusal` with its reason, not an error) and then sent
 (:func:`send_replay`, with progress through a callback). Only replays the broker
-acknowledged are recorded as replayed.
+acknowledged are recorded as replayed. Planning reads the endpoint registry, so it may
+also raise :class:`~gateway.endpoints.EndpointNotFound` (an unknown ``to_endpoint``) or
+:class:`~gateway.endpoints.EndpointsUnavailable`.
 """
 
 from __future__ import annotations
