@@ -264,6 +264,7 @@ class EndpointTable:
         self._members: dict[str, dict[str, Endpoint]] = {}
         # What readers route by: one immutable tuple per bot, swapped whole.
         self._by_bot: dict[str, tuple[Endpoint, ...]] = {}
+        self._enabled = 0
 
     def apply(self, endpoint_id: str, endpoint: Endpoint | None) -> None:
         """Apply one record of the topic: a registration, or a removal (None)."""
@@ -277,6 +278,7 @@ class EndpointTable:
         with self._lock:
             for endpoint_id, endpoint in records:
                 old = self._by_id.get(endpoint_id)
+                self._enabled += (endpoint is not None and endpoint.enabled) - (old is not None and old.enabled)
                 old_bot = old.bot_id.lower() if old is not None else None
                 new_bot = endpoint.bot_id.lower() if endpoint is not None else None
                 if old_bot is not None and old_bot != new_bot:
@@ -323,6 +325,12 @@ class EndpointTable:
         with self._lock:
             endpoints = list(self._by_id.values())
         return sorted(endpoints, key=lambda e: (e.bot_id.lower(), e.created_at, e.id))
+
+    def counts(self) -> tuple[int, int]:
+        """(enabled, disabled) endpoints, kept as changes are applied: a gauge can be set
+        after every change without walking the table."""
+        with self._lock:
+            return self._enabled, len(self._by_id) - self._enabled
 
     def __len__(self) -> int:
         with self._lock:

@@ -75,7 +75,7 @@ def test_load_applies_records_in_order_as_apply_does() -> None:
                      created_at=2, updated_at=2)
     table = EndpointTable()
     table.load([("x", first), ("y", other), ("x", moved), ("y", None), ("z", None)])
-    assert len(table) == 1
+    assert len(table) == 1 and table.counts() == (1, 0)
     assert table.get("x") is moved and table.get("y") is None
     assert table.for_event(a, "MESSAGE") == []
     assert table.for_event(b, "MESSAGE") == [moved]

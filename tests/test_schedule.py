@@ -437,6 +437,8 @@ def test_table_matches_a_plain_dict_model(ops: list[tuple[str, str | None, bool]
         else:
             model[endpoint_id] = value
         assert len(table) == len(model)
+        enabled = sum(e.enabled for e in model.values())
+        assert table.counts() == (enabled, len(model) - enabled)
         for b in (BOT_A, BOT_B):
             expected = sorted(i for i, e in model.items() if e.bot_id == b and e.enabled)
             assert sorted(ids(table.for_event(b, "MESSAGE"))) == expected
