@@ -357,7 +357,7 @@ def up(port: int, **settings: str | None) -> None:
 
 @cli.group()
 def endpoints() -> None:
-    """Register, list, enable, disable and remove webhook endpoints."""
+    """Register, list, enable, disable and remove webhook endpoints; rotate their secrets."""
 
 
 ENDPOINT_SETTINGS = ("bootstrap_servers", "topic_prefix", "schema_registry_url")
