@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.endpoints import save_endpoint
 from gateway.records import Endpoint
-from gateway.signing import secret_key
+from gateway.signing import new_secret, secret_key
 
 from .conftest import run_gateway
 
@@ -201,7 +201,7 @@ def stored(bot_id: str, url: str = PUBLIC_URL, **fields: Any) -> Endpoint:
     """A registration as the platform might write it straight to the endpoints topic,
     without the CLI's validation."""
     return Endpoint(id=str(uuid.uuid4()), bot_id=bot_id, url=url,
-                    secret=new_endpoint(bot_id=BOT_A, url=PUBLIC_URL).secret,
+                    secret=new_secret(),
                     created_at=1, updated_at=1, **fields)
 
 
