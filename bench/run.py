@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -324,7 +325,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         timeline = run["timeline"]
         times = [t for t, _ in timeline[1:]]
         rates = [(c2 - c1) / max(t2 - t1, 1e-3)
-                 for (t1, c1), (t2, c2) in zip(timeline, timeline[1:], strict=False)]
+                 for (t1, c1), (t2, c2) in itertools.pairwise(timeline)]
         ax1.plot(times, rates, label=f"{run['workers']} worker(s)")
     ax1.axhline(results["ceilings"]["lower"], color="grey", linestyle="--", label="lower ceiling")
     ax1.set_title(f"Draining {results['burst'][0]['events']:,} events: deliveries/s")
@@ -433,10 +434,14 @@ def _main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k not in ("burst", "steady")}, indent=1))
     print(f"""
 machine: {results['machine']}
-burst, 1 worker : {one['deliveries_per_second']:>7,}/s  (drain {one['drain_seconds']} s, peak RSS {one['peak_rss_mb_per_worker'][0]} MB)
-burst, 2 workers: {two['deliveries_per_second']:>7,}/s  ({two['per_worker_process']:,}/s per process; x{results['scaling_2_over_1']} of 1 worker)
-ceilings        : HTTP sender {http:,.0f}/s, bare consumer {bare:,.0f}/s -> gateway at {results['ratio_of_lower_ceiling']:.0%} of the lower
-steady {args.rate}/s    : p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms, p99 {latency['p99_ms']} ms (missing {latency['missing']})
+burst, 1 worker : {one['deliveries_per_second']:>7,}/s  (drain {one['drain_seconds']} s, \
+peak RSS {one['peak_rss_mb_per_worker'][0]} MB)
+burst, 2 workers: {two['deliveries_per_second']:>7,}/s  ({two['per_worker_process']:,}/s per process; \
+x{results['scaling_2_over_1']} of 1 worker)
+ceilings        : HTTP sender {http:,.0f}/s, bare consumer {bare:,.0f}/s -> \
+gateway at {results['ratio_of_lower_ceiling']:.0%} of the lower
+steady {args.rate}/s    : p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms, p99 {latency['p99_ms']} ms \
+(missing {latency['missing']})
 results         : {args.out}/latest.json, latest.png""")
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, TypeVar
 
 import click
 
 from .config import SETTINGS, Config, ConfigError
 from .logs import configure_logging
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,9 +59,32 @@ def build_config(settings: dict[str, str | None], **fixed: Any) -> Config:
         raise click.UsageError(str(exc)) from None
 
 
-def fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
+class CommandError(click.ClickException):
+    """The work failed or the input was refused: ``error: <message>`` on stderr, exit 1.
+
+    Raised by commands instead of printing and exiting themselves, so every refusal takes
+    click's one error path; usage errors stay click's own (exit 2).
+    """
+
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        # Messages quote values from topics and receivers: escaped like every output.
+        message = "\n".join(printable(line) for line in self.format_message().splitlines())
+        click.echo(f"error: {message}", err=True, file=file)
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\u202e``).
+
+    Endpoint fields and dead-letter details may have been written straight to a topic
+    by anyone, or come from a receiver: printed raw, an escape sequence would rewrite the
+    user's terminal or hide part of a line. JSON output needs none of this (json.dumps
+    escapes control characters itself).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -97,8 +120,7 @@ def broker(port: int) -> None:
     try:
         running = Broker(port=port).start()
     except BrokerError as exc:
-        fail(str(exc))
-        return
+        raise CommandError(str(exc)) from None
     click.echo(f"broker listening on {running.bootstrap} (in memory; Ctrl-C stops it)", err=True)
     stopping = False
 
@@ -112,7 +134,7 @@ def broker(port: int) -> None:
     code = running.wait()
     running.stop()
     if not stopping:
-        fail(f"the broker exited by itself with code {code}")
+        raise CommandError(f"the broker exited by itself with code {code}")
     click.echo("broker stopped", err=True)
 
 
@@ -142,7 +164,7 @@ def topics_create(**settings: str | None) -> None:
     try:
         create_topics(config, on_status=report, on_warning=lambda text: click.echo(f"warning: {text}", err=True))
     except TopicsError as exc:
-        fail(f"could not create topics: {exc}")
+        raise CommandError(f"could not create topics: {exc}") from None
 
 
 @cli.command()
@@ -170,18 +192,16 @@ def publish(source: Any, skip_invalid: bool, as_json: bool, **settings: str | No
     try:
         items = read_events(source.read())
     except UnicodeDecodeError as exc:
-        fail(f"{source.name}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-        return
+        raise CommandError(f"{source.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except ValueError as exc:
-        fail(f"{source.name}: {exc}")
-        return
+        raise CommandError(f"{source.name}: {exc}") from None
     if not items:
-        fail(f"{source.name}: no events in the input")
+        raise CommandError(f"{source.name}: no events in the input")
     invalid = [item for item in items if item.error]
     for item in invalid:
         click.echo(f"error: {source.name} {item.where}: {item.error}", err=True)
     if invalid and not skip_invalid:
-        fail(
+        raise CommandError(
             f"nothing was published: {len(invalid)} of {len(items)} events are invalid "
             "(fix them, or pass --skip-invalid to publish the valid ones)"
         )
@@ -210,7 +230,13 @@ def publish(source: Any, skip_invalid: bool, as_json: bool, **settings: str | No
         err=True,
     )
     if invalid or failed:
-        sys.exit(1)
+        click.get_current_context().exit(1)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An operating-system failure as it is (``[Errno 24] Too many open files``), with
+    the file it concerns when there is one: never blamed on the metrics port."""
+    return str(exc) or type(exc).__name__
 
 
 WORKER_SETTINGS = (
@@ -236,7 +262,7 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
     partitions allow. On SIGTERM a worker stops taking records, lets in-flight deliveries
     finish (up to --shutdown-timeout), commits and exits 0.
     """
-    from .runner import RunnerError, resolve_tiers
+    from .runner import RunnerError, observe, resolve_tiers
     from .runner import run as run_workers
 
     config = build_config(settings)
@@ -245,10 +271,14 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
         if workers > 1:
             from .supervisor import supervise
 
-            sys.exit(supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics))
-        run_workers(config, chosen, metrics_port=None if no_metrics else config.metrics_port)
+            code = supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics)
+            click.get_current_context().exit(code)
+        observed = observe(config, port=None if no_metrics else config.metrics_port)
+        run_workers(config, chosen, observed=observed)
     except (RunnerError, ValueError) as exc:
-        fail(str(exc))
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(describe_os_error(exc)) from None
 
 
 @cli.command()
@@ -267,7 +297,7 @@ def up(port: int, **settings: str | None) -> None:
     import os
 
     from .broker import Broker, BrokerError
-    from .runner import RunnerError, resolve_tiers
+    from .runner import RunnerError, observe, resolve_tiers
     from .runner import run as run_workers
     from .topics import TopicsError, create_topics
 
@@ -280,14 +310,14 @@ def up(port: int, **settings: str | None) -> None:
         try:
             broker = Broker(port=port).start()
         except BrokerError as exc:
-            fail(str(exc))
-            return
+            raise CommandError(str(exc)) from None
         fixed["bootstrap_servers"] = broker.bootstrap
         if settings.get("partitions") is None and "GATEWAY_PARTITIONS" not in os.environ:
             fixed["partitions"] = 3
     try:
         config = build_config(settings, **fixed)
         created = create_topics(config)
+        observed = observe(config, port=config.metrics_port)
         tiers = resolve_tiers(config, None)
 
         def ready() -> None:
@@ -306,9 +336,11 @@ def up(port: int, **settings: str | None) -> None:
                 err=True,
             )
 
-        run_workers(config, tiers, metrics_port=config.metrics_port, on_ready=ready)
+        run_workers(config, tiers, observed=observed, on_ready=ready)
     except (RunnerError, TopicsError, ValueError) as exc:
-        fail(str(exc))
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(describe_os_error(exc)) from None
     finally:
         if broker is not None:
             broker.stop()
@@ -316,27 +348,25 @@ def up(port: int, **settings: str | None) -> None:
 
 @cli.group()
 def endpoints() -> None:
-    """Register, list, enable, disable and remove webhook endpoints."""
+    """Register, list, enable, disable and remove webhook endpoints; rotate their secrets."""
 
 
 ENDPOINT_SETTINGS = ("bootstrap_servers", "topic_prefix", "schema_registry_url")
 ADD_SETTINGS = (*ENDPOINT_SETTINGS, "allow_private_networks", "allowed_networks")
 
 
-def _endpoint_json(endpoint: Any, *, show_secret: bool) -> dict[str, Any]:
-    from .endpoints import mask_secret
+@contextmanager
+def refusals() -> Iterator[None]:
+    """The library's errors, which name what was wrong, become ``error: …`` and exit 1."""
+    from .dlq import DlqError
+    from .endpoints import EndpointError, EndpointNotFound
 
-    return {
-        "id": endpoint.id,
-        "botId": endpoint.bot_id,
-        "url": endpoint.url,
-        "events": list(endpoint.event_types),
-        "enabled": endpoint.enabled,
-        "description": endpoint.description,
-        "secret": endpoint.secret if show_secret else mask_secret(endpoint.secret),
-        "createdAt": endpoint.created_at,
-        "updatedAt": endpoint.updated_at,
-    }
+    try:
+        yield
+    except EndpointNotFound as exc:
+        raise CommandError(f"{exc} (see `gateway endpoints list`)") from None
+    except (EndpointError, DlqError) as exc:
+        raise CommandError(str(exc)) from None
 
 
 @endpoints.command("add")
@@ -353,35 +383,19 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
     """Register an endpoint. Its signing secret is printed once: keep it."""
     import json
 
-    import asyncio
-    import httpx
-
-    from .destinations import DestinationPolicy
-    from .endpoints import EndpointError, new_endpoint, save_endpoint
-    from .transport import destination
+    from .endpoints import endpoint_json, register_endpoint
 
     config = build_config(settings)
-    try:
-        endpoint = new_endpoint(bot_id=bot_id, url=url, event_types=events.split(","),
-                                secret=secret, description=description)
-        # The same policy the sender applies at connection time, so the warning and the
-        # refusal cannot disagree.
-        policy = DestinationPolicy(allow_private=config.allow_private_networks,
-                                   allowed=config.allowed_networks)
-        # new_endpoint validated the URL; resolved as the sender will
-        refused = asyncio.run(policy.check(*destination(httpx.URL(url))))
-        if refused:
-            click.echo(f"warning: {url}: {refused}; deliveries to it are refused unless "
-                       "GATEWAY_ALLOW_PRIVATE_NETWORKS=true or GATEWAY_ALLOWED_NETWORKS covers it",
-                       err=True)
-        save_endpoint(config, endpoint)
-    except EndpointError as exc:
-        fail(str(exc))
-        return
+    with refusals():
+        registration = register_endpoint(config, bot_id=bot_id, url=url, event_types=events.split(","),
+                                         secret=secret, description=description)
+    if registration.warning:
+        click.echo(f"warning: {printable(registration.warning)}", err=True)
+    endpoint = registration.endpoint
     if as_json:
-        click.echo(json.dumps(_endpoint_json(endpoint, show_secret=True)))
+        click.echo(json.dumps(endpoint_json(endpoint, show_secret=True)))
     else:
-        click.echo(f"id      {endpoint.id}\nbot     {endpoint.bot_id}\nurl     {endpoint.url}\n"
+        click.echo(f"id      {endpoint.id}\nbot     {endpoint.bot_id}\nurl     {printable(endpoint.url)}\n"
                    f"events  {','.join(endpoint.event_types) or 'all'}\n"
                    f"secret  {endpoint.secret}   (shown once)")
 
@@ -395,18 +409,14 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
     """List registered endpoints (read from the endpoints topic)."""
     import json
 
-    from .endpoints import EndpointError, load_endpoints
+    from .endpoints import endpoint_json, list_endpoints
 
     config = build_config(settings)
-    try:
-        table = load_endpoints(config)
-    except EndpointError as exc:
-        fail(str(exc))
-        return
-    rows = [e for e in table.all() if bot_id is None or e.bot_id == bot_id]
+    with refusals():
+        rows = list_endpoints(config, bot_id=bot_id)
     if as_json:
         for endpoint in rows:
-            click.echo(json.dumps(_endpoint_json(endpoint, show_secret=show_secrets)))
+            click.echo(json.dumps(endpoint_json(endpoint, show_secret=show_secrets)))
         return
     if not rows:
         click.echo("no endpoints", err=True)
@@ -414,27 +424,9 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
     click.echo(f"{'ID':36}  {'BOT':36}  {'STATE':8}  {'EVENTS':28}  URL")
     for e in rows:
         state = "enabled" if e.enabled else "disabled"
-        click.echo(f"{e.id:36}  {e.bot_id:36}  {state:8}  {','.join(e.event_types) or 'all':28}  {e.url}"
-                   + (f"  secret={e.secret}" if show_secrets else ""))
-
-
-def _change_endpoint(endpoint_id: str, settings: dict[str, str | None], action: str) -> None:
-    from .endpoints import EndpointError, load_endpoints, remove_endpoint, save_endpoint, set_enabled
-
-    config = build_config(settings)
-    try:
-        endpoint = load_endpoints(config).get(endpoint_id)
-        if endpoint is None:
-            fail(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
-            return
-        if action == "remove":
-            remove_endpoint(config, endpoint_id)
-        else:
-            save_endpoint(config, set_enabled(endpoint, action == "enable"))
-    except EndpointError as exc:
-        fail(str(exc))
-        return
-    click.echo(f"{action}d {endpoint_id}", err=True)
+        events = printable(",".join(e.event_types)) or "all"
+        click.echo(f"{printable(e.id):36}  {printable(e.bot_id):36}  {state:8}  {events:28}  "
+                   f"{printable(e.url)}" + (f"  secret={printable(e.secret)}" if show_secrets else ""))
 
 
 @endpoints.command("remove")
@@ -442,7 +434,12 @@ def _change_endpoint(endpoint_id: str, settings: dict[str, str | None], action: 
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_remove(endpoint_id: str, **settings: str | None) -> None:
     """Remove an endpoint. Its pending retries are dead-lettered as endpoint_removed."""
-    _change_endpoint(endpoint_id, settings, "remove")
+    from .endpoints import remove_endpoint
+
+    config = build_config(settings)
+    with refusals():
+        remove_endpoint(config, endpoint_id)
+    click.echo(f"removed {printable(endpoint_id)}", err=True)
 
 
 @endpoints.command("disable")
@@ -450,7 +447,12 @@ def endpoints_remove(endpoint_id: str, **settings: str | None) -> None:
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_disable(endpoint_id: str, **settings: str | None) -> None:
     """Stop delivering to an endpoint without removing it."""
-    _change_endpoint(endpoint_id, settings, "disable")
+    from .endpoints import set_endpoint_enabled
+
+    config = build_config(settings)
+    with refusals():
+        set_endpoint_enabled(config, endpoint_id, False)
+    click.echo(f"disabled {printable(endpoint_id)}", err=True)
 
 
 @endpoints.command("enable")
@@ -458,7 +460,39 @@ def endpoints_disable(endpoint_id: str, **settings: str | None) -> None:
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_enable(endpoint_id: str, **settings: str | None) -> None:
     """Deliver to a disabled endpoint again."""
-    _change_endpoint(endpoint_id, settings, "enable")
+    from .endpoints import set_endpoint_enabled
+
+    config = build_config(settings)
+    with refusals():
+        set_endpoint_enabled(config, endpoint_id, True)
+    click.echo(f"enabled {printable(endpoint_id)}", err=True)
+
+
+@endpoints.command("rotate-secret")
+@click.argument("endpoint_id")
+@click.option("--secret", default=None, help="The new secret whsec_<base64> (default: generated).")
+@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
+              help="How long the old secret keeps signing too (e.g. 30m, 24h, 7d).")
+@config_options(*ENDPOINT_SETTINGS)
+def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **settings: str | None) -> None:
+    """Give an endpoint a new signing secret; the old one signs too until the grace ends.
+
+    During the grace period every request carries two signatures, space-separated, as
+    the Standard Webhooks specification allows, so the receiver can switch secrets
+    without losing a request. The new secret is printed once.
+    """
+    from .config import parse_delays
+    from .endpoints import rotate_secret
+
+    config = build_config(settings)
+    try:
+        (grace_seconds,) = parse_delays(grace)
+    except (ValueError, ConfigError):
+        raise click.BadParameter(f"{grace!r} is not a duration such as 30m, 24h or 7d",
+                                 param_hint="--grace") from None
+    with refusals():
+        endpoint = rotate_secret(config, endpoint_id, secret=secret, grace_seconds=grace_seconds)
+    click.echo(f"secret  {endpoint.secret}   (shown once; the old secret keeps signing for {grace})")
 
 
 @cli.group()
@@ -503,13 +537,14 @@ def _split_dlq_args(kwargs: dict[str, Any]) -> tuple[Any, dict[str, str | None]]
             event_type=kwargs.pop("event_type"), bot_id=kwargs.pop("bot_id"),
             endpoint_id=kwargs.pop("endpoint_id"), reason=kwargs.pop("reason"),
             status=kwargs.pop("status"),
-            since=parse_time(s) if (s := kwargs.pop("since")) else None,
-            until=parse_time(u) if (u := kwargs.pop("until")) else None,
+            since=parse_time(s, field="since") if (s := kwargs.pop("since")) else None,
+            until=parse_time(u, field="until") if (u := kwargs.pop("until")) else None,
             partition=kwargs.pop("partition"), from_offset=kwargs.pop("from_offset"),
             to_offset=kwargs.pop("to_offset"), limit=kwargs.pop("limit"),
         )
     except DlqError as exc:
-        raise click.UsageError(str(exc)) from None
+        hint = f"--{exc.field.replace('_', '-')}" if exc.field else None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     return filters, settings
 
 
@@ -524,12 +559,12 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
     import base64
     import json
 
-    from .dlq import DlqError, read_dead_letters
+    from .dlq import read_dead_letters
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
     count = 0
-    try:
+    with refusals():
         for entry in read_dead_letters(config, filters):
             count += 1
             row = entry.summary()
@@ -539,11 +574,13 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
                 if count == 1:
                     click.echo(f"{'P:OFFSET':10} {'DEAD AT':24} {'REASON':20} {'EVENT':12} {'BOT':8} "
                                f"{'ENDPOINT':8} {'N':>2} {'LAST':24} EVENT ID")
+                # Every field but the offsets came from a record: printed escaped.
                 click.echo(
-                    f"{entry.partition}:{entry.offset:<8} {row['deadAt'] or '-':24} {row['reason']:20} "
-                    f"{row['eventType'] or '-':12} {(row['botId'] or '-')[:8]:8} "
-                    f"{(row['endpointId'] or '-')[:8]:8} {row['attempts']:>2} "
-                    f"{str(row['lastOutcome'])[:24]:24} {row['eventId'] or '-'}"
+                    f"{entry.partition}:{entry.offset:<8} {row['deadAt'] or '-':24} "
+                    f"{printable(row['reason']):20} {printable(row['eventType'] or '-'):12} "
+                    f"{printable((row['botId'] or '-')[:8]):8} "
+                    f"{printable((row['endpointId'] or '-')[:8]):8} {row['attempts']:>2} "
+                    f"{printable(str(row['lastOutcome'])[:24]):24} {printable(row['eventId'] or '-')}"
                 )
             if raw_file is not None:
                 dead = entry.dead
@@ -553,8 +590,6 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
                     "key": base64.b64encode(dead.original_key).decode() if dead and dead.original_key else None,
                     "value": base64.b64encode(dead.original_value).decode() if dead and dead.original_value else None,
                 }) + "\n")
-    except DlqError as exc:
-        fail(str(exc))
     click.echo(f"{count} dead letters", err=True)
 
 
@@ -566,25 +601,15 @@ def dlq_show(selector: str, **settings: str | None) -> None:
     of that event) or PARTITION:OFFSET."""
     import json
 
-    from .dlq import DlqError, Filters, read_dead_letters
-    from .events import is_uuid
+    from .dlq import DlqError, find_dead_letters, parse_selector
 
     config = build_config(settings)
-    match = selector.split(":")
-    if is_uuid(selector):
-        filters = Filters(event_id=selector)
-    elif len(match) == 2 and all(part.isdigit() for part in match):
-        filters = Filters(partition=int(match[0]), from_offset=int(match[1]), to_offset=int(match[1]))
-    else:
-        raise click.BadParameter(f"{selector!r} is neither an event id (UUID) nor PARTITION:OFFSET",
-                                 param_hint="SELECTOR")
     try:
-        entries = list(read_dead_letters(config, filters))
+        parse_selector(selector)
     except DlqError as exc:
-        fail(str(exc))
-        return
-    if not entries:
-        fail(f"no dead letter matches {selector}")
+        raise click.BadParameter(str(exc), param_hint="SELECTOR") from None
+    with refusals():
+        entries = find_dead_letters(config, selector)
     for entry in entries:
         click.echo(json.dumps(entry.full(), indent=2))
 
@@ -596,15 +621,12 @@ def dlq_stats(as_json: bool, **kwargs: Any) -> None:
     """Counts of the selected dead letters by reason, event type, endpoint and hour."""
     import json
 
-    from .dlq import DlqError, read_dead_letters, stats
+    from .dlq import read_dead_letters, stats
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
-    try:
+    with refusals():
         counts = stats(read_dead_letters(config, filters))
-    except DlqError as exc:
-        fail(str(exc))
-        return
     if as_json:
         click.echo(json.dumps({k: dict(v) for k, v in counts.items()}))
         return
@@ -612,7 +634,15 @@ def dlq_stats(as_json: bool, **kwargs: Any) -> None:
     for name, counter in counts.items():
         click.echo(f"\nby {name}")
         for key, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
-            click.echo(f"  {n:>7}  {key}")
+            click.echo(f"  {n:>7}  {printable(key)}")
+
+
+# What a user of the command line can do about each refusal, after the library's words.
+REFUSAL_HINTS = {
+    "not_a_delivery": "; export it with `gateway dlq list --raw FILE`",
+    "endpoint_not_registered": "; replay it to another endpoint with --to-endpoint",
+    "unknown_target": "; see `gateway endpoints list`",
+}
 
 
 @dlq.command("replay")
@@ -630,103 +660,63 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
     not deliveries (undecodable or invalid events) are refused: export them with
     `dlq list --raw FILE`.
     """
-    from .dlq import DlqError, Replayer, parse_rate, read_dead_letters
-    from .endpoints import EndpointError, load_endpoints
+    from .dlq import DlqError, ReplayProgress, parse_rate, plan_replay, send_replay
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
     try:
         per_second = parse_rate(rate) if rate else None
-        known = {e.id for e in load_endpoints(config).all()}
-        if to_endpoint is not None and to_endpoint not in known:
-            fail(f"no endpoint with id {to_endpoint!r} (see `gateway endpoints list`)")
-        replayer = Replayer(config)
-        entries = list(read_dead_letters(config, filters))
-        planned, report = replayer.plan(entries, again=again, to_endpoint=to_endpoint, known_endpoints=known)
-    except (DlqError, EndpointError) as exc:
-        fail(str(exc))
-        return
-    for entry in report.refused:
-        why = ("not a delivery: an undecodable or invalid record has no endpoint to send to; "
-               "export it with `gateway dlq list --raw FILE`") if entry.delivery is None else (
-               f"endpoint {entry.delivery.endpoint_id} is no longer registered; use --to-endpoint")
-        click.echo(f"refused {entry.coordinate}: {why}", err=True)
+    except DlqError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rate") from None
+    with refusals():
+        plan = plan_replay(config, filters, again=again, to_endpoint=to_endpoint)
+    for refusal in plan.refused:
+        click.echo(f"refused {printable(refusal.coordinate)}: {printable(refusal.message)}"
+                   f"{REFUSAL_HINTS.get(refusal.reason, '')}", err=True)
     if dry_run:
-        for entry, delivery in planned:
-            click.echo(f"would replay {entry.coordinate}  event {delivery.event_id}  "
-                       f"{delivery.event_type}  to endpoint {delivery.endpoint_id}")
+        for item in plan.planned:
+            delivery = item.delivery
+            click.echo(f"would replay {printable(item.entry.coordinate)}  event {printable(delivery.event_id)}  "
+                       f"{printable(delivery.event_type)}  to endpoint {printable(delivery.endpoint_id)}")
         click.echo(
-            f"dry run: {len(planned)} of {report.selected} selected would be replayed into "
-            f"{replayer.first_tier.topic}; {report.skipped_already_replayed} already replayed "
-            f"(--again to include); {len(report.refused)} refused; nothing sent", err=True)
-        sys.exit(1 if report.refused else 0)
-    try:
-        if planned:
-            with click.progressbar(length=len(planned), label="replaying", file=sys.stderr,
+            f"dry run: {len(plan.planned)} of {plan.selected} selected would be replayed into "
+            f"{plan.topic}; {plan.skipped_already_replayed} already replayed "
+            f"(--again to include); {len(plan.refused)} refused; nothing sent", err=True)
+        click.get_current_context().exit(1 if plan.refused else 0)
+    with refusals():
+        if not plan.planned:
+            report = send_replay(config, plan)  # sends nothing: the empty report
+        else:
+            with click.progressbar(length=len(plan.planned), label="replaying", file=sys.stderr,
                                    show_pos=True, show_eta=True,
                                    item_show_func=lambda rate: rate) as bar:
-                done = 0
-                started = time.monotonic()
+                shown = 0
 
-                def progress(n: int) -> None:
-                    nonlocal done
-                    rate = n / max(time.monotonic() - started, 1e-3)
-                    bar.update(n - done, f"{rate:,.0f}/s")
-                    done = n
+                def progress(now: ReplayProgress) -> None:
+                    nonlocal shown
+                    bar.update(now.sent - shown, f"{now.rate:,.0f}/s")
+                    shown = now.sent
 
-                replayer.send(planned, report, rate=per_second, on_progress=progress)
-    except DlqError as exc:
-        fail(str(exc))
+                report = send_replay(config, plan, rate=per_second, on_progress=progress)
     click.echo(
-        f"replayed {report.replayed} of {report.selected} selected into {replayer.first_tier.topic} "
-        f"in {report.seconds:.1f} s ({report.rate:.1f}/s), replay id {report.replay_id}; "
-        f"{report.skipped_already_replayed} skipped as already replayed (--again to include); "
-        f"{len(report.refused)} refused",
+        f"replayed {report.replayed} of {plan.selected} selected into {plan.topic} "
+        f"in {report.seconds:.1f} s ({report.rate:.1f}/s), replay id {plan.replay_id}; "
+        f"{plan.skipped_already_replayed} skipped as already replayed (--again to include); "
+        f"{len(plan.refused)} refused",
         err=True,
     )
-    if report.refused:
-        sys.exit(1)
-
-
-@endpoints.command("rotate-secret")
-@click.argument("endpoint_id")
-@click.option("--secret", default=None, help="The new secret whsec_<base64> (default: generated).")
-@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
-              help="How long the old secret keeps signing too (e.g. 30m, 24h, 7d).")
-@config_options(*ENDPOINT_SETTINGS)
-def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **settings: str | None) -> None:
-    """Give an endpoint a new signing secret; the old one signs too until the grace ends.
-
-    During the grace period every request carries two signatures, space-separated, as
-    the Standard Webhooks specification allows, so the receiver can switch secrets
-    without losing a request. The new secret is printed once.
-    """
-    import time
-    from dataclasses import replace
-
-    from .config import parse_delays
-    from .endpoints import EndpointError, load_endpoints, new_endpoint, save_endpoint
-
-    config = build_config(settings)
-    try:
-        (grace_seconds,) = parse_delays(grace)
-    except (ValueError, ConfigError):
-        raise click.BadParameter(f"{grace!r} is not a duration such as 30m, 24h or 7d",
-                                 param_hint="--grace") from None
-    try:
-        current = load_endpoints(config).get(endpoint_id)
-        if current is None:
-            fail(f"no endpoint with id {endpoint_id!r} (see `gateway endpoints list`)")
-            return
-        fresh = new_endpoint(bot_id=current.bot_id, url=current.url, secret=secret).secret
-        now = time.time_ns() // 1_000_000
-        rotated = replace(current, secret=fresh, previous_secret=current.secret,
-                          previous_secret_expires_at=now + grace_seconds * 1000, updated_at=now)
-        save_endpoint(config, rotated)
-    except EndpointError as exc:
-        fail(str(exc))
-        return
-    click.echo(f"secret  {fresh}   (shown once; the old secret keeps signing for {grace})")
+    if report.failed:
+        raise CommandError(
+            f"{report.failed} of {len(plan.planned)} replays were not acknowledged by the broker "
+            f"(first: {printable(report.first_failure or '?')}); they are not recorded as replayed, "
+            "so the same command sends them again")
+    if report.unrecorded:
+        raise CommandError(
+            f"{report.unrecorded} replays were sent but not recorded as replayed "
+            f"({printable(report.first_unrecorded or '?')}); a later replay sends them again "
+            "unless you filter them out")
+    if plan.refused:
+        click.get_current_context().exit(1)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "Setting", "SETTINGS", "parse_delays"]
+__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "parse_delays"]
 
 
 class ConfigError(ValueError):

@@ -33,6 +33,7 @@ The rebalance contract (the owner's side is in :mod:`gateway.worker`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -228,10 +229,8 @@ class ConsumerPump:
                 self.consumer.store_offsets(offsets=offsets)
             except KafkaException:  # a partition revoked since: store the others one by one
                 for offset in offsets:
-                    try:
+                    with contextlib.suppress(KafkaException):
                         self.consumer.store_offsets(offsets=[offset])
-                    except KafkaException:
-                        pass
         while True:
             try:
                 command = self._commands.get_nowait()

@@ -27,8 +27,7 @@ from typing import Any
 
 import httpx
 
-
-__all__ = ["DestinationPolicy", "BLOCKED_PREFIX", "BlockedDestination"]
+__all__ = ["BLOCKED_PREFIX", "BlockedDestination", "DestinationPolicy"]
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

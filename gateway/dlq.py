@@ -1,4 +1,6 @@
 """The dead-letter tools: read, filter, count and replay what the gateway gave up on.
+The ``gateway dlq`` commands and the HTTP API both call these functions; they print
+nothing, return values and raise :class:`DlqError` (or :class:`DeadLetterNotFound`).
 
 Reading never joins a consumer group the workers use: partitions are assigned directly,
 nothing is committed, and reading stops at the end each partition had when it was first
@@ -10,6 +12,13 @@ attempt counter reset (it gets the whole schedule again), to the endpoint it fai
 compacted ``dlq-replays`` topic, keyed by its partition:offset, and the replayed record
 carries ``replay-id`` and ``replay-of`` headers; a later replay skips what was already
 replayed unless told ``again``.
+
+A replay is planned (:func:`plan_replay`: select, then decide per dead letter; what
+cannot be replayed is a :class:`Refusal` with its reason, not an error) and then sent
+(:func:`send_replay`, with progress through a callback). Only replays the broker
+acknowledged are recorded as replayed. Planning reads the endpoint registry, so it may
+also raise :class:`~gateway.endpoints.EndpointNotFound` (an unknown ``to_endpoint``) or
+:class:`~gateway.endpoints.EndpointsUnavailable`.
 """
 
 from __future__ import annotations
@@ -18,41 +27,75 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 
 from .codec import Codec, DecodeError
 from .config import Config
+from .endpoints import EndpointNotFound, EndpointTable, load_endpoints
+from .events import is_uuid
 from .kafka_io import TopicReadError, delivery_headers, read_to_end, reader_consumer
 from .records import DELIVERY_SCHEMA, DeadLetter, Delivery
-from .topics import Topics
+from .topics import Tier, Topics
 
 __all__ = [
     "DeadLetterEntry",
-    "Filters",
+    "DeadLetterNotFound",
     "DlqError",
-    "parse_time",
+    "Filters",
+    "PlannedReplay",
+    "Refusal",
+    "RefusalReason",
+    "ReplayPlan",
+    "ReplayProgress",
+    "ReplayReport",
+    "decide_replays",
+    "find_dead_letters",
     "parse_rate",
+    "parse_selector",
+    "parse_time",
+    "plan_replay",
     "read_dead_letters",
     "read_replayed",
+    "replay_tier",
+    "send_replay",
     "stats",
-    "Replayer",
-    "ReplayReport",
 ]
 
 REPLAY_SCHEMA = "gateway.Replay"
 
 
 class DlqError(ValueError):
-    """A dead-letter command cannot do what was asked; the message says why."""
+    """A dead-letter operation cannot do what was asked; the message says why, with the
+    value. ``field`` names the input at fault (``since``, ``until``, ``rate``, ``status``,
+    ``partition``, ``selector``), or None when no single input is (a missing topic)::
+
+        DlqError (ValueError)
+         └── DeadLetterNotFound      nothing matches a selector (an API answers 404)
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
 
 
-def parse_time(text: str, *, now: datetime | None = None) -> int:
-    """``2026-11-28T10:00:00Z``, ``2026-11-28``, ``2h ago``, ``30m`` (ago), ``1d`` → ms."""
+class DeadLetterNotFound(DlqError):
+    """No dead letter matches ``selector``."""
+
+    def __init__(self, selector: str) -> None:
+        super().__init__(f"no dead letter matches {selector!r}", field="selector")
+        self.selector = selector
+
+
+def parse_time(text: str, *, now: datetime | None = None, field: str | None = None) -> int:
+    """``2026-11-28T10:00:00Z``, ``2026-11-28``, ``2h ago``, ``30m`` (ago), ``1d`` → ms.
+    ``field`` is what a refusal names (``since``, ``until``)."""
     now = now or datetime.now(UTC)
     match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*(ago)?\s*", text)
     if match:
@@ -60,10 +103,11 @@ def parse_time(text: str, *, now: datetime | None = None) -> int:
         delta = timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: amount})
         return int((now - delta).timestamp() * 1000)
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise DlqError(
-            f"time {text!r} is neither ISO 8601 (2026-11-28T10:00:00Z) nor relative (2h ago)"
+            f"{field or 'time'} {text!r} is neither ISO 8601 (2026-11-28T10:00:00Z) nor relative (2h ago)",
+            field=field,
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -74,7 +118,7 @@ def parse_rate(text: str) -> float:
     """``50``, ``50/s``, ``600/m`` → records per second."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*", text)
     if not match or float(match.group(1)) <= 0:
-        raise DlqError(f"rate {text!r} is not a positive rate such as 50/s or 600/m")
+        raise DlqError(f"rate {text!r} is not a positive rate such as 50/s or 600/m", field="rate")
     per = {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
     return float(match.group(1)) / per
 
@@ -186,7 +230,7 @@ class Filters:
 
     def __post_init__(self) -> None:
         if self.status is not None and not re.fullmatch(r"[1-5]xx|\d{3}|timeout|connection", self.status):
-            raise DlqError(f"status {self.status!r} is not 5xx, 404, timeout or connection")
+            raise DlqError(f"status {self.status!r} is not 5xx, 404, timeout or connection", field="status")
 
     def admits(self, entry: DeadLetterEntry) -> bool:
         dead, delivery = entry.dead, entry.delivery
@@ -209,9 +253,7 @@ class Filters:
                 return False
             if self.status and not _status_matches(self.status, delivery):
                 return False
-        if self.to_offset is not None and entry.offset > self.to_offset:
-            return False
-        return True
+        return self.to_offset is None or entry.offset <= self.to_offset
 
 
 def _status_matches(wanted: str, delivery: Delivery) -> bool:
@@ -278,7 +320,30 @@ def read_replayed(config: Config, *, codec: Codec | None = None) -> set[str]:
     return replayed
 
 
-def stats(entries: Iterator[DeadLetterEntry]) -> dict[str, Counter[str]]:
+def parse_selector(selector: str) -> Filters:
+    """What ``dlq show`` selects: an event id (every dead letter of that event) or
+    ``PARTITION:OFFSET`` (one dead letter)."""
+    if is_uuid(selector):
+        return Filters(event_id=selector)
+    parts = selector.split(":")
+    if len(parts) == 2 and all(part.isdigit() for part in parts):
+        return Filters(partition=int(parts[0]), from_offset=int(parts[1]), to_offset=int(parts[1]))
+    raise DlqError(f"selector {selector!r} is neither an event id (UUID) nor PARTITION:OFFSET",
+                   field="selector")
+
+
+def find_dead_letters(
+    config: Config, selector: str, *, codec: Codec | None = None
+) -> list[DeadLetterEntry]:
+    """The dead letters ``selector`` names (see :func:`parse_selector`);
+    :class:`DeadLetterNotFound` if there are none."""
+    found = list(read_dead_letters(config, parse_selector(selector), codec=codec))
+    if not found:
+        raise DeadLetterNotFound(selector)
+    return found
+
+
+def stats(entries: Iterable[DeadLetterEntry]) -> dict[str, Counter[str]]:
     """Counts by reason, event type, endpoint and hour (UTC)."""
     result: dict[str, Counter[str]] = {
         "reason": Counter(), "eventType": Counter(), "endpointId": Counter(), "hour": Counter(),
@@ -292,125 +357,325 @@ def stats(entries: Iterator[DeadLetterEntry]) -> dict[str, Counter[str]]:
     return result
 
 
-@dataclass
-class ReplayReport:
+# --- replay ----------------------------------------------------------------------------------
+
+
+class RefusalReason(StrEnum):
+    """Why a selected dead letter cannot be replayed."""
+
+    NOT_A_DELIVERY = "not_a_delivery"
+    """An undecodable or invalid record (or an unreadable dead letter): no endpoint to
+    send to. Its original bytes can be exported instead."""
+    ENDPOINT_NOT_REGISTERED = "endpoint_not_registered"
+    """The endpoint it failed for has been removed; name another one to replay to it."""
+    UNKNOWN_TARGET = "unknown_target"
+    """The endpoint named to replay to is not registered."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A selected dead letter the replay will not send, and why."""
+
+    entry: DeadLetterEntry
+    reason: RefusalReason
+    message: str
+    """The reason in words, with the values concerned."""
+
+    @property
+    def coordinate(self) -> str:
+        return self.entry.coordinate
+
+
+@dataclass(frozen=True)
+class PlannedReplay:
+    """A dead letter and the delivery a replay sends for it."""
+
+    entry: DeadLetterEntry
+    delivery: Delivery
+    """Due now, attempt counter reset, to the endpoint it failed for (or the one named)."""
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What a replay would do; :func:`send_replay` does it. A dry run stops here."""
+
     replay_id: str
-    selected: int = 0
-    replayed: int = 0
-    skipped_already_replayed: int = 0
-    refused: list[DeadLetterEntry] = field(default_factory=list)
+    topic: str
+    """The first retry tier's topic, where replays go."""
+    selected: int
+    planned: tuple[PlannedReplay, ...]
+    skipped_already_replayed: int
+    refused: tuple[Refusal, ...]
+
+
+@dataclass(frozen=True)
+class ReplayProgress:
+    """Where a replay stands, as reported to ``on_progress`` while it is sent."""
+
+    total: int
+    sent: int
+    """Handed to the producer so far."""
+    acknowledged: int
+    failed: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Replays sent per second so far."""
+        return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """What a replay did."""
+
+    plan: ReplayPlan
+    replayed: int
+    """Acknowledged by the broker: these are in the retry tier, and recorded as replayed
+    unless counted in ``unrecorded``."""
+    failed: int = 0
+    """Not acknowledged (an error, or no answer within the timeout): not recorded as
+    replayed, so the same replay sends them again. Some may have reached the tier anyway;
+    receivers dedupe on ``webhook-id``."""
+    first_failure: str | None = None
+    unrecorded: int = 0
+    """Acknowledged, but their record on the ``dlq-replays`` topic was not: a later
+    replay would send them again."""
+    first_unrecorded: str | None = None
     seconds: float = 0.0
 
     @property
     def rate(self) -> float:
         return self.replayed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def ok(self) -> bool:
+        """Everything planned was replayed and recorded."""
+        return self.failed == 0 and self.unrecorded == 0
 
-class Replayer:
-    """Sends selected dead letters back into the first retry tier, at a bounded rate."""
 
-    def __init__(self, config: Config, *, codec: Codec | None = None) -> None:
-        self.config = config
-        self.topics = Topics.from_config(config)
-        if len(self.topics.tiers) < 2:
-            raise DlqError("there is no retry tier to replay into (GATEWAY_RETRY_DELAYS is empty)")
-        self.first_tier = self.topics.tiers[1]
-        self.codec = codec or Codec(config.schema_registry_url)
+def replay_tier(config: Config) -> Tier:
+    """The first retry tier, where replays go; :class:`DlqError` if there is none."""
+    tiers = Topics.from_config(config).tiers
+    if len(tiers) < 2:
+        raise DlqError("there is no retry tier to replay into (GATEWAY_RETRY_DELAYS is empty)")
+    return tiers[1]
 
-    def plan(
-        self,
-        entries: list[DeadLetterEntry],
-        *,
-        again: bool = False,
-        to_endpoint: str | None = None,
-        known_endpoints: set[str] | None = None,
-    ) -> tuple[list[tuple[DeadLetterEntry, Delivery]], ReplayReport]:
-        """What a replay would send: (dead letter, delivery to send) pairs, and the refusals
-        (not deliveries, or for an endpoint that is no longer registered)."""
-        report = ReplayReport(replay_id=str(uuid.uuid4()), selected=len(entries))
-        replayed = set() if again else read_replayed(self.config, codec=self.codec)
-        now = time.time_ns() // 1_000_000
-        planned = []
-        for entry in entries:
-            delivery = entry.delivery
-            if delivery is None:
-                report.refused.append(entry)
-                continue
-            if entry.coordinate in replayed:
-                report.skipped_already_replayed += 1
-                continue
-            target = to_endpoint or delivery.endpoint_id
-            if known_endpoints is not None and target not in known_endpoints:
-                report.refused.append(entry)
-                continue
-            planned.append((entry, replace(
-                delivery,
-                endpoint_id=target,
-                attempt=0,
-                due_at=now,
-                replay_of=entry.coordinate,
-            )))
-        return planned, report
 
-    def send(
-        self,
-        planned: list[tuple[DeadLetterEntry, Delivery]],
-        report: ReplayReport,
-        *,
-        rate: float | None = None,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> ReplayReport:
-        """Produce the planned deliveries (acknowledged), then record them as replayed."""
-        producer = Producer(self.config.kafka_common() | {
-            "acks": "all", "enable.idempotence": True, "linger.ms": 5,
-        })
-        errors: list[str] = []
-        acked: list[tuple[DeadLetterEntry, Delivery]] = []
+def decide_replays(
+    entries: Iterable[DeadLetterEntry],
+    *,
+    topic: str,
+    known_endpoints: Collection[str],
+    already_replayed: Collection[str] = frozenset(),
+    to_endpoint: str | None = None,
+    replay_id: str | None = None,
+    now_ms: int | None = None,
+) -> ReplayPlan:
+    """The plan for ``entries``, decided without I/O: each dead letter is planned, skipped
+    (its coordinate is in ``already_replayed``) or refused with its reason."""
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    planned: list[PlannedReplay] = []
+    refused: list[Refusal] = []
+    selected = skipped = 0
+    for entry in entries:
+        selected += 1
+        delivery = entry.delivery
+        if delivery is None:
+            why = (f"not a delivery: the dead-letter record cannot be read ({entry.error})"
+                   if entry.dead is None else
+                   f"not a delivery: a {entry.dead.reason} record has no endpoint to send to; "
+                   "its original bytes can be exported instead")
+            refused.append(Refusal(entry, RefusalReason.NOT_A_DELIVERY, why))
+            continue
+        if entry.coordinate in already_replayed:
+            skipped += 1
+            continue
+        target = to_endpoint or delivery.endpoint_id
+        if target not in known_endpoints:
+            if to_endpoint is None:
+                refused.append(Refusal(entry, RefusalReason.ENDPOINT_NOT_REGISTERED,
+                                       f"endpoint {target} is no longer registered"))
+            else:
+                refused.append(Refusal(entry, RefusalReason.UNKNOWN_TARGET,
+                                       f"target endpoint {target} is not registered"))
+            continue
+        planned.append(PlannedReplay(entry, replace(
+            delivery, endpoint_id=target, attempt=0, due_at=now, replay_of=entry.coordinate,
+        )))
+    return ReplayPlan(
+        replay_id=replay_id or str(uuid.uuid4()), topic=topic, selected=selected,
+        planned=tuple(planned), skipped_already_replayed=skipped, refused=tuple(refused),
+    )
 
-        def on_delivery(item: tuple[DeadLetterEntry, Delivery]) -> Callable[[Any, Any], None]:
-            def callback(err: Any, msg: Any) -> None:
-                if err is not None:
-                    errors.append(f"{item[0].coordinate}: {err.str()}")
-                else:
-                    acked.append(item)
-            return callback
 
-        started = time.monotonic()
-        tier = self.first_tier
-        for index, item in enumerate(planned):
-            if rate:
-                # Never ahead of the schedule `rate` allows, measured from the start.
-                wait = started + index / rate - time.monotonic()
-                if wait > 0:
-                    producer.poll(0)
-                    time.sleep(wait)
-            entry, delivery = item
-            headers = delivery_headers(
-                delivery, source=(entry.topic, entry.partition, entry.offset)
-            ) + [("replay-id", report.replay_id.encode()), ("replay-of", entry.coordinate.encode())]
-            value = self.codec.encode(DELIVERY_SCHEMA, delivery.to_record(), topic=tier.topic)
-            producer.produce(tier.topic, key=delivery.endpoint_id.encode(), value=value,
-                             headers=headers, on_delivery=on_delivery(item))
-            producer.poll(0)
-            if on_progress:
-                on_progress(index + 1)
-        producer.flush(60)
-        report.seconds = time.monotonic() - started
-        report.replayed = len(acked)
-        self._record(producer, acked, report)
-        if errors:
-            raise DlqError(f"{len(errors)} replays were not acknowledged; first: {errors[0]}")
-        return report
+def plan_replay(
+    config: Config,
+    filters: Filters = Filters(),
+    *,
+    again: bool = False,
+    to_endpoint: str | None = None,
+    endpoints: EndpointTable | None = None,
+    codec: Codec | None = None,
+) -> ReplayPlan:
+    """Select dead letters with ``filters`` and plan their replay (:func:`decide_replays`):
+    to ``to_endpoint`` if given, else each to the endpoint it failed for; dead letters
+    replayed before are skipped unless ``again``.
 
-    def _record(self, producer: Producer, acked: list[tuple[DeadLetterEntry, Delivery]],
-                report: ReplayReport) -> None:
-        topic = self.topics.dlq_replays
-        now = time.time_ns() // 1_000_000
-        for entry, delivery in acked:
-            record = {"deadLetter": entry.coordinate, "replayId": report.replay_id, "replayedAt": now,
-                      "eventId": delivery.event_id, "endpointId": delivery.endpoint_id}
-            producer.produce(topic, key=entry.coordinate.encode(),
-                             value=self.codec.encode(REPLAY_SCHEMA, record, topic=topic))
-        if producer.flush(30):
-            raise DlqError(f"the replays were sent but not all were recorded on {topic}; "
-                           "a later replay may repeat them unless you filter them out")
+    ``endpoints`` is the registry to check against (default: the topic, read now).
+    Raises :class:`EndpointNotFound` (``field="to_endpoint"``) if ``to_endpoint`` is not
+    registered, before reading any dead letter.
+    """
+    tier = replay_tier(config)
+    codec = codec or Codec(config.schema_registry_url)
+    table = endpoints if endpoints is not None else load_endpoints(config)
+    if to_endpoint is not None and table.get(to_endpoint) is None:
+        raise EndpointNotFound(to_endpoint, field="to_endpoint")
+    known = {e.id for e in table.all()}
+    entries = list(read_dead_letters(config, filters, codec=codec))
+    replayed = set() if again else read_replayed(config, codec=codec)
+    return decide_replays(entries, topic=tier.topic, known_endpoints=known,
+                          already_replayed=replayed, to_endpoint=to_endpoint)
+
+
+def send_replay(
+    config: Config,
+    plan: ReplayPlan,
+    *,
+    rate: float | None = None,
+    on_progress: Callable[[ReplayProgress], None] | None = None,
+    timeout: float = 60.0,
+    codec: Codec | None = None,
+) -> ReplayReport:
+    """Send ``plan``'s deliveries into the first retry tier (at most ``rate`` per second)
+    and record the acknowledged ones on the ``dlq-replays`` topic.
+
+    Each replay has ``timeout`` seconds from when it is handed to the producer to be
+    acknowledged; at the end, whatever is still unanswered is withdrawn and counted as
+    failed, so every replay is either acknowledged (and recorded) or failed (and not
+    recorded, so the same replay sends it again). A withdrawn replay may have reached
+    the broker all the same: receivers dedupe on ``webhook-id``.
+
+    Failures are values in the report, not exceptions: a replay job reports what it
+    did. ``on_progress`` is called after each send and while waiting.
+    """
+    codec = codec or Codec(config.schema_registry_url)
+    total = len(plan.planned)
+    if not total:
+        return ReplayReport(plan, replayed=0)
+    producer = Producer(config.kafka_common() | {
+        "acks": "all", "enable.idempotence": True, "linger.ms": 5,
+        # librdkafka gives up on a message when we stop waiting for it, not minutes later.
+        "message.timeout.ms": max(1, int(timeout * 1000)),
+    })
+    errors: list[str] = []
+    acked: list[PlannedReplay] = []
+
+    def on_delivery(item: PlannedReplay) -> Callable[[KafkaError | None, Any], None]:
+        def callback(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                acked.append(item)
+            else:
+                errors.append(f"{item.entry.coordinate}: {_describe(err, timeout)}")
+        return callback
+
+    started = time.monotonic()
+
+    def progress(sent: int) -> None:
+        if on_progress is not None:
+            on_progress(ReplayProgress(total=total, sent=sent, acknowledged=len(acked),
+                                       failed=len(errors), seconds=time.monotonic() - started))
+
+    for index, item in enumerate(plan.planned):
+        if rate:
+            # Never ahead of the schedule `rate` allows, measured from the start.
+            wait = started + index / rate - time.monotonic()
+            if wait > 0:
+                producer.poll(0)
+                time.sleep(wait)
+        entry, delivery = item.entry, item.delivery
+        headers: list[tuple[str, str | bytes | None]] = [
+            *delivery_headers(delivery, source=(entry.topic, entry.partition, entry.offset)),
+            ("replay-id", plan.replay_id.encode()), ("replay-of", entry.coordinate.encode()),
+        ]
+        value = codec.encode(DELIVERY_SCHEMA, delivery.to_record(), topic=plan.topic)
+        _produce(producer, plan.topic, key=delivery.endpoint_id.encode(), value=value,
+                 headers=headers, on_delivery=on_delivery(item))
+        producer.poll(0)
+        progress(index + 1)
+    _settle(producer, timeout, on_wait=lambda: progress(total))
+    # Counted once every report is in: nothing is acknowledged after this point.
+    replayed = list(acked)
+    seconds = time.monotonic() - started
+    failed = total - len(replayed)
+    first_failure = errors[0] if errors else (
+        f"not acknowledged within {timeout:g} s" if failed else None)
+    unrecorded, first_unrecorded = _record(config, producer, codec, plan, replayed, timeout)
+    return ReplayReport(plan, replayed=len(replayed), failed=failed, first_failure=first_failure,
+                        unrecorded=unrecorded, first_unrecorded=first_unrecorded, seconds=seconds)
+
+
+# Delivery reports that mean "no answer in time" rather than a refusal by the broker.
+_UNANSWERED = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._PURGE_QUEUE,
+               KafkaError._PURGE_INFLIGHT}
+
+
+def _describe(err: KafkaError, timeout: float) -> str:
+    if err.code() in _UNANSWERED:
+        return f"not acknowledged within {timeout:g} s ({err.str()})"
+    return str(err.str())
+
+
+def _produce(producer: Producer, topic: str, **message: Any) -> None:
+    """Produce, waiting while the producer's local queue is full: acknowledgements (or
+    message timeouts) make room."""
+    while True:
+        try:
+            producer.produce(topic, **message)
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
+def _settle(producer: Producer, timeout: float, *, on_wait: Callable[[], None] | None = None) -> None:
+    """Wait up to ``timeout`` seconds for every message's delivery report, then withdraw
+    the messages still unanswered: their reports come back as purged, so after this no
+    report is pending and none can arrive later."""
+    deadline = time.monotonic() + timeout
+    while len(producer) and (left := deadline - time.monotonic()) > 0:
+        producer.flush(min(left, 0.5))
+        if on_wait is not None:
+            on_wait()
+    if len(producer):
+        producer.purge()
+        producer.flush(5)  # serves the purged messages' reports; no broker needed
+
+
+def _record(config: Config, producer: Producer, codec: Codec, plan: ReplayPlan,
+            replayed: list[PlannedReplay], timeout: float) -> tuple[int, str | None]:
+    """Record ``replayed`` on the dlq-replays topic: (how many were not recorded, first why)."""
+    if not replayed:
+        return 0, None
+    topic = Topics.from_config(config).dlq_replays
+    now = time.time_ns() // 1_000_000
+    errors: list[str] = []
+    recorded = 0
+
+    def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        nonlocal recorded
+        if err is None:
+            recorded += 1
+        else:
+            errors.append(f"{topic}: {_describe(err, timeout)}")
+
+    for item in replayed:
+        entry, delivery = item.entry, item.delivery
+        record = {"deadLetter": entry.coordinate, "replayId": plan.replay_id, "replayedAt": now,
+                  "eventId": delivery.event_id, "endpointId": delivery.endpoint_id}
+        _produce(producer, topic, key=entry.coordinate.encode(),
+                 value=codec.encode(REPLAY_SCHEMA, record, topic=topic), on_delivery=on_delivery)
+        producer.poll(0)
+    _settle(producer, timeout)
+    unrecorded = len(replayed) - recorded
+    return unrecorded, (errors[0] if errors else (
+        f"{topic}: not acknowledged within {timeout:g} s" if unrecorded else None))

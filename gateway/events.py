@@ -23,14 +23,14 @@ from enum import StrEnum
 from typing import Any, Literal
 
 __all__ = [
-    "EventType",
-    "Event",
-    "InvalidEvent",
     "FIELDS",
     "SCHEMA_NAMES",
+    "Event",
+    "EventType",
+    "InvalidEvent",
+    "is_uuid",
     "parse_event",
     "validate_fields",
-    "is_uuid",
 ]
 
 

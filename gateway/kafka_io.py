@@ -26,11 +26,11 @@ from .records import DeadLetter, Delivery
 __all__ = [
     "AckedProducer",
     "Headers",
-    "delivery_headers",
-    "dead_letter_headers",
-    "reader_consumer",
-    "read_to_end",
     "TopicReadError",
+    "dead_letter_headers",
+    "delivery_headers",
+    "read_to_end",
+    "reader_consumer",
 ]
 
 log = logging.getLogger(__name__)

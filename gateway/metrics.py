@@ -45,6 +45,7 @@ registry on their own port (``metrics_port + i``); Prometheus scrapes every port
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -347,10 +348,8 @@ class ConsumerLag:
             self._gauge.labels(self.tier, topic, str(partition)).set(lag)
 
     def _remove(self, key: tuple[str, int]) -> None:
-        try:
+        with contextlib.suppress(KeyError):  # no watermark was known yet
             self._gauge.remove(self.tier, key[0], str(key[1]))
-        except KeyError:
-            pass  # no watermark was known yet
 
 
 # -- HTTP ------------------------------------------------------------------------------

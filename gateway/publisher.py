@@ -21,7 +21,7 @@ from .config import Config
 from .events import Event, InvalidEvent, parse_event
 from .topics import Topics
 
-__all__ = ["Publisher", "PublishError", "PublishResult", "publish", "InputItem", "read_events"]
+__all__ = ["InputItem", "PublishError", "PublishResult", "Publisher", "publish", "read_events"]
 
 
 class PublishError(RuntimeError):

@@ -12,13 +12,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from confluent_kafka.admin import AdminClient
 
+from .capacity import Capacity
 from .codec import Codec
 from .config import Config
 from .dispatcher import Dispatcher
-from .capacity import Capacity
 from .endpoints import EndpointRegistry, EndpointTable
 from .health import ENDPOINTS_LOADED, Health, assigned
 from .kafka_io import AckedProducer
@@ -27,7 +28,7 @@ from .sender import Sender
 from .topics import Tier, Topics
 from .worker import TierWorker
 
-__all__ = ["serve", "run", "RunnerError", "resolve_tiers"]
+__all__ = ["Observed", "RunnerError", "observe", "resolve_tiers", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,9 @@ def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
 
 def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
     def count(table: EndpointTable) -> None:
-        endpoints = table.all()
-        metrics.endpoints.labels("enabled").set(sum(1 for e in endpoints if e.enabled))
-        metrics.endpoints.labels("disabled").set(sum(1 for e in endpoints if not e.enabled))
+        enabled, disabled = table.counts()
+        metrics.endpoints.labels("enabled").set(enabled)
+        metrics.endpoints.labels("disabled").set(disabled)
 
     return count
 
@@ -130,30 +131,44 @@ async def serve(
         log.info("stopped")
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What a process reports about itself: its metrics and its health, served on its
+    metrics port."""
+
+    metrics: Metrics
+    health: Health
+
+
+def observe(config: Config, *, port: int | None) -> Observed:
+    """Make the process's metrics and health, and serve them on ``port`` (not served
+    when None). Raises :class:`RunnerError` naming the port when it cannot be bound."""
+    health = Health()
+    metrics = Metrics([t.name for t in Topics.from_config(config).tiers], health=health)
+    if port is not None:
+        try:
+            serve_metrics(metrics, health, port)
+        except OSError as exc:
+            raise RunnerError(f"metrics port {port}: {exc.strerror or exc}; stop what listens there or "
+                              "choose another port (--metrics-port)") from None
+    return Observed(metrics, health)
+
+
 def run(
     config: Config,
     tiers: Sequence[Tier],
     *,
-    metrics_port: int | None = None,
+    observed: Observed | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down in order. Blocks.
-
-    With ``metrics_port``, ``/metrics``, ``/healthz`` and ``/readyz`` are served there
-    (:class:`RunnerError` if the port cannot be bound)."""
-    health = Health()
-    metrics = Metrics([t.name for t in Topics.from_config(config).tiers], health=health)
-    if metrics_port is not None:
-        try:
-            serve_metrics(metrics, health, metrics_port)
-        except OSError as exc:
-            raise RunnerError(f"cannot serve metrics on port {metrics_port}: {exc.strerror or exc}") from None
+    """Run until SIGTERM or SIGINT, then shut down in order. Blocks."""
+    observed = observed or observe(config, port=None)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(config, tiers, stop, metrics=metrics, health=health, on_ready=on_ready)
+        await serve(config, tiers, stop, metrics=observed.metrics, health=observed.health, on_ready=on_ready)
 
     asyncio.run(main())

@@ -32,8 +32,8 @@ import httpx
 
 from .config import Config
 from .destinations import BlockedDestination, DestinationPolicy
-from .records import Attempt, Endpoint, Outcome, bounded
 from .logs import Log
+from .records import Attempt, Endpoint, Outcome, bounded
 from .signing import secret_key, signature_header
 from .transport import KEEPALIVE_EXPIRY, Connection, check_header, head_of
 

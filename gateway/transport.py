@@ -50,8 +50,16 @@ import httpx
 
 from .destinations import Address, DestinationPolicy
 
-__all__ = ["Answer", "Connection", "KEEPALIVE_EXPIRY", "MAX_HEAD_BYTES", "check_header", "destination", "head",
-           "head_of"]
+__all__ = [
+    "KEEPALIVE_EXPIRY",
+    "MAX_HEAD_BYTES",
+    "Answer",
+    "Connection",
+    "check_header",
+    "destination",
+    "head",
+    "head_of",
+]
 
 MAX_HEAD_BYTES = 64 * 1024
 KEEPALIVE_EXPIRY = 4.0
@@ -235,7 +243,7 @@ class _Wire(asyncio.Protocol):
 class Answer:
     """A response's status and head, its body still to read: read it (or not), then close."""
 
-    __slots__ = ("status", "headers", "_connection", "_wire")
+    __slots__ = ("_connection", "_wire", "headers", "status")
 
     def __init__(self, connection: Connection, wire: _Wire) -> None:
         self.status = wire.status

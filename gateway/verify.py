@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from .signing import InvalidSecret, secret_key, sign
 
-__all__ = ["verify", "WebhookVerificationError", "TOLERANCE_SECONDS"]
+__all__ = ["TOLERANCE_SECONDS", "WebhookVerificationError", "verify"]
 
 TOLERANCE_SECONDS = 5 * 60
 

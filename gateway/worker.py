@@ -144,9 +144,9 @@ class TierWorker:
 
     def revoked(self, partitions: list[Key], *, lost: bool) -> None:
         self._lag.revoke(partitions)
-        timeout = 0.0 if lost else self.config.shutdown_timeout
-        future = asyncio.run_coroutine_threadsafe(self._release(partitions, timeout), self.loop)
-        future.result(timeout + 5)
+        grace = 0.0 if lost else self.config.shutdown_timeout
+        future = asyncio.run_coroutine_threadsafe(self._release(partitions, grace), self.loop)
+        future.result(grace + 5)
 
     def accept(self, records: list[Any]) -> None:
         self.loop.call_soon_threadsafe(self._accept, records)
@@ -166,7 +166,7 @@ class TierWorker:
         self.health.met(assigned(self.tier.name))
         log.info("partitions assigned", extra={"tier": self.tier.name, "partitions": [p for _, p in keys]})
 
-    async def _release(self, keys: list[Key], timeout: float) -> None:
+    async def _release(self, keys: list[Key], grace: float) -> None:
         # Out of the table first: records still arriving for these partitions are dropped.
         states = [s for k in keys if (s := self.partitions.pop(k, None)) is not None]
         tasks: set[asyncio.Task[None]] = set()
@@ -176,8 +176,8 @@ class TierWorker:
                 timer.cancel()
             state.drop_held()
             tasks |= self._tasks.pop(state.key, set())
-        if tasks and timeout > 0:
-            await asyncio.wait(tasks, timeout=timeout)  # they keep settling meanwhile
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)  # they keep settling meanwhile
         for state in states:
             position = state.revoke()  # what settles from now on is the next owner's to repeat
             if position is not None:

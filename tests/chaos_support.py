@@ -41,6 +41,7 @@ fine: those are the repeats that at-least-once allows, and they are counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -197,10 +198,8 @@ class ChaosReceiver:
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def accept(self) -> None:
         """Listen again on the same port."""
@@ -250,10 +249,8 @@ class ChaosReceiver:
             def finish(self) -> None:
                 with receiver._lock:
                     receiver._connections.discard(self.connection)
-                try:
+                with contextlib.suppress(OSError):
                     super().finish()
-                except OSError:
-                    pass
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", 0))
@@ -283,11 +280,9 @@ class ChaosReceiver:
 
             def _drop(self) -> None:
                 self.close_connection = True
-                try:
+                with contextlib.suppress(OSError):
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                except OSError:
-                    pass
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -362,7 +357,7 @@ class Load:
                         else:
                             self.failed.append((result.event.event_id, result.error or "?"))
                     time.sleep(self.interval)
-        except BaseException as exc:  # noqa: BLE001 (reported by join, not a thread warning)
+        except BaseException as exc:
             self.error = exc
         finally:
             self.finished_at = time.monotonic()
@@ -421,7 +416,7 @@ def _read(config: Config, topic: str, timeout: float = 20.0) -> tuple[list[int],
 def _ends(config: Config, topic: str) -> tuple[dict[int, int], dict[tuple[int, int], Any]]:
     """The end offset of every partition of ``topic``, and its records by (partition, offset)."""
     partitions, records = _read(config, topic)
-    ends = {p: 0 for p in partitions}
+    ends = dict.fromkeys(partitions, 0)
     for msg in records:
         ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
     return ends, {(m.partition(), m.offset()): m for m in records}

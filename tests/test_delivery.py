@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -102,7 +103,7 @@ def test_retry_schedule_then_dead_letter_and_recovery(
     time.sleep(4)  # anything early or extra would show up by now
     attempts = receiver.at("/down")
     assert len(attempts) == 4
-    gaps = [b.at - a.at for a, b in zip(attempts, attempts[1:])]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 1 and gaps[1] >= 2 and gaps[2] >= 3, gaps
     assert {r.event_id for r in attempts} == {event_id}
 

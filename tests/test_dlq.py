@@ -4,8 +4,10 @@ pipeline: 100 exhausted deliveries across 3 endpoints and 2 event types."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import pytest
@@ -29,8 +31,12 @@ def test_dead_letters_listed_filtered_counted_and_replayed(
     topics: Config, receiver: Receiver, worker_factory: Any
 ) -> None:
     recovered: set[str] = set()
+
+    def answer(path: str, request: Any, seen: int) -> int:
+        return 204 if path in recovered else 503
+
     for path in ("/a", "/b", "/c"):
-        receiver.respond(path, lambda request, seen, path=path: 204 if path in recovered else 503)
+        receiver.respond(path, partial(answer, path))
     a = register(topics, receiver.url("/a"))
     b = register(topics, receiver.url("/b"), events=("MESSAGE",))
     c = register(topics, receiver.url("/c"), events=("TICKET",))
@@ -44,7 +50,8 @@ def test_dead_letters_listed_filtered_counted_and_replayed(
     producer.flush(10)
     read_topic(topics, f"{topics.topic_prefix}.dlq", expect=101, timeout=60)
 
-    dlq = lambda *args: run_gateway(topics, "dlq", *args)  # noqa: E731
+    def dlq(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_gateway(topics, "dlq", *args)
 
     every = rows(dlq("list", "--json"))
     assert len(every) == 101

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.signing import secret_key
+from gateway.endpoints import save_endpoint
+from gateway.records import Endpoint
+from gateway.signing import new_secret, secret_key
 
 from .conftest import run_gateway
 
@@ -193,3 +195,50 @@ def test_list_without_topics_fails_clearly(config: Config) -> None:
     assert f"{config.topic_prefix}.endpoints" in result.stderr
     assert "topics create" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def stored(bot_id: str, url: str = PUBLIC_URL, **fields: Any) -> Endpoint:
+    """A registration as the platform might write it straight to the endpoints topic,
+    without the CLI's validation."""
+    return Endpoint(id=str(uuid.uuid4()), bot_id=bot_id, url=url,
+                    secret=new_secret(),
+                    created_at=1, updated_at=1, **fields)
+
+
+def test_list_by_bot_id_ignores_case(topics: Config) -> None:
+    [added] = json_lines(run_gateway(topics, "endpoints", "add", "--bot-id", BOT_A.upper(),
+                                     "--url", PUBLIC_URL, "--json"))
+    written = stored(BOT_A.upper())  # not lower-cased by the CLI on the way in
+    save_endpoint(topics, written)
+    save_endpoint(topics, stored(BOT_B))
+    upper, lower, table = run_all(
+        topics,
+        ("endpoints", "list", "--json", "--bot-id", BOT_A.upper()),
+        ("endpoints", "list", "--json", "--bot-id", BOT_A),
+        ("endpoints", "list", "--bot-id", BOT_A.upper()),
+    )
+    for result in (upper, lower):
+        assert sorted(r["id"] for r in json_lines(result)) == sorted([added["id"], written.id])
+    ok(table)
+    assert added["id"] in table.stdout and written.id in table.stdout
+
+
+CONTROL = "\x1b[2J\x1b]0;owned\x07\r\x08\x00\u202e"
+
+
+def test_list_escapes_control_characters_written_straight_to_the_topic(topics: Config) -> None:
+    url = f"https://example.com/{CONTROL}hook"
+    hostile = stored(BOT_A, url, description=f"crm{CONTROL}", event_types=(f"MESSAGE{CONTROL}",))
+    save_endpoint(topics, hostile)
+    table, as_json = run_all(topics, ("endpoints", "list"), ("endpoints", "list", "--json"))
+    ok(table)
+    for char in CONTROL:
+        if not char.isprintable():
+            assert char not in table.stdout + table.stderr, repr(char)
+    # Escaped, so the reader sees what is there.
+    assert r"https://example.com/\x1b[2J\x1b]0;owned\x07\r\x08\x00\u202ehook" in table.stdout
+    assert hostile.id in table.stdout
+    # JSON keeps the exact value (json escapes control characters itself).
+    [row] = json_lines(as_json)
+    assert row["url"] == url and row["description"] == f"crm{CONTROL}"
+    assert "\x1b" not in as_json.stdout

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from gateway.codec import Codec
-
 from gateway.events import (
     FIELDS,
     SCHEMA_NAMES,

@@ -9,6 +9,7 @@ settle, so the fuzz test below holds it to "an Event, a Delivery or a BadRecord,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -24,9 +25,9 @@ from hypothesis import strategies as st
 from gateway.codec import Codec, DecodeError
 from gateway.config import Config
 from gateway.dispatcher import BadRecord, Dispatcher, Job, Pending
-from gateway.metrics import Metrics
 from gateway.endpoints import EndpointTable, new_endpoint, save_endpoint
 from gateway.events import SCHEMA_NAMES, Event, EventType, parse_event
+from gateway.metrics import Metrics
 from gateway.records import (
     DEAD_LETTER_SCHEMA,
     DELIVERY_SCHEMA,
@@ -191,10 +192,8 @@ def prepared(target: Dispatcher, tier_index: int, value: bytes | None) -> Job:
     loop, then decodes the record again."""
     job = target.prepare(TIERS[tier_index], Msg(value))
     if isinstance(job.content, Pending):
-        try:
+        with contextlib.suppress(DecodeError):
             target.codec.fetch_schema(job.content.schema_id)
-        except DecodeError:
-            pass
         job = target.prepare(TIERS[tier_index], Msg(value))
         assert not isinstance(job.content, Pending)
     return job

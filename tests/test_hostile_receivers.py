@@ -35,10 +35,10 @@ from gateway.codec import Codec
 from gateway.config import Config
 from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy
 from gateway.dispatcher import Dispatcher
-from gateway.metrics import Metrics
 from gateway.endpoints import EndpointTable
 from gateway.events import parse_event
 from gateway.kafka_io import delivery_headers
+from gateway.metrics import Metrics
 from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, Delivery, Endpoint, Outcome
 from gateway.retry import GiveUp, Retry, decide, next_step
 from gateway.sender import SNIPPET_CHARS, Sender, SenderClosed

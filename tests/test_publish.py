@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,10 +43,10 @@ def test_publish_cli_round_trips_the_documented_events(topics: Config) -> None:
 
     messages = read_topic(topics, f"{topics.topic_prefix}.events", expect=4)
     decoded = decode_all(messages)
-    by_id = {record["eventId"]: (name, record, msg) for (name, record), msg in zip(decoded, messages)}
+    by_id = {record["eventId"]: (name, record, msg) for (name, record), msg in zip(decoded, messages, strict=False)}
     assert sorted(by_id) == sorted(ids)
     for event_id, doc in zip(ids, documented_examples(), strict=True):
-        name, record, msg = by_id[event_id]
+        _name, record, msg = by_id[event_id]
         body = {k: v for k, v in record.items() if k not in ("eventId", "occurredAt")}
         assert body == doc
         assert list(body) == list(doc)  # the documented field order

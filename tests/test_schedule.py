@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import uuid
 
 import pytest
@@ -226,7 +227,7 @@ def test_failure_on_retry_2s_goes_to_retry_3s() -> None:
 
 
 def test_due_at_is_never_before_failure_end_plus_delay() -> None:
-    for current, following in zip(TIERS, TIERS[1:], strict=False):
+    for current, following in itertools.pairwise(TIERS):
         a = attempt(502, tier=current.name, duration_ms=15_000.0)
         step = next_step(TIERS, current, a)
         assert isinstance(step, Retry)
@@ -440,6 +441,8 @@ def test_table_matches_a_plain_dict_model(ops: list[tuple[str, str | None, bool]
         else:
             model[endpoint_id] = value
         assert len(table) == len(model)
+        on = sum(1 for e in model.values() if e.enabled)
+        assert table.counts() == (on, len(model) - on)
         for b in (BOT_A, BOT_B):
             expected = sorted(i for i, e in model.items() if e.bot_id == b and e.enabled)
             assert sorted(ids(table.for_event(b, "MESSAGE"))) == expected

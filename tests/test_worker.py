@@ -317,7 +317,7 @@ def test_positions_are_stored_between_polls_and_committed_on_revoke() -> None:
 
 def test_a_lost_partition_is_released_without_a_commit() -> None:
     consumer = FakeConsumer()
-    pump, owner = pump_with(consumer, Capacity(10, ["events"]))
+    _pump, owner = pump_with(consumer, Capacity(10, ["events"]))
     consumer.rebalance([("t", 0)])
     consumer.callbacks["on_lost"](consumer, consumer.assignment())
     assert owner.revocations == [([("t", 0)], True)] and consumer.commits == 0
@@ -442,7 +442,7 @@ def test_a_fan_out_where_one_attempt_raises_tracks_the_others() -> None:
     dead-lettered as internal_error with its delivery, the others complete (here: one
     delivered, one sent on to the retry tier) before run() returns."""
     ok, broken, failing = (new_endpoint(bot_id=BOT, url=f"https://{n}.example/hook") for n in "abc")
-    dispatcher, producer, sender, metrics = _dispatcher(
+    dispatcher, producer, sender, _metrics = _dispatcher(
         [ok, broken, failing], {ok.id: 204, broken.id: RuntimeError("boom"), failing.id: 503})
     tier = dispatcher.tiers[0]
     job = dispatcher.prepare(tier, _event_message(DOC))
