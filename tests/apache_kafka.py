@@ -21,6 +21,7 @@ broker in the foreground until Ctrl-C.
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import shutil
 import signal
@@ -32,7 +33,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["KafkaError", "KafkaNode", "TEST_SPEED", "broker_properties", "kafka_jars", "kafka_version"]
+__all__ = ["TEST_SPEED", "KafkaError", "KafkaNode", "broker_properties", "kafka_jars", "kafka_version"]
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA = ROOT / "kafka"
@@ -266,10 +267,8 @@ def main(argv: list[str]) -> int:
         with KafkaNode(Path(tempfile.mkdtemp(prefix="kafka-"))) as node:
             print(f"Apache Kafka {kafka_version()} on {node.bootstrap} (data in {node.root}); Ctrl-C stops it",
                   flush=True)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
-            except KeyboardInterrupt:
-                pass
         return 0
     print("usage: python tests/apache_kafka.py jars|run", file=sys.stderr)
     return 2

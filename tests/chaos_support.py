@@ -55,13 +55,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
+import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from gateway.codec import Codec
 from gateway.config import Config
+from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
 from gateway.publisher import Publisher
-from gateway.records import Attempt, DeadLetter, Delivery
+from gateway.records import Attempt, DeadLetter, Delivery, Endpoint
 from gateway.topics import Topics
 
 __all__ = [
@@ -72,10 +74,12 @@ __all__ = [
     "Load",
     "audit",
     "chaos_port",
+    "conclude",
     "drain",
     "lag",
     "log_trouble",
     "make_events",
+    "register",
 ]
 
 TOLERANCE = 0.05
@@ -656,3 +660,57 @@ def log_trouble(*logs: Path, limit: int = 40) -> str:
             if "level=error" in line or "level=critical" in line or "Traceback" in line:
                 lines.append(f"{path.name}: {line[:300]}")
     return "\n".join(lines[-limit:])
+
+
+# -- a whole scenario --------------------------------------------------------------------
+
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+
+
+def register(config: Config, url: str) -> Endpoint:
+    endpoint = new_endpoint(bot_id=BOT, url=url)
+    save_endpoint(config, endpoint)
+    return endpoint
+
+
+def conclude(
+    scenario: str,
+    request: pytest.FixtureRequest,
+    config: Config,
+    receiver: ChaosReceiver,
+    load: Load,
+    endpoints: dict[str, Endpoint],
+    logs: list[Path],
+    *,
+    notes: str = "",
+    drain_timeout: float = 60,
+) -> Audit:
+    """Wait for the load and the pipeline to finish, audit, report, assert."""
+    load.join(90)
+    by_path = {p: e.id for p, e in endpoints.items()}
+    unacked = [event_id for event_id, _ in load.failed]
+    try:
+        waited = drain(config, timeout=drain_timeout)
+    except AssertionError as exc:
+        so_far = audit(config, receiver, load.published, by_path, unacked=unacked)
+        raise AssertionError(
+            f"{exc}\nso far (lost = not delivered yet): {so_far.line(scenario)}\n"
+            f"{log_trouble(*logs)}") from None
+    result = audit(config, receiver, load.published, by_path, unacked=unacked)
+    line = result.line(scenario)
+    detail = (f"  {len(endpoints)} endpoint(s), {result.arrivals} requests seen, "
+              f"{result.retry_records} retry records, dead letters {result.dead_reasons or {}}, "
+              f"delivered and also dead-lettered {result.both}, drained {waited:.1f} s after "
+              f"the load; {notes}")
+    print(f"\n{line}\n{detail}")
+    for note in result.notes[:5]:
+        print(f"  note: {note}")
+    request.node.user_properties.append(("chaos", line))
+    critical = [l for l in log_trouble(*logs).splitlines() if "level=critical" in l]
+    assert not load.failed, f"the broker did not acknowledge {len(load.failed)} events: {load.failed[:3]}"
+    assert not result.lost, (
+        f"{line}\nLOST {len(result.lost)} deliveries, e.g. {sorted(result.lost)[:5]}\n{log_trouble(*logs)}")
+    assert not result.violations, "\n".join(result.violations[:20]) + f"\n({len(result.violations)} in all)"
+    assert not critical, "\n".join(critical)
+    assert result.pairs == len(result.delivered | result.dead)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -30,13 +31,6 @@ def free_port() -> int:
 
 
 BROKERS = ("tansu", "kafka")
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--brokers", default=",".join(BROKERS), metavar="NAMES",
-        help="Brokers the integration tests run on: tansu (the bundled one), kafka (Apache Kafka "
-             "from Maven Central's jars; needs Java 17+ and Maven), or both (the default).")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -68,8 +62,25 @@ def broker(broker_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             yield node
 
 
+@contextlib.contextmanager
+def private_broker(kind: str, where: Path) -> Iterator[Any]:
+    """A broker of ``kind`` of the test's own (to stop or kill), with ``bootstrap`` and
+    ``pid``."""
+    if kind == "tansu":
+        own = Broker(port=free_port(), log=where / "tansu.log").start()
+        try:
+            yield own
+        finally:
+            own.stop()
+    else:
+        from .apache_kafka import KafkaNode
+
+        with KafkaNode(where / "kafka") as node:
+            yield node
+
+
 @pytest.fixture
-def config(broker: Broker) -> Config:
+def config(broker: Any) -> Config:
     """A configuration of its own topics, with short delays and quick group joins."""
     return Config(
         bootstrap_servers=broker.bootstrap,
@@ -98,6 +109,8 @@ def gateway_env(config: Config, **extra: str) -> dict[str, str]:
         GATEWAY_RETRY_DELAYS=",".join(map(str, config.retry_delays)),
         GATEWAY_PARTITIONS=str(config.partitions),
         GATEWAY_SESSION_TIMEOUT_MS=str(config.session_timeout_ms),
+        GATEWAY_GROUP_PROTOCOL=config.group_protocol,
+        GATEWAY_MAX_POLL_INTERVAL_MS=str(config.max_poll_interval_ms),
         GATEWAY_SHUTDOWN_TIMEOUT=str(config.shutdown_timeout),
         GATEWAY_REQUEST_TIMEOUT=str(config.request_timeout),
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true" if config.allow_private_networks else "false",

@@ -32,68 +32,13 @@ from typing import Any
 
 import pytest
 
-from gateway.broker import Broker
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
-from gateway.records import Endpoint
 from gateway.topics import create_topics
 
-from .chaos_support import Audit, ChaosReceiver, Load, audit, drain, log_trouble, make_events
-from .conftest import free_port
+from .chaos_support import ChaosReceiver, Load, conclude, make_events, register
+from .conftest import private_broker
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
-
-BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
-
-
-def register(config: Config, url: str) -> Endpoint:
-    endpoint = new_endpoint(bot_id=BOT, url=url)
-    save_endpoint(config, endpoint)
-    return endpoint
-
-
-def conclude(
-    scenario: str,
-    request: pytest.FixtureRequest,
-    config: Config,
-    receiver: ChaosReceiver,
-    load: Load,
-    endpoints: dict[str, Endpoint],
-    logs: list[Path],
-    *,
-    notes: str = "",
-    drain_timeout: float = 60,
-) -> Audit:
-    """Wait for the load and the pipeline to finish, audit, report, assert."""
-    load.join(90)
-    by_path = {p: e.id for p, e in endpoints.items()}
-    unacked = [event_id for event_id, _ in load.failed]
-    try:
-        waited = drain(config, timeout=drain_timeout)
-    except AssertionError as exc:
-        so_far = audit(config, receiver, load.published, by_path, unacked=unacked)
-        raise AssertionError(
-            f"{exc}\nso far (lost = not delivered yet): {so_far.line(scenario)}\n"
-            f"{log_trouble(*logs)}") from None
-    result = audit(config, receiver, load.published, by_path, unacked=unacked)
-    line = result.line(scenario)
-    detail = (f"  {len(endpoints)} endpoint(s), {result.arrivals} requests seen, "
-              f"{result.retry_records} retry records, dead letters {result.dead_reasons or {}}, "
-              f"delivered and also dead-lettered {result.both}, drained {waited:.1f} s after "
-              f"the load; {notes}")
-    print(f"\n{line}\n{detail}")
-    for note in result.notes[:5]:
-        print(f"  note: {note}")
-    request.node.user_properties.append(("chaos", line))
-    critical = [l for l in log_trouble(*logs).splitlines() if "level=critical" in l]
-    assert not load.failed, f"the broker did not acknowledge {len(load.failed)} events: {load.failed[:3]}"
-    assert not result.lost, (
-        f"{line}\nLOST {len(result.lost)} deliveries, e.g. {sorted(result.lost)[:5]}\n{log_trouble(*logs)}")
-    assert not result.violations, "\n".join(result.violations[:20]) + f"\n({len(result.violations)} in all)"
-    assert not critical, "\n".join(critical)
-    assert result.pairs == len(result.delivered | result.dead)
-    return result
-
 
 @pytest.mark.timeout(200)
 def test_kill_9_a_worker_three_times(
@@ -120,36 +65,35 @@ def test_kill_9_a_worker_three_times(
         assert worker.terminate() == 0, worker.text()[-3000:]
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(240)
 def test_broker_stopped_for_10_seconds(
-    config: Config, worker_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
+    config: Config, broker_kind: str, worker_factory: Any, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    own = Broker(port=free_port(), log=tmp_path / "tansu.log").start()
     stopped = False
-    try:
-        config = config.replace(bootstrap_servers=own.bootstrap)
-        create_topics(config)
-        with ChaosReceiver(seed=2) as receiver:
-            receiver.flaky(0.1)
-            endpoints = {"/hook": register(config, receiver.url("/hook"))}
-            worker = worker_factory(config)
-            load = Load(config, make_events(2000, seed=2), chunk=100, interval=0.3).start()
-            receiver.wait_delivered(400, 90)
-            assert own.pid is not None
-            os.kill(own.pid, signal.SIGSTOP)
-            stopped = True
-            at_stop = receiver.delivered()
-            time.sleep(10)
-            during = receiver.delivered() - at_stop
-            os.kill(own.pid, signal.SIGCONT)
-            stopped = False
-            conclude("broker-sigstop", request, config, receiver, load, endpoints, [worker.log],
-                     notes=f"broker stopped after {at_stop} deliveries, {during} more during the stop")
-            assert worker.terminate() == 0, worker.text()[-3000:]
-    finally:
-        if stopped and own.pid is not None:
-            os.kill(own.pid, signal.SIGCONT)
-        own.stop()
+    with private_broker(broker_kind, tmp_path) as own:  # the session's broker is never stopped
+        try:
+            config = config.replace(bootstrap_servers=own.bootstrap)
+            create_topics(config)
+            with ChaosReceiver(seed=2) as receiver:
+                receiver.flaky(0.1)
+                endpoints = {"/hook": register(config, receiver.url("/hook"))}
+                worker = worker_factory(config)
+                load = Load(config, make_events(2000, seed=2), chunk=100, interval=0.3).start()
+                receiver.wait_delivered(400, 90)
+                assert own.pid is not None
+                os.kill(own.pid, signal.SIGSTOP)
+                stopped = True
+                at_stop = receiver.delivered()
+                time.sleep(10)
+                during = receiver.delivered() - at_stop
+                os.kill(own.pid, signal.SIGCONT)
+                stopped = False
+                conclude("broker-sigstop", request, config, receiver, load, endpoints, [worker.log],
+                         notes=f"broker stopped after {at_stop} deliveries, {during} more during the stop")
+                assert worker.terminate() == 0, worker.text()[-3000:]
+        finally:
+            if stopped and own.pid is not None:
+                os.kill(own.pid, signal.SIGCONT)
 
 
 @pytest.mark.timeout(200)

@@ -16,6 +16,8 @@ import yaml
 from gateway.config import SETTINGS, Config
 from gateway.topics import Topics
 
+from .apache_kafka import broker_properties, kafka_version
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 
@@ -110,6 +112,23 @@ def test_kafka_is_a_single_kraft_node_the_gateway_reaches(services: dict[str, An
     port = int(host.rsplit(":", 1)[1])
     assert published(services["kafka"]) == {port: port}
     assert listeners["HOST"] == f":{port}"
+
+
+# The settings each place has its own of: where the broker listens and who it is.
+_NODE_OWN = {"listeners", "advertised.listeners", "listener.security.protocol.map", "controller.quorum.voters"}
+
+
+def test_kafka_runs_the_tested_version_with_the_tested_settings(services: dict[str, Any]) -> None:
+    """The compose Kafka is the one the tests run: the same version (kafka/pom.xml) and
+    the same broker settings (kafka/broker.properties), listeners aside."""
+    image = services["kafka"]["image"]
+    assert image == f"apache/kafka:{kafka_version()}", f"{image}: the tests run Apache Kafka {kafka_version()}"
+    environment = services["kafka"]["environment"]
+    compose = {name.removeprefix("KAFKA_").lower().replace("_", "."): str(value)
+               for name, value in environment.items() if name.startswith("KAFKA_")}
+    shared = broker_properties()
+    assert {k: v for k, v in compose.items() if k not in _NODE_OWN} == shared
+    assert not _NODE_OWN & set(shared)
 
 
 def test_topics_and_gateway_share_one_configuration(services: dict[str, Any]) -> None:
