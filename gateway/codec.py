@@ -99,6 +99,7 @@ class SchemaSet:
         "gateway.Delivery",
         "gateway.DeadLetter",
         "gateway.Replay",
+        "gateway.DeliveryAttempt",
     )
 
     def __init__(self, folder: Path | None = None) -> None:

@@ -101,6 +101,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> int:
+    delays = parse_delays(text)
+    if len(delays) != 1:
+        raise ConfigError(f"{text!r} is not one duration (write e.g. 7d or 24h)")
+    return delays[0]
+
+
 def _replication_factor(text: str) -> int | None:
     if text.strip().lower() in ("", "auto"):
         return None
@@ -174,6 +181,10 @@ SETTINGS: tuple[Setting, ...] = (
             "worker polls on whatever it waits for."),
     Setting("fetch_wait_ms", "--fetch-wait-ms", _positive_int,
             "Longest a fetch waits for new records (latency when idle; Tansu always waits it out)."),
+    Setting("record_attempts", "--record-attempts", _parse_bool,
+            "Write every attempt, successful or not, to the attempts topic (the delivery history)."),
+    Setting("attempts_retention", "--attempts-retention", _duration,
+            "How long `topics create` makes the attempts topic keep the history (e.g. 7d, 24h)."),
     Setting("allow_private_networks", "--allow-private-networks", _parse_bool,
             "Deliver to loopback/private/link-local addresses (demo and tests only)."),
     Setting("allowed_networks", "--allowed-networks", _parse_networks,
@@ -206,6 +217,9 @@ class Config:
     group_protocol: str = "classic"
     max_poll_interval_ms: int = 300_000
     fetch_wait_ms: int = 25
+    record_attempts: bool = True
+    attempts_retention: int = 7 * 86400
+    """Seconds."""
     allow_private_networks: bool = False
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default_factory=tuple

@@ -36,12 +36,14 @@ from .logs import Log, bind
 from .metrics import Metrics
 from .records import (
     DEAD_LETTER_SCHEMA,
+    DELIVERY_ATTEMPT_SCHEMA,
     DELIVERY_SCHEMA,
     ENDPOINT_SCHEMA,
     Attempt,
     DeadLetter,
     DeadLetterReason,
     Delivery,
+    DeliveryAttempt,
     Endpoint,
     Outcome,
     bounded,
@@ -245,11 +247,14 @@ class Dispatcher:
                              error=bounded(f"internal error: {exc!r}"))
             decision = decide(self.tiers, tier, source, endpoint, failed, body)
             assert decision.delivery is not None
-            await self._dead_letter(job, decision.delivery, DeadLetterReason.INTERNAL_ERROR,
-                                    bounded(f"internal error while attempting: {exc!r}") or "", bound)
+            await asyncio.gather(
+                self._dead_letter(job, decision.delivery, DeadLetterReason.INTERNAL_ERROR,
+                                  bounded(f"internal error while attempting: {exc!r}") or "", bound),
+                self._history(source, endpoint, failed, f"dead:{DeadLetterReason.INTERNAL_ERROR.value}"),
+            )
 
     async def _apply(self, job: Job, source: Event | Delivery, decision: Decision, log: Log) -> None:
-        """Carry out ``decision``: metrics, the next record, disabling, logs."""
+        """Carry out ``decision``: metrics, the history, the next record, disabling, logs."""
         tier, attempt, step = decision.tier, decision.attempt, decision.step
         self.metrics.attempt(tier.name, attempt)
         if isinstance(step, Delivered):
@@ -257,13 +262,17 @@ class Dispatcher:
             self.metrics.last_success.set(now)
             event_type = source.type.value if isinstance(source, Event) else source.event_type
             self.metrics.end_to_end(event_type).observe(max(0.0, now - source.occurred_at / 1000))
+            await self._history(source, decision.endpoint, attempt, "delivered")
             return
         delivery = decision.delivery
         assert delivery is not None
         if isinstance(step, Retry):
             value = self.codec.encode(DELIVERY_SCHEMA, delivery.to_record(), topic=step.tier.topic)
-            await self.producer.send(step.tier.topic, delivery.endpoint_id.encode(), value,
-                                     delivery_headers(delivery, source=_source(job)))
+            await asyncio.gather(
+                self.producer.send(step.tier.topic, delivery.endpoint_id.encode(), value,
+                                   delivery_headers(delivery, source=_source(job))),
+                self._history(source, decision.endpoint, attempt, f"retry:{step.tier.name}"),
+            )
             self.metrics.retries_scheduled.labels(step.tier.name).inc()
             log.info("delivery failed, retry scheduled",
                      extra={"outcome": attempt.describe(), "next_tier": step.tier.name})
@@ -271,7 +280,25 @@ class Dispatcher:
         assert isinstance(step, GiveUp)
         if decision.disable_endpoint:
             await self._disable(decision.endpoint, log)
-        await self._dead_letter(job, delivery, step.reason, step.detail, log)
+        await asyncio.gather(
+            self._dead_letter(job, delivery, step.reason, step.detail, log),
+            self._history(source, decision.endpoint, attempt, f"dead:{step.reason.value}"),
+        )
+
+    async def _history(self, source: Event | Delivery, endpoint: Endpoint, attempt: Attempt, next: str) -> None:
+        """The attempt's line in the delivery history (the attempts topic), unless the
+        history is switched off (GATEWAY_RECORD_ATTEMPTS=false)."""
+        if not self.config.record_attempts:
+            return
+        if isinstance(source, Event):
+            line = DeliveryAttempt(source.event_id, source.type.value, source.bot_id, endpoint.id,
+                                   source.occurred_at, 1, attempt, next)
+        else:
+            line = DeliveryAttempt(source.event_id, source.event_type, source.bot_id, endpoint.id,
+                                   source.occurred_at, source.attempt + 1, attempt, next, source.replay_of)
+        topic = self.topics.attempts
+        value = self.codec.encode(DELIVERY_ATTEMPT_SCHEMA, line.to_record(), topic=topic)
+        await self.producer.send(topic, endpoint.id.encode(), value, [])
 
     async def _disable(self, endpoint: Endpoint, log: Log) -> None:
         """A 410 Gone says the receiver is gone for good: stop sending to it."""

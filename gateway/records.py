@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 __all__ = [
     "DEAD_LETTER_SCHEMA",
+    "DELIVERY_ATTEMPT_SCHEMA",
     "DELIVERY_SCHEMA",
     "ENDPOINT_SCHEMA",
     "MAX_STORED_TEXT",
@@ -29,9 +31,11 @@ __all__ = [
     "DeadLetter",
     "DeadLetterReason",
     "Delivery",
+    "DeliveryAttempt",
     "Endpoint",
     "Outcome",
     "bounded",
+    "is_deferral",
     "status_class",
 ]
 
@@ -63,6 +67,12 @@ class Outcome(StrEnum):
     """The endpoint's URL is unusable; no request was made."""
     INTERNAL_ERROR = "internal_error"
     """The gateway itself failed (a bug, an unusable secret); no request was made."""
+    CIRCUIT_OPEN = "circuit_open"
+    """The endpoint's circuit breaker is open: the attempt is spent on the schedule, no
+    request is made."""
+    DEFERRED = "deferred"
+    """Not an attempt: the gateway's own limits (the endpoint's connections busy, its share
+    of the process full, its rate limit) put the delivery off. Logged, never counted."""
     UNKNOWN = "unknown"
     """Written by a newer gateway with an outcome this one does not know."""
 
@@ -90,6 +100,11 @@ class Outcome(StrEnum):
 _NETWORK = frozenset({Outcome.SUCCESS, Outcome.HTTP_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
 
 
+def is_deferral(attempt: Attempt) -> bool:
+    """A log entry that is not an attempt: a run of deferrals."""
+    return attempt.outcome is Outcome.DEFERRED
+
+
 def status_class(status: int | None) -> str:
     """``2xx`` … ``5xx`` (and ``1xx``), ``none`` without a status, ``other`` for a status
     outside 100-599 (``099``, ``999``): a bounded set of label values."""
@@ -103,6 +118,7 @@ def status_class(status: int | None) -> str:
 ENDPOINT_SCHEMA = "gateway.Endpoint"
 DELIVERY_SCHEMA = "gateway.Delivery"
 DEAD_LETTER_SCHEMA = "gateway.DeadLetter"
+DELIVERY_ATTEMPT_SCHEMA = "gateway.DeliveryAttempt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +138,10 @@ class Endpoint:
     description: str | None = None
     previous_secret: str | None = None
     previous_secret_expires_at: int | None = None
+    rate_limit: float | None = None
+    """Most requests per second, per gateway process; None: no limit."""
+    max_in_flight: int | None = None
+    """Most requests in flight, per gateway process; None: the process's default."""
 
     def admits(self, event_type: str) -> bool:
         """Does this endpoint want events of ``event_type``?"""
@@ -152,6 +172,8 @@ class Endpoint:
             "eventTypes": list(self.event_types),
             "enabled": self.enabled,
             "description": self.description,
+            "rateLimit": self.rate_limit,
+            "maxInFlight": self.max_in_flight,
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
         }
@@ -168,6 +190,8 @@ class Endpoint:
             event_types=tuple(r.get("eventTypes") or ()),
             enabled=r.get("enabled", True),
             description=r.get("description"),
+            rate_limit=r.get("rateLimit"),
+            max_in_flight=r.get("maxInFlight"),
             created_at=r["createdAt"],
             updated_at=r["updatedAt"],
         )
@@ -247,14 +271,34 @@ class Delivery:
     """Attempts made in the current schedule (a replay resets it to 0)."""
     due_at: int
     attempts: tuple[Attempt, ...] = field(default=())
-    """Every attempt ever made, oldest first."""
+    """Every attempt ever made, oldest first (and the runs of deferrals between them)."""
     replay_of: str | None = None
+    deferrals: int = 0
+    """Times deferred for the gateway's own limits since the last attempt."""
+    deferred_since: int | None = None
+    """When the current run of deferrals began (ms), None when not deferred."""
 
     def after(self, attempt: Attempt, *, due_at: int) -> Delivery:
-        """This delivery with one more attempt logged and the next one due at ``due_at``."""
+        """This delivery with one more attempt logged and the next one due at ``due_at``
+        (a deferral run, if any, ended with it)."""
         return replace(
-            self, attempt=self.attempt + 1, due_at=due_at, attempts=(*self.attempts, attempt)
+            self, attempt=self.attempt + 1, due_at=due_at, attempts=(*self.attempts, attempt),
+            deferrals=0, deferred_since=None,
         )
+
+    def deferred(self, deferral: Attempt, *, due_at: int) -> Delivery:
+        """This delivery put off once more, attempt count unchanged. A run of deferrals
+        keeps one entry in the log (the latest, its text counting them), so a delivery
+        deferred a thousand times carries one line for it, not a thousand."""
+        log = self.attempts
+        if log and log[-1].outcome is Outcome.DEFERRED:
+            log = log[:-1]
+        count = self.deferrals + 1
+        since = self.deferred_since if self.deferred_since is not None else deferral.at
+        began = datetime.fromtimestamp(since / 1000, UTC).isoformat(timespec="seconds")
+        entry = replace(deferral, error=f"{deferral.error} (deferred {count} time{'s' if count != 1 else ''} "
+                                        f"since {began})")
+        return replace(self, due_at=due_at, attempts=(*log, entry), deferrals=count, deferred_since=since)
 
     @property
     def last_attempt(self) -> Attempt | None:
@@ -273,6 +317,8 @@ class Delivery:
             "dueAt": self.due_at,
             "attempts": [a.to_record() for a in self.attempts],
             "replayOf": self.replay_of,
+            "deferrals": self.deferrals,
+            "deferredSince": self.deferred_since,
         }
 
     @classmethod
@@ -289,6 +335,8 @@ class Delivery:
             due_at=r["dueAt"],
             attempts=tuple(Attempt.from_record(a) for a in r.get("attempts") or ()),
             replay_of=r.get("replayOf"),
+            deferrals=r.get("deferrals") or 0,
+            deferred_since=r.get("deferredSince"),
         )
 
 
@@ -302,6 +350,8 @@ class DeadLetterReason(StrEnum):
     GONE = "gone"
     INTERNAL_ERROR = "internal_error"
     """The gateway itself failed on the record (a bug, or an unusable endpoint record)."""
+    DEFERRAL_EXPIRED = "deferral_expired"
+    """Put off for the gateway's own limits longer than GATEWAY_DEFER_MAX_AGE."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,3 +395,43 @@ class DeadLetter:
             original_value=r.get("originalValue"),
             delivery=Delivery.from_record(delivery) if delivery else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """One line of the delivery history (the attempts topic): an attempt, or a deferral,
+    of one event to one endpoint, and what followed it."""
+
+    event_id: str
+    event_type: str
+    bot_id: str
+    endpoint_id: str
+    occurred_at: int
+    number: int
+    """1 for the first attempt, 2 for the first retry, …"""
+    attempt: Attempt
+    next: str
+    """``delivered``, ``retry:<tier>``, ``dead:<reason>``, ``deferred:<topic>`` or ``test``."""
+    replay_of: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        a = self.attempt
+        return {
+            "eventId": self.event_id, "eventType": self.event_type, "botId": self.bot_id,
+            "endpointId": self.endpoint_id, "occurredAt": self.occurred_at, "number": self.number,
+            "tier": a.tier, "at": a.at, "durationMs": a.duration_ms, "outcome": a.outcome.value,
+            "status": a.status, "error": a.error, "responseSnippet": a.response_snippet,
+            "next": self.next, "replayOf": self.replay_of,
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> DeliveryAttempt:
+        try:
+            outcome = Outcome(r["outcome"])
+        except ValueError:
+            outcome = Outcome.UNKNOWN
+        attempt = Attempt(at=r["at"], tier=r["tier"], duration_ms=r["durationMs"], outcome=outcome,
+                          status=r.get("status"), error=r.get("error"), response_snippet=r.get("responseSnippet"))
+        return cls(event_id=r["eventId"], event_type=r["eventType"], bot_id=r["botId"],
+                   endpoint_id=r["endpointId"], occurred_at=r["occurredAt"], number=r["number"],
+                   attempt=attempt, next=r["next"], replay_of=r.get("replayOf"))

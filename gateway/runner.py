@@ -51,6 +51,8 @@ def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
 def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
     topics = Topics.from_config(config)
     wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints}
+    if config.record_attempts:
+        wanted.add(topics.attempts)
     wanted |= {t.topic for t in topics.tiers if t.index > min(x.index for x in tiers)}
     try:
         existing = AdminClient(config.kafka_common()).list_topics(timeout=15).topics

@@ -88,6 +88,11 @@ class Topics:
         return f"{self.prefix}.dlq-replays"
 
     @property
+    def attempts(self) -> str:
+        """Every attempt, successful or not: the delivery history."""
+        return f"{self.prefix}.attempts"
+
+    @property
     def tiers(self) -> tuple[Tier, ...]:
         """The events stage followed by one tier per retry delay."""
         tiers = [Tier(0, "events", self.events, 0)]
@@ -104,7 +109,7 @@ class Topics:
         raise ValueError(f"unknown tier {name!r}; this configuration has: {known}")
 
     def all(self) -> tuple[str, ...]:
-        return (*(t.topic for t in self.tiers), self.dlq, self.endpoints, self.dlq_replays)
+        return (*(t.topic for t in self.tiers), self.dlq, self.endpoints, self.dlq_replays, self.attempts)
 
 
 DAY_MS = 24 * 3600 * 1000
@@ -133,6 +138,7 @@ def topic_specs(config: Config, replication_factor: int) -> list[TopicSpec]:
       topic 30 days (a bad day can still be replayed weeks later).
     * The endpoints topic is compacted: the latest registration per endpoint id, forever;
       a tombstone removes one (tombstones themselves are dropped a day after compaction).
+    * The attempts topic (the delivery history) keeps ``attempts_retention`` (7 days).
     * The dlq-replays topic is compacted too (a dead letter replayed twice keeps one
       record) and also deleted after the dead-letter topic's 30 days: a replay record
       outliving its dead letter would only grow the topic.
@@ -153,6 +159,8 @@ def topic_specs(config: Config, replication_factor: int) -> list[TopicSpec]:
                   "registrations: compacted, the latest per endpoint, kept forever"),
         TopicSpec(topics.dlq_replays, {"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)},
                   "which dead letters were replayed: compacted, and gone with the dead letters"),
+        TopicSpec(topics.attempts, {"retention.ms": str(config.attempts_retention * 1000)},
+                  f"the delivery history: every attempt, {delay_label(config.attempts_retention)}"),
     ]
     for spec in specs:
         spec.settings["min.insync.replicas"] = isr

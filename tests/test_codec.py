@@ -348,10 +348,11 @@ RELEASED_FINGERPRINTS = {
     "gateway.events.RateMessage": {"93a1bbf4f1c6639e"},
     "gateway.events.Ticket": {"77c64bd5b7263dd9"},
     "gateway.events.CreateLead": {"3c4ab18d337d2316"},
-    "gateway.Endpoint": {"6221d69c4ded9302"},
-    "gateway.Delivery": {"98b5dfd68bc3f4fe", "4d047dfe5a414271"},
-    "gateway.DeadLetter": {"bdcf587a602151ee", "e78343e031c01d31"},
+    "gateway.Endpoint": {"6221d69c4ded9302", "8c977b8d333170b5"},
+    "gateway.Delivery": {"98b5dfd68bc3f4fe", "4483c45f18b3837d"},
+    "gateway.DeadLetter": {"bdcf587a602151ee", "f7d8698a9c98fecc"},
     "gateway.Replay": {"117ddb6992e7be67"},
+    "gateway.DeliveryAttempt": {"03eb4fa25de59e94"},
 }
 
 
@@ -391,6 +392,14 @@ def test_a_dead_letter_written_before_outcomes_reads() -> None:
     dead = DeadLetter.from_record(record)
     assert dead.reason == "retries_exhausted" and dead.delivery is not None
     assert dead.delivery.attempts[-1].outcome is Outcome.CONNECTION_ERROR
+
+
+def test_an_endpoint_written_before_limits_reads_without_them() -> None:
+    name, record = SINGLE.decode((DATA / "endpoint-before-limits.avro").read_bytes())
+    endpoint = Endpoint.from_record(record)
+    assert name == ENDPOINT_SCHEMA and endpoint.url == "https://hooks.example.com/in"
+    assert (endpoint.rate_limit, endpoint.max_in_flight) == (None, None)
+    assert endpoint.event_types == ("TICKET",) and endpoint.description == "crm"
 
 
 def test_an_outcome_this_gateway_does_not_know_reads_as_unknown() -> None:

@@ -24,7 +24,7 @@ from gateway.events import parse_event
 from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.partitions import PartitionState
-from gateway.records import Attempt, DeadLetter, DeadLetterReason, Delivery, Endpoint, Outcome
+from gateway.records import Attempt, DeadLetter, DeadLetterReason, Delivery, DeliveryAttempt, Endpoint, Outcome
 from gateway.retry import Delivered, GiveUp, Retry, decide
 from gateway.topics import Topics
 from gateway.worker import TierWorker
@@ -449,7 +449,10 @@ def test_a_fan_out_where_one_attempt_raises_tracks_the_others() -> None:
     asyncio.run(dispatcher.run(tier, job))
     assert sorted(e for e, _ in sender.sent) == sorted([ok.id, broken.id, failing.id])
     written = {topic: Codec().decode(value)[1] for topic, _, value, _ in producer.records}
-    assert set(written) == {"u.retry-1s", "u.dlq"}
+    assert set(written) == {"u.retry-1s", "u.dlq", "u.attempts"}
+    history = [DeliveryAttempt.from_record(Codec().decode(v)[1]) for t, _, v, _ in producer.records
+               if t == "u.attempts"]
+    assert sorted(h.next for h in history) == ["dead:internal_error", "delivered", "retry:retry-1s"]
     retry = Delivery.from_record(written["u.retry-1s"])
     assert retry.endpoint_id == failing.id and retry.attempts[0].outcome is Outcome.HTTP_ERROR
     dead = DeadLetter.from_record(written["u.dlq"])
@@ -483,7 +486,7 @@ def test_an_unusable_secret_dead_letters_that_endpoint_alone() -> None:
         await sender.aclose()
 
     asyncio.run(go())
-    written = [(t, Codec().decode(v)[1]) for t, _, v, _ in producer.records]
+    written = [(t, Codec().decode(v)[1]) for t, _, v, _ in producer.records if t != "u.attempts"]
     topics = sorted(t for t, _ in written)
     assert topics == ["u.dlq", "u.retry-1s"]  # the good one's refused connection is retried
     dead = DeadLetter.from_record(next(r for t, r in written if t == "u.dlq"))
