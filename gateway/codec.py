@@ -100,6 +100,7 @@ class SchemaSet:
         "gateway.DeadLetter",
         "gateway.Replay",
         "gateway.DeliveryAttempt",
+        "gateway.Circuit",
     )
 
     def __init__(self, folder: Path | None = None) -> None:

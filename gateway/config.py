@@ -84,6 +84,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise ConfigError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -163,8 +173,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("endpoint_concurrency", "--endpoint-concurrency", _positive_int,
             "Requests in flight to one endpoint at once."),
     Setting("request_timeout", "--request-timeout", _positive_float,
-            "Seconds a webhook request may take, connect to last byte; also the longest a "
-            "delivery waits for one of its endpoint's connections."),
+            "Seconds a webhook request may take, connect to last byte."),
+    Setting("endpoint_queue", "--endpoint-queue", _non_negative_int,
+            "Most deliveries that may wait in a process for an endpoint's busy connections (fewer "
+            "for a slow endpoint: what it serves within --endpoint-wait); with those in flight, "
+            "the endpoint's share of the process. More are deferred."),
+    Setting("endpoint_wait", "--endpoint-wait", _positive_float,
+            "Seconds a delivery waits in a process for its endpoint's connections or rate limit "
+            "before it is deferred (no attempt spent)."),
+    Setting("circuit_failures", "--circuit-failures", _positive_int,
+            "Consecutive failures (5xx, 408, 429, timeouts, refused connections) that open an "
+            "endpoint's circuit."),
+    Setting("circuit_open_seconds", "--circuit-open", _positive_float,
+            "Seconds an endpoint's circuit stays open before a probe (jittered; doubles after each "
+            "failed probe, up to 5 minutes)."),
+    Setting("defer_delays", "--defer-delays", parse_delays,
+            "Delays of the deferral topics, comma-separated (a delivery moves to a longer one "
+            "after every three deferrals)."),
+    Setting("defer_max_age", "--defer-max-age", _duration,
+            "Longest a delivery may stay deferred before it is dead-lettered as deferral_expired."),
     Setting("max_response_bytes", "--max-response-bytes", _positive_int,
             "Bytes of a response body read; the rest is discarded."),
     Setting("max_record_bytes", "--max-record-bytes", _positive_int,
@@ -210,6 +237,12 @@ class Config:
     concurrency: int = 1000
     endpoint_concurrency: int = 20
     request_timeout: float = 15.0
+    endpoint_queue: int = 250
+    endpoint_wait: float = 1.0
+    circuit_failures: int = 5
+    circuit_open_seconds: float = 10.0
+    defer_delays: tuple[int, ...] = (5, 60, 600)
+    defer_max_age: int = 3600
     max_response_bytes: int = 64 * 1024
     max_record_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0

@@ -31,6 +31,7 @@ from .codec import Codec, DecodeError, SchemaPending
 from .config import Config
 from .endpoints import EndpointTable
 from .events import SCHEMA_NAMES, Event, InvalidEvent
+from .flow import Deferral, deferral_rung
 from .kafka_io import Headers, dead_letter_headers, delivery_headers
 from .logs import Log, bind
 from .metrics import Metrics
@@ -48,7 +49,7 @@ from .records import (
     Outcome,
     bounded,
 )
-from .retry import Decision, Delivered, GiveUp, Retry, decide
+from .retry import Decision, Delivered, GiveUp, Retry, decide, first_delivery
 from .sender import Sender, SenderClosed
 from .topics import Tier, Topics
 
@@ -144,13 +145,13 @@ class Dispatcher:
         value = message.value()
         # The limit guards the events topic, which many services write to; the retry tiers
         # carry the gateway's own records, always larger than the event they wrap.
-        if tier.index == 0 and value is not None and len(value) > self.config.max_record_bytes:
+        if tier.is_events and value is not None and len(value) > self.config.max_record_bytes:
             return self._bad(tier, message, DeadLetterReason.INVALID, (
                 f"record of {len(value)} bytes is larger than the {self.config.max_record_bytes}-byte "
                 "limit (GATEWAY_MAX_RECORD_BYTES)"))
         try:
             name, record = self.codec.decode(value, fetch=False)
-            if tier.index == 0:
+            if tier.is_events:
                 if name not in _EVENT_SCHEMAS:
                     raise DecodeError(f"a {name} record on the events topic, not an event")
                 event = Event.from_record(record)
@@ -168,7 +169,7 @@ class Dispatcher:
             return self._bad(tier, message, DeadLetterReason.INVALID, str(exc))
 
     def _bad(self, tier: Tier, message: Any, reason: DeadLetterReason, detail: str) -> Job:
-        if tier.index == 0 and reason is not DeadLetterReason.INTERNAL_ERROR:
+        if tier.is_events and reason is not DeadLetterReason.INTERNAL_ERROR:
             self.metrics.consumed(reason.value).inc()
         self.metrics.decode_errors.labels(tier.name, reason.value).inc()
         return Job(message, BadRecord(reason, detail), 0)
@@ -221,7 +222,20 @@ class Dispatcher:
             await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_DISABLED,
                                     f"endpoint {delivery.endpoint_id} is disabled", log)
         else:
-            await self._attempt(tier, job, delivery, endpoint, delivery.payload.encode())
+            await self._attempt(self._schedule_tier(tier, delivery), job, delivery, endpoint,
+                                delivery.payload.encode())
+
+    def _schedule_tier(self, tier: Tier, delivery: Delivery) -> Tier:
+        """Whose attempt a delivery makes: its tier's, or, back from a deferral rung, the
+        tier whose attempt was put off (its log's last entry says which)."""
+        if not tier.deferral:
+            return tier
+        last = delivery.last_attempt
+        if last is not None:
+            for schedule in self.tiers:
+                if schedule.name == last.tier:
+                    return schedule
+        return self.tiers[min(delivery.attempt, len(self.tiers) - 1)]
 
     async def _attempt(
         self, tier: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint, body: bytes
@@ -237,6 +251,9 @@ class Dispatcher:
                 attempt = await self.sender.send(endpoint, source.event_id, body, tier.name, log=bound)
             finally:
                 in_flight.dec()
+            if isinstance(attempt, Deferral):
+                await self._defer(job, tier, source, endpoint, body, attempt, bound)
+                return
             decision = decide(self.tiers, tier, source, endpoint, attempt, body)
             await self._apply(job, source, decision, bound)
         except SenderClosed:
@@ -284,6 +301,38 @@ class Dispatcher:
             self._dead_letter(job, delivery, step.reason, step.detail, log),
             self._history(source, decision.endpoint, attempt, f"dead:{step.reason.value}"),
         )
+
+    async def _defer(self, job: Job, tier: Tier, source: Event | Delivery, endpoint: Endpoint, body: bytes,
+                     deferral: Deferral, log: Log) -> None:
+        """The gateway's own limits put the delivery off: onto a deferral rung, its attempt
+        count unchanged, a line in its log; or, deferred longer than the age limit, into
+        the dead-letter topic."""
+        now = now_ms()
+        self.metrics.deferred.labels(deferral.reason.value).inc()
+        delivery = source if isinstance(source, Delivery) else first_delivery(source, endpoint, body)
+        entry = Attempt(at=now, tier=tier.name, duration_ms=0.0, outcome=Outcome.DEFERRED,
+                        error=f"deferred ({deferral.reason.value}): {deferral.detail}")
+        rungs = self.topics.deferral_tiers
+        rung = rungs[deferral_rung(delivery.deferrals + 1, len(rungs))]
+        deferred = delivery.deferred(entry, due_at=now + rung.delay * 1000)
+        assert deferred.deferred_since is not None
+        if now - deferred.deferred_since > self.config.defer_max_age * 1000:
+            detail = (f"deferred {deferred.deferrals} times over {(now - deferred.deferred_since) / 1000:.0f} s, "
+                      f"longer than GATEWAY_DEFER_MAX_AGE ({self.config.defer_max_age} s); last: {deferral.detail}")
+            await asyncio.gather(
+                self._dead_letter(job, deferred, DeadLetterReason.DEFERRAL_EXPIRED, detail, log),
+                self._history(source, endpoint, entry, f"dead:{DeadLetterReason.DEFERRAL_EXPIRED.value}"),
+            )
+            return
+        value = self.codec.encode(DELIVERY_SCHEMA, deferred.to_record(), topic=rung.topic)
+        await asyncio.gather(
+            self.producer.send(rung.topic, deferred.endpoint_id.encode(), value,
+                               delivery_headers(deferred, source=_source(job))),
+            self._history(source, endpoint, entry, f"deferred:{rung.name}"),
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("delivery deferred", extra={"reason": deferral.reason.value, "rung": rung.name,
+                                                  "deferrals": deferred.deferrals})
 
     async def _history(self, source: Event | Delivery, endpoint: Endpoint, attempt: Attempt, next: str) -> None:
         """The attempt's line in the delivery history (the attempts topic), unless the

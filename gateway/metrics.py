@@ -19,6 +19,9 @@ gateway_end_to_end_latency_seconds          histogram event_type
 gateway_deliveries_in_flight                gauge     tier
 gateway_in_flight_records                   gauge     tier
 gateway_consumer_lag_records                gauge     tier, topic, partition
+gateway_deferred_total                      counter   reason (connections_busy, share_full,
+                                                      rate_limit)
+gateway_circuit_breakers                    gauge     state (closed, open, half_open)
 gateway_schema_registry_errors_total        counter
 gateway_last_success_timestamp_seconds      gauge
 gateway_endpoints                           gauge     state (enabled, disabled)
@@ -52,7 +55,7 @@ import logging
 import platform
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -72,6 +75,7 @@ from prometheus_client import (
 )
 
 from .events import EventType
+from .flow import CircuitState, DeferReason
 from .health import Health, health_app
 from .records import Attempt, DeadLetterReason, Outcome, status_class
 
@@ -139,7 +143,8 @@ class Metrics:
     hashing the label tuple under the metric's lock) costs more than the update.
     """
 
-    def __init__(self, tiers: Sequence[str], *, health: Health | None = None) -> None:
+    def __init__(self, tiers: Sequence[str], *, deferrals: Sequence[str] = (),
+                 health: Health | None = None) -> None:
         # The *_created series double every counter and histogram and no dashboard reads
         # them. (A global switch of prometheus-client; flipping it again is harmless.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -207,6 +212,15 @@ class Metrics:
         )
         self.endpoints = Gauge("gateway_endpoints", "Registered endpoints by state.", ["state"],
                                registry=registry)
+        self.deferred = Counter(
+            "gateway_deferred_total",
+            "Deliveries put off for the gateway's own limits (no attempt spent), by reason: "
+            "connections_busy, share_full, rate_limit.", ["reason"], registry=registry,
+        )
+        self.circuits = Gauge(
+            "gateway_circuit_breakers", "Endpoints this process knows, by the state of its circuit "
+            "breaker for them (closed, open, half_open).", ["state"], registry=registry,
+        )
         self.last_success = Gauge(
             "gateway_last_success_timestamp_seconds", "Unix time of the last 2xx delivery (0: none yet).",
             registry=registry,
@@ -222,9 +236,9 @@ class Metrics:
             "librdkafka": confluent_kafka.libversion()[0],
         })
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._initialize(tiers)
+        self._initialize(tiers, deferrals)
 
-    def _initialize(self, tiers: Sequence[str]) -> None:
+    def _initialize(self, tiers: Sequence[str], deferrals: Sequence[str]) -> None:
         for event_type in (*(t.value for t in EventType), "undecodable", "invalid"):
             self.events_consumed.labels(event_type)
         for event_type in EventType:
@@ -245,6 +259,20 @@ class Metrics:
                 self.retries_scheduled.labels(tier)
         for state in ("enabled", "disabled"):
             self.endpoints.labels(state)
+        for name in deferrals:
+            self.in_flight_records.labels(name)
+        for defer_reason in DeferReason:
+            self.deferred.labels(defer_reason.value)
+        for circuit in CircuitState:
+            self.circuits.labels(circuit.value)
+
+    def count_circuits(self, counts: Callable[[], Mapping[CircuitState, int]]) -> None:
+        """Read the circuit states from ``counts`` at each scrape (the sender's)."""
+        def reader(state: CircuitState) -> Callable[[], float]:
+            return lambda: float(counts().get(state, 0))
+
+        for circuit in CircuitState:
+            self.circuits.labels(circuit.value).set_function(reader(circuit))
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (id(metric), *values)

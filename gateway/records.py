@@ -22,12 +22,14 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "CIRCUIT_SCHEMA",
     "DEAD_LETTER_SCHEMA",
     "DELIVERY_ATTEMPT_SCHEMA",
     "DELIVERY_SCHEMA",
     "ENDPOINT_SCHEMA",
     "MAX_STORED_TEXT",
     "Attempt",
+    "Circuit",
     "DeadLetter",
     "DeadLetterReason",
     "Delivery",
@@ -119,6 +121,7 @@ ENDPOINT_SCHEMA = "gateway.Endpoint"
 DELIVERY_SCHEMA = "gateway.Delivery"
 DEAD_LETTER_SCHEMA = "gateway.DeadLetter"
 DELIVERY_ATTEMPT_SCHEMA = "gateway.DeliveryAttempt"
+CIRCUIT_SCHEMA = "gateway.Circuit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,3 +438,25 @@ class DeliveryAttempt:
         return cls(event_id=r["eventId"], event_type=r["eventType"], bot_id=r["botId"],
                    endpoint_id=r["endpointId"], occurred_at=r["occurredAt"], number=r["number"],
                    attempt=attempt, next=r["next"], replay_of=r.get("replayOf"))
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    """The last change of an endpoint's circuit breaker, as one process reported it."""
+
+    endpoint_id: str
+    state: str
+    """``closed``, ``open`` or ``half_open``."""
+    failures: int
+    changed_at: int
+    probe_at: int | None
+    worker: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {"endpointId": self.endpoint_id, "state": self.state, "failures": self.failures,
+                "changedAt": self.changed_at, "probeAt": self.probe_at, "worker": self.worker}
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Circuit:
+        return cls(endpoint_id=r["endpointId"], state=r["state"], failures=r["failures"],
+                   changed_at=r["changedAt"], probe_at=r.get("probeAt"), worker=r["worker"])

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,9 +24,11 @@ from .codec import Codec
 from .config import Config
 from .dispatcher import Dispatcher
 from .endpoints import EndpointRegistry, EndpointTable
+from .flow import CircuitChange
 from .health import ENDPOINTS_LOADED, Health, assigned
 from .kafka_io import AckedProducer
 from .metrics import Metrics, serve_metrics
+from .records import CIRCUIT_SCHEMA, Circuit, Endpoint
 from .sender import Sender
 from .topics import Tier, Topics
 from .worker import TierWorker
@@ -41,7 +46,7 @@ def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
     """The tiers named (``events``, ``retry-1m``, …; ``all`` or nothing for every tier)."""
     topics = Topics.from_config(config)
     if not names or list(names) == ["all"]:
-        return list(topics.tiers)
+        return list(topics.worker_tiers)
     try:
         return [topics.tier(name) for name in dict.fromkeys(names)]
     except ValueError as exc:
@@ -51,9 +56,11 @@ def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
 def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
     topics = Topics.from_config(config)
     wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints}
+    wanted |= {t.topic for t in topics.deferral_tiers}  # any worker may put a delivery off
     if config.record_attempts:
         wanted.add(topics.attempts)
-    wanted |= {t.topic for t in topics.tiers if t.index > min(x.index for x in tiers)}
+    schedule = [t.index for t in tiers if not t.deferral]
+    wanted |= {t.topic for t in topics.tiers if t.index > min(schedule, default=0)}
     try:
         existing = AdminClient(config.kafka_common()).list_topics(timeout=15).topics
     except Exception as exc:
@@ -64,6 +71,41 @@ def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
             f"topics missing on {config.bootstrap_servers}: {', '.join(missing)}; "
             "run `gateway topics create` with the same prefix and retry delays"
         )
+
+
+class CircuitReporter:
+    """Writes every circuit breaker change of this process to the circuits topic (what
+    `endpoints list` shows). Reporting never holds up a delivery: each write is a task of
+    its own."""
+
+    def __init__(self, config: Config, codec: Codec, producer: AckedProducer) -> None:
+        self.topic = Topics.from_config(config).circuits
+        self.codec = codec
+        self.producer = producer
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def report(self, endpoint: Endpoint, change: CircuitChange) -> None:
+        now = time.time_ns() // 1_000_000
+        probe_at = now + int(change.reopen_in * 1000) if change.reopen_in is not None else None
+        circuit = Circuit(endpoint.id, change.state.value, change.failures, now, probe_at, self.worker)
+        value = self.codec.encode(CIRCUIT_SCHEMA, circuit.to_record(), topic=self.topic)
+        task = asyncio.get_running_loop().create_task(
+            self.producer.send(self.topic, endpoint.id.encode(), value, []))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def drain(self, grace: float) -> None:
+        """Let the writes under way finish (up to ``grace`` seconds): stopping."""
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=grace)
+
+
+def metrics_for(config: Config, health: Health | None = None) -> Metrics:
+    """The metrics of a process of ``config``, every known series at zero."""
+    topics = Topics.from_config(config)
+    return Metrics([t.name for t in topics.tiers], deferrals=[t.name for t in topics.deferral_tiers],
+                   health=health)
 
 
 def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
@@ -90,7 +132,7 @@ async def serve(
     when not given)."""
     loop = asyncio.get_running_loop()
     health = health or Health()
-    metrics = metrics or Metrics([t.name for t in Topics.from_config(config).tiers], health=health)
+    metrics = metrics or metrics_for(config, health)
     health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
     await asyncio.to_thread(_check_topics, config, tiers)
     codec = Codec(config.schema_registry_url)
@@ -98,7 +140,9 @@ async def serve(
     await asyncio.to_thread(registry.start)
     health.met(ENDPOINTS_LOADED)
     producer = AckedProducer(config, loop)
-    sender = Sender(config)
+    circuits = CircuitReporter(config, codec, producer)
+    sender = Sender(config, on_circuit=circuits.report)
+    metrics.count_circuits(sender.circuit_counts)
     dispatcher = Dispatcher(config, codec=codec, endpoints=registry.table, sender=sender,
                             producer=producer, metrics=metrics)
     capacity = Capacity(config.concurrency, [t.name for t in tiers])
@@ -121,6 +165,7 @@ async def serve(
         bound = config.shutdown_timeout + 10
         try:
             await asyncio.wait_for(asyncio.gather(*(w.stop() for w in workers)), bound)
+            await circuits.drain(5)
             await asyncio.wait_for(asyncio.to_thread(producer.close), 15)
         except TimeoutError:
             raise RunnerError(
@@ -146,7 +191,7 @@ def observe(config: Config, *, port: int | None) -> Observed:
     """Make the process's metrics and health, and serve them on ``port`` (not served
     when None). Raises :class:`RunnerError` naming the port when it cannot be bound."""
     health = Health()
-    metrics = Metrics([t.name for t in Topics.from_config(config).tiers], health=health)
+    metrics = metrics_for(config, health)
     if port is not None:
         try:
             serve_metrics(metrics, health, port)

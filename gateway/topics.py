@@ -48,15 +48,23 @@ def delay_label(seconds: int) -> str:
 
 @dataclass(frozen=True)
 class Tier:
-    """A stage of the delivery schedule: the events topic (index 0, no delay) or a retry tier."""
+    """A topic a worker consumes: a stage of the delivery schedule (the events topic,
+    index 0, no delay; a retry tier), or a rung of the deferral ladder."""
 
     index: int
-    """0 for the events topic, 1.. for the retry tiers in order."""
+    """Schedule tiers: 0 for the events topic, 1.. for the retry tiers in order. Deferral
+    rungs: 0.. in order of their delays."""
     name: str
-    """``events``, ``retry-1m``, …: used in metrics, logs and `--tiers`."""
+    """``events``, ``retry-1m``, ``deferred-5s``, …: used in metrics, logs and `--tiers`."""
     topic: str
     delay: int
-    """Seconds a record waits after the failure that sent it here (0 for events)."""
+    """Seconds a record waits here: after the failure that sent it (retry tiers), after it
+    was put off (deferral rungs); 0 for events."""
+    deferral: bool = False
+
+    @property
+    def is_events(self) -> bool:
+        return self.index == 0 and not self.deferral
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,11 @@ class Topics:
 
     prefix: str
     retry_delays: tuple[int, ...]
+    defer_delays: tuple[int, ...] = (5, 60, 600)
 
     @classmethod
     def from_config(cls, config: Config) -> Topics:
-        return cls(config.topic_prefix, config.retry_delays)
+        return cls(config.topic_prefix, config.retry_delays, config.defer_delays)
 
     @property
     def events(self) -> str:
@@ -88,6 +97,11 @@ class Topics:
         return f"{self.prefix}.dlq-replays"
 
     @property
+    def circuits(self) -> str:
+        """The last circuit breaker change per endpoint (compacted)."""
+        return f"{self.prefix}.circuits"
+
+    @property
     def attempts(self) -> str:
         """Every attempt, successful or not: the delivery history."""
         return f"{self.prefix}.attempts"
@@ -101,15 +115,29 @@ class Topics:
             tiers.append(Tier(i, name, f"{self.prefix}.{name}", delay))
         return tuple(tiers)
 
+    @property
+    def deferral_tiers(self) -> tuple[Tier, ...]:
+        """The rungs deliveries put off by the gateway's own limits wait on: one topic per
+        delay, so a rung's records are in due order, like a retry tier's."""
+        return tuple(Tier(i, f"deferred-{delay_label(d)}", f"{self.prefix}.deferred-{delay_label(d)}", d,
+                          deferral=True)
+                     for i, d in enumerate(self.defer_delays))
+
+    @property
+    def worker_tiers(self) -> tuple[Tier, ...]:
+        """Every topic a worker consumes (``--tiers all``): the schedule, then the deferrals."""
+        return (*self.tiers, *self.deferral_tiers)
+
     def tier(self, name: str) -> Tier:
-        for tier in self.tiers:
+        for tier in self.worker_tiers:
             if tier.name == name:
                 return tier
-        known = ", ".join(t.name for t in self.tiers)
+        known = ", ".join(t.name for t in self.worker_tiers)
         raise ValueError(f"unknown tier {name!r}; this configuration has: {known}")
 
     def all(self) -> tuple[str, ...]:
-        return (*(t.topic for t in self.tiers), self.dlq, self.endpoints, self.dlq_replays, self.attempts)
+        return (*(t.topic for t in self.worker_tiers), self.dlq, self.endpoints, self.dlq_replays,
+                self.attempts, self.circuits)
 
 
 DAY_MS = 24 * 3600 * 1000
@@ -131,9 +159,9 @@ def topic_specs(config: Config, replication_factor: int) -> list[TopicSpec]:
     * Every topic keeps ``min.insync.replicas`` at one less than its replicas (at most 2,
       at least 1), and the gateway's producers write with ``acks=all``: an acknowledged
       record survives the loss of a broker, and one broker down never stops writes.
-    * Retry tiers keep records at least a week and at least ten times their delay: a
-      tier's records must outlive any outage of the workers that read them (a record that
-      expires unread is lost), with room to spare.
+    * Retry tiers and deferral rungs keep records at least a week and at least ten times
+      their delay (and the deferral age limit): a record must outlive any outage of the
+      workers that read it (a record that expires unread is lost), with room to spare.
     * The events topic keeps a week (time to recover from anything); the dead-letter
       topic 30 days (a bad day can still be replayed weeks later).
     * The endpoints topic is compacted: the latest registration per endpoint id, forever;
@@ -152,6 +180,11 @@ def topic_specs(config: Config, replication_factor: int) -> list[TopicSpec]:
         specs.append(TopicSpec(tier.topic, {"retention.ms": str(retention)},
                                f"retries due {delay_label(tier.delay)} after a failure: "
                                f"{retention // DAY_MS} days, far beyond the delay"))
+    for tier in topics.deferral_tiers:
+        retention = max(week, 10 * tier.delay * 1000, 10 * config.defer_max_age * 1000)
+        specs.append(TopicSpec(tier.topic, {"retention.ms": str(retention)},
+                               f"deliveries put off for {delay_label(tier.delay)}: {retention // DAY_MS} days, "
+                               "far beyond the delay and the deferral age limit"))
     specs += [
         TopicSpec(topics.dlq, {"retention.ms": str(30 * DAY_MS)}, "dead letters: 30 days to inspect and replay"),
         TopicSpec(topics.endpoints, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
@@ -161,6 +194,9 @@ def topic_specs(config: Config, replication_factor: int) -> list[TopicSpec]:
                   "which dead letters were replayed: compacted, and gone with the dead letters"),
         TopicSpec(topics.attempts, {"retention.ms": str(config.attempts_retention * 1000)},
                   f"the delivery history: every attempt, {delay_label(config.attempts_retention)}"),
+        TopicSpec(topics.circuits, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+                                    "delete.retention.ms": str(DAY_MS)},
+                  "the last circuit breaker change per endpoint: compacted"),
     ]
     for spec in specs:
         spec.settings["min.insync.replicas"] = isr

@@ -353,6 +353,7 @@ RELEASED_FINGERPRINTS = {
     "gateway.DeadLetter": {"bdcf587a602151ee", "f7d8698a9c98fecc"},
     "gateway.Replay": {"117ddb6992e7be67"},
     "gateway.DeliveryAttempt": {"03eb4fa25de59e94"},
+    "gateway.Circuit": {"1c49b12204e730ac"},
 }
 
 

@@ -35,6 +35,7 @@ from gateway.codec import Codec
 from gateway.config import Config
 from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy
 from gateway.dispatcher import Dispatcher
+from gateway.flow import DeferReason, Deferral
 from gateway.endpoints import EndpointTable
 from gateway.events import parse_event
 from gateway.kafka_io import delivery_headers
@@ -790,20 +791,20 @@ def test_an_endpoint_moved_mid_request_gets_its_request_answered_once() -> None:
         assert sorted(r.split(b" ")[1] for r in server.requests) == [b"/a", b"/b"]
 
 
-def test_waiting_for_a_busy_endpoints_connection_is_bounded_too() -> None:
-    """One connection, each answer 0.8 s, a 1 s bound: the second request waits 0.8 s and
-    is sent; the third would wait 1.6 s, so it fails as a timeout at 1 s without being
-    sent, and its delivery moves on to the retry tiers."""
+def test_waiting_for_a_busy_endpoints_connection_is_bounded_and_no_attempt() -> None:
+    """One connection, each answer 0.8 s, a 1 s local wait: the second request waits
+    0.8 s and is sent; the third would wait 1.6 s, so after 1 s it is deferred, without a
+    request and without spending an attempt (its delivery goes to a deferral topic)."""
     def slow(conn: Conn, request: bytes) -> bool:
         conn.wait(0.8)
         return respond(204)(conn, request)
 
-    async def three(url: str) -> list[tuple[Attempt, float]]:
-        sender = Sender(config(endpoint_concurrency=1, request_timeout=1.0))
+    async def three(url: str) -> list[tuple[Attempt | Deferral, float]]:
+        sender = Sender(config(endpoint_concurrency=1, endpoint_wait=1.0))
         target = endpoint(url)
         started = time.perf_counter()
 
-        async def one() -> tuple[Attempt, float]:
+        async def one() -> tuple[Attempt | Deferral, float]:
             attempt = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
             return attempt, time.perf_counter() - started
 
@@ -814,10 +815,10 @@ def test_waiting_for_a_busy_endpoints_connection_is_bounded_too() -> None:
 
     with RawServer(slow) as server:
         (first, _), (second, _), (third, at) = asyncio.run(three(server.url()))
+        assert isinstance(first, Attempt) and isinstance(second, Attempt)
         assert first.status == 204 and second.status == 204, (first, second)
-        assert third.error == "timeout after 1 s waiting for one of the endpoint's 1 connections (all busy)"
-        assert third.outcome == "timeout" and 0.9 <= at < 3.0, at
-        assert isinstance(next_step(DEFAULT_TIERS, EVENTS, third), Retry)
+        assert third == Deferral(DeferReason.BUSY, "its 1 connections stayed busy for 1 s")
+        assert 0.9 <= at < 3.0, at
         time.sleep(0.3)
         assert len(server.requests) == 2
 
@@ -861,11 +862,11 @@ def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
 
 
 def test_a_lane_handed_to_a_waiter_that_is_cancelled_meanwhile_is_not_lost() -> None:
-    from gateway.sender import _Lanes
+    from gateway.sender import EndpointPool
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
-        lanes = _Lanes("http://127.0.0.1:9/hook", 1,
+        lanes = EndpointPool("http://127.0.0.1:9/hook", 1,
                        lambda: Connection(DestinationPolicy(allow_private=True), ssl.create_default_context()))
         lane = await lanes.acquire(5)
         waiting = asyncio.create_task(lanes.acquire(5))
