@@ -376,10 +376,14 @@ def refusals() -> Iterator[None]:
               help="Comma-separated event types to receive (default: all).")
 @click.option("--secret", default=None, help="Signing secret whsec_<base64> (default: generated).")
 @click.option("--description", default=None, help="Free text, shown by `endpoints list`.")
+@click.option("--rate-limit", default=None, metavar="RATE",
+              help="Most requests per second to it, per gateway process (50/s, 600/m; default: none).")
+@click.option("--max-in-flight", default=None, metavar="N",
+              help="Most requests in flight to it, per gateway process (default: GATEWAY_ENDPOINT_CONCURRENCY).")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoint as one JSON object.")
 @config_options(*ADD_SETTINGS)
 def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, description: str | None,
-                  as_json: bool, **settings: str | None) -> None:
+                  rate_limit: str | None, max_in_flight: str | None, as_json: bool, **settings: str | None) -> None:
     """Register an endpoint. Its signing secret is printed once: keep it."""
     import json
 
@@ -388,7 +392,8 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
     config = build_config(settings)
     with refusals():
         registration = register_endpoint(config, bot_id=bot_id, url=url, event_types=events.split(","),
-                                         secret=secret, description=description)
+                                         secret=secret, description=description, rate_limit=rate_limit,
+                                         max_in_flight=max_in_flight)
     if registration.warning:
         click.echo(f"warning: {printable(registration.warning)}", err=True)
     endpoint = registration.endpoint
@@ -406,27 +411,75 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
 @click.option("--show-secrets", is_flag=True, help="Print signing secrets instead of masking them.")
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **settings: str | None) -> None:
-    """List registered endpoints (read from the endpoints topic)."""
+    """List registered endpoints (read from the endpoints topic), with the state of their
+    circuit breaker as the workers last reported it (the circuits topic)."""
     import json
 
-    from .endpoints import endpoint_json, list_endpoints
+    from .endpoints import circuit_json, endpoint_json, list_endpoints, load_circuits
 
     config = build_config(settings)
     with refusals():
         rows = list_endpoints(config, bot_id=bot_id)
+        circuits = load_circuits(config)
     if as_json:
         for endpoint in rows:
-            click.echo(json.dumps(endpoint_json(endpoint, show_secret=show_secrets)))
+            click.echo(json.dumps(endpoint_json(endpoint, show_secret=show_secrets)
+                                  | {"circuit": circuit_json(circuits.get(endpoint.id))}))
         return
     if not rows:
         click.echo("no endpoints", err=True)
         return
-    click.echo(f"{'ID':36}  {'BOT':36}  {'STATE':8}  {'EVENTS':28}  URL")
+    click.echo(f"{'ID':36}  {'BOT':36}  {'STATE':8}  {'CIRCUIT':9}  {'LIMITS':14}  {'EVENTS':28}  URL")
     for e in rows:
         state = "enabled" if e.enabled else "disabled"
         events = printable(",".join(e.event_types)) or "all"
-        click.echo(f"{printable(e.id):36}  {printable(e.bot_id):36}  {state:8}  {events:28}  "
+        circuit = circuits.get(e.id)
+        limits = "/".join(filter(None, (f"{e.rate_limit:g}/s" if e.rate_limit else "",
+                                        f"{e.max_in_flight} conc" if e.max_in_flight else ""))) or "-"
+        click.echo(f"{printable(e.id):36}  {printable(e.bot_id):36}  {state:8}  "
+                   f"{circuit.state if circuit else 'closed':9}  {limits:14}  {events:28}  "
                    f"{printable(e.url)}" + (f"  secret={printable(e.secret)}" if show_secrets else ""))
+
+
+@endpoints.command("update")
+@click.argument("endpoint_id")
+@click.option("--url", default=None, help="A new http(s) URL to POST to.")
+@click.option("--events", default=None, metavar="TYPES",
+              help="Comma-separated event types to receive ('all' for every type).")
+@click.option("--description", default=None, help="New free text.")
+@click.option("--rate-limit", default=None, metavar="RATE",
+              help="Most requests per second, per gateway process (50/s, 600/m; 'none' removes the limit).")
+@click.option("--max-in-flight", default=None, metavar="N",
+              help="Most requests in flight, per gateway process ('default' for GATEWAY_ENDPOINT_CONCURRENCY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the endpoint as one JSON object.")
+@config_options(*ADD_SETTINGS)
+def endpoints_update(endpoint_id: str, url: str | None, events: str | None, description: str | None,
+                     rate_limit: str | None, max_in_flight: str | None, as_json: bool,
+                     **settings: str | None) -> None:
+    """Change an endpoint's URL, events, description or limits; what is not given stays.
+
+    Workers follow the change within seconds: a new URL gets new connections, new limits
+    apply to the next deliveries."""
+    import json
+
+    from .endpoints import KEEP, endpoint_json, update_endpoint
+
+    if all(v is None for v in (url, events, description, rate_limit, max_in_flight)):
+        raise click.UsageError("nothing to change: give --url, --events, --description, --rate-limit or "
+                               "--max-in-flight")
+    config = build_config(settings)
+    types = None if events is None else ([] if events.strip().lower() == "all" else events.split(","))
+    with refusals():
+        registration = update_endpoint(config, endpoint_id, url=url, event_types=types, description=description,
+                                       rate_limit=KEEP if rate_limit is None else rate_limit,
+                                       max_in_flight=KEEP if max_in_flight is None else max_in_flight)
+    if registration.warning:
+        click.echo(f"warning: {printable(registration.warning)}", err=True)
+    endpoint = registration.endpoint
+    if as_json:
+        click.echo(json.dumps(endpoint_json(endpoint)))
+    else:
+        click.echo(f"updated {endpoint.id}", err=True)
 
 
 @endpoints.command("remove")

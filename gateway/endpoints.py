@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,23 +46,27 @@ from .config import Config
 from .destinations import DestinationPolicy
 from .events import EventType, is_uuid
 from .kafka_io import TopicReadError, read_to_end, reader_consumer
-from .records import ENDPOINT_SCHEMA, Endpoint
+from .records import CIRCUIT_SCHEMA, ENDPOINT_SCHEMA, Circuit, Endpoint
 from .signing import InvalidSecret, new_secret, secret_key
 from .topics import Topics
 from .transport import destination
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
+    "KEEP",
     "EndpointError",
     "EndpointNotFound",
     "EndpointRegistry",
     "EndpointTable",
     "EndpointsUnavailable",
+    "Keep",
     "Registration",
+    "circuit_json",
     "destination_warning",
     "endpoint_json",
     "get_endpoint",
     "list_endpoints",
+    "load_circuits",
     "load_endpoints",
     "mask_secret",
     "new_endpoint",
@@ -74,6 +80,8 @@ __all__ = [
     "update_endpoint",
     "validate_bot_id",
     "validate_event_types",
+    "validate_max_in_flight",
+    "validate_rate_limit",
     "validate_secret",
     "validate_url",
 ]
@@ -149,6 +157,48 @@ def validate_event_types(event_types: Iterable[str]) -> tuple[str, ...]:
     return types
 
 
+class Keep(Enum):
+    """An argument left out of a change: the value stays as it is (``None`` clears it)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
+def validate_rate_limit(value: float | str | None) -> float | None:
+    """A rate limit in requests per second: a number, or text such as ``50/s``, ``600/m``,
+    ``36000/h``; ``None`` (or ``none``) is no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*", value)
+        if not match:
+            raise EndpointError(f"rate limit {value!r} is not a rate such as 50/s or 600/m", field="rate_limit")
+        rate = float(match.group(1)) / {"s": 1, "m": 60, "h": 3600}[match.group(2) or "s"]
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise EndpointError(f"rate limit {value!r} is not a number of requests per second", field="rate_limit")
+    else:
+        rate = float(value)
+    if not 0 < rate <= 1_000_000 or rate != rate:
+        raise EndpointError(f"rate limit {value!r} must be more than 0 and at most 1000000 per second",
+                            field="rate_limit")
+    return rate
+
+
+def validate_max_in_flight(value: int | str | None) -> int | None:
+    """The most requests in flight (1-1000); ``None`` (or ``default``): the process's."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "default", "none")):
+        return None
+    try:
+        number = int(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 1 <= number <= 1000:
+        raise EndpointError(f"max in flight {value!r} is not a whole number from 1 to 1000", field="max_in_flight")
+    return number
+
+
 def validate_secret(secret: str) -> str:
     """``secret`` if it can sign (``whsec_`` and base64 of at least 16 bytes); the error
     never shows it."""
@@ -176,10 +226,20 @@ def endpoint_json(endpoint: Endpoint, *, show_secret: bool = False) -> dict[str,
         "events": list(endpoint.event_types),
         "enabled": endpoint.enabled,
         "description": endpoint.description,
+        "rateLimit": endpoint.rate_limit,
+        "maxInFlight": endpoint.max_in_flight,
         "secret": endpoint.secret if show_secret else mask_secret(endpoint.secret),
         "createdAt": endpoint.created_at,
         "updatedAt": endpoint.updated_at,
     }
+
+
+def circuit_json(circuit: Circuit | None) -> dict[str, Any]:
+    """An endpoint's circuit as the workers last reported it (closed when never opened)."""
+    if circuit is None:
+        return {"state": "closed"}
+    return {"state": circuit.state, "since": circuit.changed_at, "failures": circuit.failures,
+            "probeAt": circuit.probe_at, "worker": circuit.worker}
 
 
 def _now_ms() -> int:
@@ -193,6 +253,8 @@ def new_endpoint(
     event_types: Iterable[str] = (),
     secret: str | None = None,
     description: str | None = None,
+    rate_limit: float | str | None = None,
+    max_in_flight: int | str | None = None,
     now_ms: int | None = None,
 ) -> Endpoint:
     """Validate a registration and build the endpoint (a new id, a new secret if none)."""
@@ -208,6 +270,8 @@ def new_endpoint(
         secret=secret,
         event_types=types,
         description=description,
+        rate_limit=validate_rate_limit(rate_limit),
+        max_in_flight=validate_max_in_flight(max_in_flight),
         created_at=now,
         updated_at=now,
     )
@@ -434,6 +498,34 @@ class EndpointRegistry:
         self._consumer.close()
 
 
+def load_circuits(config: Config, *, timeout: float = 30.0) -> dict[str, Circuit]:
+    """The last circuit breaker change the workers reported per endpoint id (the circuits
+    topic, read to its end). Empty when nothing ever opened, or the topic is missing."""
+    topic = Topics.from_config(config).circuits
+    codec = Codec(config.schema_registry_url)
+    consumer = reader_consumer(config, "circuits-reader")
+    circuits: dict[str, Circuit] = {}
+    try:
+        for msg in read_to_end(consumer, config, topic, timeout=timeout):
+            key = (msg.key() or b"").decode(errors="replace")
+            value = msg.value()
+            if value is None:
+                circuits.pop(key, None)
+                continue
+            try:
+                name, record = codec.decode(value)
+                if name == CIRCUIT_SCHEMA:
+                    circuits[key] = Circuit.from_record(record)
+            except (DecodeError, KeyError, TypeError):
+                log.warning("circuit record unreadable, skipped", extra={"endpoint_id": key})
+    except TopicReadError:
+        return {}
+    finally:
+        consumer.close()
+        codec.close()
+    return circuits
+
+
 def load_endpoints(config: Config, *, timeout: float = 30.0) -> EndpointTable:
     """Read the endpoints topic to its end once and return the table."""
     registry = EndpointRegistry(config).start(timeout=timeout, follow=False)
@@ -509,6 +601,8 @@ def register_endpoint(
     event_types: Iterable[str] = (),
     secret: str | None = None,
     description: str | None = None,
+    rate_limit: float | str | None = None,
+    max_in_flight: int | str | None = None,
     timeout: float = 30.0,
 ) -> Registration:
     """Validate and save a new endpoint (a new id; a generated secret unless ``secret``).
@@ -517,7 +611,7 @@ def register_endpoint(
     :class:`EndpointsUnavailable` if the topic does not acknowledge the write.
     """
     endpoint = new_endpoint(bot_id=bot_id, url=url, event_types=event_types, secret=secret,
-                            description=description)
+                            description=description, rate_limit=rate_limit, max_in_flight=max_in_flight)
     warning = destination_warning(config, url)
     save_endpoint(config, endpoint, timeout=timeout)
     return Registration(endpoint, warning)
@@ -562,21 +656,28 @@ def update_endpoint(
     url: str | None = None,
     event_types: Iterable[str] | None = None,
     description: str | None = None,
+    rate_limit: float | str | Keep | None = KEEP,
+    max_in_flight: int | str | Keep | None = KEEP,
     table: EndpointTable | None = None,
     timeout: float = 30.0,
 ) -> Registration:
-    """Change what is given (None keeps it; ``event_types=()`` means all) and save.
-    The secret, the bot and the enabled state are changed by their own functions."""
+    """Change what is given (None keeps the URL, events and description; ``event_types=()``
+    means all; ``rate_limit``/``max_in_flight`` are kept unless given, and ``None`` clears
+    them) and save. The secret, the bot and the enabled state have functions of their own."""
     # Validate the inputs before reading the whole topic.
     types = validate_event_types(event_types) if event_types is not None else None
     if url is not None:
         validate_url(url)
+    rate = rate_limit if isinstance(rate_limit, Keep) else validate_rate_limit(rate_limit)
+    in_flight = max_in_flight if isinstance(max_in_flight, Keep) else validate_max_in_flight(max_in_flight)
     current = get_endpoint(config, endpoint_id, table=table, timeout=timeout)
     changed = replace(
         current,
         url=current.url if url is None else url,
         event_types=current.event_types if types is None else types,
         description=current.description if description is None else description,
+        rate_limit=current.rate_limit if isinstance(rate, Keep) else rate,
+        max_in_flight=current.max_in_flight if isinstance(in_flight, Keep) else in_flight,
         updated_at=_now_ms(),
     )
     warning = destination_warning(config, changed.url) if url is not None else None

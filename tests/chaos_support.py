@@ -63,7 +63,7 @@ from gateway.config import Config
 from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
 from gateway.publisher import Publisher
-from gateway.records import Attempt, DeadLetter, Delivery, Endpoint
+from gateway.records import Attempt, DeadLetter, Delivery, Endpoint, Outcome
 from gateway.topics import Topics
 
 __all__ = [
@@ -504,6 +504,8 @@ class Audit:
     violations: list[str] = field(default_factory=list)
     """Broken promises other than loss: early attempts, logs the receiver contradicts,
     unexpected dead letters."""
+    deferred_records: int = 0
+    """Records written to the deferral rungs (deliveries put off, no attempt spent)."""
     notes: list[str] = field(default_factory=list)
     """What is worth a look but breaks no promise, e.g. a pair both delivered and
     dead-lettered (a repeated lineage), with its arrivals and attempt log."""
@@ -514,7 +516,8 @@ class Audit:
 
     def line(self, scenario: str) -> str:
         return (f"chaos {scenario}: published {self.pairs}, delivered {len(self.delivered)}, "
-                f"dead-lettered {len(self.dead)}, repeated {self.repeated}, lost {len(self.lost)}")
+                f"dead-lettered {len(self.dead)}, repeated {self.repeated}, lost {len(self.lost)}"
+                + (f", deferred {self.deferred_records}" if self.deferred_records else ""))
 
 
 def audit(config: Config, receiver: ChaosReceiver, published: Iterable[str],
@@ -566,6 +569,12 @@ def audit(config: Config, receiver: ChaosReceiver, published: Iterable[str],
             delivery = Delivery.from_record(codec.decode(msg.value())[1])
             chains[(delivery.event_id, delivery.endpoint_id)].append((tier.index, delivery))
             retry_records += 1
+    deferred_records = 0
+    for rung in topics.deferral_tiers:  # deferred deliveries: index DEFERRED in the chain
+        for msg in read_all(config, rung.topic):
+            delivery = Delivery.from_record(codec.decode(msg.value())[1])
+            chains[(delivery.event_id, delivery.endpoint_id)].append((DEFERRED, delivery))
+            deferred_records += 1
 
     due = {(e, ep) for e in published for ep in endpoints.values()}
     lost = due - delivered - dead
@@ -585,12 +594,21 @@ def audit(config: Config, receiver: ChaosReceiver, published: Iterable[str],
         pairs=len(due), delivered=delivered & due, dead=dead & due, lost=lost,
         repeated=repeated, arrivals=sum(len(a) for a in by_pair.values()),
         dead_reasons=dict(reasons), retry_records=retry_records, violations=violations,
-        notes=notes,
+        notes=notes, deferred_records=deferred_records,
     )
 
 
 def _end_ms(attempt: Attempt) -> int:
     return attempt.at + int(attempt.duration_ms)
+
+
+DEFERRED = -1
+"""The chain index of a record on a deferral rung."""
+
+
+def _attempts(delivery: Delivery) -> list[Attempt]:
+    """The attempts of a delivery's log, without the lines of its runs of deferrals."""
+    return [a for a in delivery.attempts if a.outcome is not Outcome.DEFERRED]
 
 
 def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list[Arrival],
@@ -599,9 +617,10 @@ def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list
     tol_ms = TOLERANCE * 1000
     logged: dict[tuple[int, str], Attempt] = {}
     for index, delivery in records:
-        attempts = delivery.attempts
-        where = f"{pair} record of {'the dlq' if index == len(tiers) else tiers[index].name}"
-        if index < len(tiers) and len(attempts) != index:
+        attempts = _attempts(delivery)
+        kind = "the dlq" if index == len(tiers) else "a deferral rung" if index == DEFERRED else tiers[index].name
+        where = f"{pair} record of {kind}"
+        if 0 <= index < len(tiers) and len(attempts) != index:
             problems.append(f"{where} logs {len(attempts)} attempts, expected {index}")
         for i, attempt in enumerate(attempts):
             logged[(attempt.at, attempt.tier)] = attempt
@@ -615,7 +634,7 @@ def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list
                 problems.append(
                     f"EARLY: {where}: attempt {i} ({attempt.tier}) at {attempt.at} is "
                     f"{(earliest - attempt.at) / 1000:.3f} s before it was due ({earliest})")
-        if index < len(tiers) and attempts:
+        if 0 <= index < len(tiers) and attempts:
             earliest = _end_ms(attempts[-1]) + tiers[index].delay * 1000
             if delivery.due_at < earliest - tol_ms:
                 problems.append(f"EARLY: {where}: due_at {delivery.due_at} before {earliest}")
@@ -631,7 +650,8 @@ def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list
                 f"{attempt.status} has no matching arrival at the receiver "
                 f"(arrivals: {[(round(a.at, 3), a.status) for a in arrivals]})")
 
-    # 3. a retry record with no later record of its lineage succeeded: not before due_at
+    # 3. a retry record (or a deferred one) with no later record of its lineage succeeded:
+    # not before due_at
     lineages = [delivery.attempts for _, delivery in records]
     for index, delivery in records:
         if index >= len(tiers):
@@ -643,8 +663,9 @@ def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list
         due_s = delivery.due_at / 1000 - TOLERANCE
         if not any(a.status is not None and 200 <= a.status < 300 and a.at >= due_s
                    for a in arrivals):
+            kind = tiers[index].name if index >= 0 else "deferred"
             problems.append(
-                f"EARLY: {pair} {tiers[index].name} record due at {delivery.due_at} has no "
+                f"EARLY: {pair} {kind} record due at {delivery.due_at} has no "
                 f"later attempt logged and no 2xx at or after its due time (arrivals: "
                 f"{[(round(a.at, 3), a.status) for a in arrivals]})")
     return problems

@@ -112,6 +112,7 @@ def gateway_env(config: Config, **extra: str) -> dict[str, str]:
         GATEWAY_PARTITIONS=str(config.partitions),
         GATEWAY_SESSION_TIMEOUT_MS=str(config.session_timeout_ms),
         GATEWAY_GROUP_PROTOCOL=config.group_protocol,
+        GATEWAY_CIRCUIT_FAILURES=str(config.circuit_failures),
         GATEWAY_MAX_POLL_INTERVAL_MS=str(config.max_poll_interval_ms),
         GATEWAY_SHUTDOWN_TIMEOUT=str(config.shutdown_timeout),
         GATEWAY_REQUEST_TIMEOUT=str(config.request_timeout),

@@ -10,6 +10,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from gateway.flow import Deferral
 from gateway.records import Attempt, Endpoint, Outcome
 
 
@@ -153,3 +154,9 @@ class ScriptedSender:
             raise answer
         outcome = Outcome.SUCCESS if 200 <= answer < 300 else Outcome.HTTP_ERROR
         return Attempt(at=1_700_000_000_000, tier=tier, duration_ms=5.0, outcome=outcome, status=answer)
+
+
+def attempted(result: Attempt | Deferral) -> Attempt:
+    """The attempt the sender made (a test that expects one, not a deferral)."""
+    assert isinstance(result, Attempt), f"deferred, not sent: {result}"
+    return result

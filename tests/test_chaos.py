@@ -150,3 +150,34 @@ def test_a_second_worker_joins_and_leaves_twice(
         conclude("rebalance", request, config, receiver, load, endpoints, logs,
                  notes=f"second worker {', '.join(moves)}; counts are (event, endpoint) pairs")
         assert first.terminate() == 0, first.text()[-3000:]
+
+
+@pytest.mark.timeout(240)
+def test_a_slow_endpoint_defers_while_workers_are_killed(
+    topics: Config, worker_factory: Any, request: pytest.FixtureRequest
+) -> None:
+    """An endpoint with 10 connections answering in 50-150 ms (about 100 a second) gets
+    1,500 events at 250 a second: most of what it cannot take at once is deferred, and the
+    worker is killed twice while deliveries sit on the deferral rungs. 5% of the answers
+    are a 503 after 0.3 s, so retries are in the mix. Nothing is lost, nothing is early,
+    and no attempt is spent on the gateway's own limits (all dead letters are exhausted
+    retries)."""
+    config = topics
+    with ChaosReceiver(seed=5) as receiver:
+        receiver.slow(0.05, 0.15, too_slow_rate=0.05, too_slow=0.3)
+        endpoints = {"/hook": register(config, receiver.url("/hook"))}
+        args = ("--endpoint-concurrency", "10", "--request-timeout", "2")
+        worker = worker_factory(config, *args)
+        logs = [worker.log]
+        load = Load(config, make_events(1500, seed=5), chunk=50, interval=0.2).start()
+        at_kill = []
+        for threshold in (300, 800):
+            receiver.wait_delivered(threshold, 90)
+            worker.kill()
+            at_kill.append(receiver.delivered())
+            worker = worker_factory(config, *args)
+            logs.append(worker.log)
+        result = conclude("slow-endpoint", request, config, receiver, load, endpoints, logs,
+                          notes=f"SIGKILL after {at_kill} deliveries", drain_timeout=120)
+        assert result.deferred_records, "nothing was deferred: the endpoint kept up, the test proves nothing"
+        assert worker.terminate() == 0, worker.text()[-3000:]

@@ -29,6 +29,7 @@ from gateway.records import Attempt, Endpoint
 from gateway.sender import Sender
 from gateway.signing import new_secret
 
+from .fakes import attempted
 from .raw_server import RawServer, respond
 
 pytestmark = pytest.mark.timeout(30)
@@ -146,10 +147,10 @@ def hang_and_send_healthy(dns: Dns, hanging_hosts: list[str]) -> Sends:
             await until(lambda: dns.blocked >= 4)  # the lookups are hanging, with and without a cap
             await asyncio.sleep(0.1)  # every hanging send has asked for its lookup
             started = time.perf_counter()
-            healthy = await sender.send(endpoint(f"http://ok.fast.test:{port}/hook"), str(uuid.uuid4()),
-                                        b"{}", "events")
+            healthy = attempted(await sender.send(endpoint(f"http://ok.fast.test:{port}/hook"), str(uuid.uuid4()),
+                                             b"{}", "events"))
             seconds = time.perf_counter() - started
-            return Sends(healthy, seconds, list(await asyncio.gather(*hanging)))
+            return Sends(healthy, seconds, [attempted(r) for r in await asyncio.gather(*hanging)])
         finally:
             dns.release_all()
             await sender.aclose()

@@ -4,6 +4,7 @@ deferral ladder, a delivery's log of deferrals, and the sender's per-endpoint sh
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 import uuid
@@ -17,8 +18,8 @@ from gateway.flow import (
     Admission,
     CircuitBreaker,
     CircuitState,
-    DeferReason,
     Deferral,
+    DeferReason,
     TokenBucket,
     breaker_verdict,
     deferral_rung,
@@ -158,7 +159,8 @@ def test_a_run_of_deferrals_keeps_one_line_and_spends_no_attempt() -> None:
     assert delivery.deferred_since == 1_764_000_000_001
     assert [a.outcome for a in delivery.attempts] == [Outcome.HTTP_ERROR, Outcome.DEFERRED]
     assert delivery.attempts[-1].error is not None
-    assert "round 5" in delivery.attempts[-1].error and "deferred 5 times since 2025-11-24" in delivery.attempts[-1].error
+    text = delivery.attempts[-1].error
+    assert "round 5" in text and "deferred 5 times since 2025-11-24" in text
     retried = delivery.after(FAIL, due_at=10)
     assert retried.attempt == 2 and retried.deferrals == 0 and retried.deferred_since is None
     assert [a.outcome for a in retried.attempts] == [Outcome.HTTP_ERROR, Outcome.DEFERRED, Outcome.HTTP_ERROR]
@@ -233,7 +235,7 @@ def test_an_endpoints_rate_limit_and_max_in_flight_are_kept() -> None:
     # 5/s with a 1 s wait: the first at once and about five more within the wait; the rest
     # are deferred for the rate limit, never sent early.
     assert 5 <= len(sent) <= 7 and all(d.reason is DeferReason.RATE for d in deferred), results
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.2 - 0.02, gaps  # one every 0.2 s, never faster
     assert seconds < 3
 

@@ -35,9 +35,9 @@ from gateway.codec import Codec
 from gateway.config import Config
 from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy
 from gateway.dispatcher import Dispatcher
-from gateway.flow import DeferReason, Deferral
 from gateway.endpoints import EndpointTable
 from gateway.events import parse_event
+from gateway.flow import Deferral, DeferReason
 from gateway.kafka_io import delivery_headers
 from gateway.metrics import Metrics
 from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, Delivery, Endpoint, Outcome
@@ -47,6 +47,7 @@ from gateway.signing import new_secret
 from gateway.topics import Topics
 from gateway.transport import Connection
 
+from .fakes import attempted
 from .raw_server import Conn, Handler, RawServer, respond
 from .receiver import Receiver
 
@@ -93,7 +94,7 @@ async def _send_all(cfg: Config, targets: list[Endpoint]) -> list[Sent]:
         for target in targets:
             started_ms = time.time_ns() // 1_000_000
             started = time.perf_counter()
-            attempt = await sender.send(target, str(uuid.uuid4()), b'{"event":"MESSAGE"}', "events")
+            attempt = attempted(await sender.send(target, str(uuid.uuid4()), b'{"event":"MESSAGE"}', "events"))
             results.append(Sent(attempt, time.perf_counter() - started, started_ms,
                                 time.time_ns() // 1_000_000))
     finally:
@@ -752,8 +753,8 @@ def test_a_name_whose_dns_hangs_does_not_hold_up_other_endpoints(monkeypatch: py
                                                     str(uuid.uuid4()), b"{}", "events")) for _ in range(8)]
             await asyncio.sleep(0.2)
             started = time.perf_counter()
-            fast = await sender.send(endpoint(fast_url), str(uuid.uuid4()), b"{}", "events")
-            return fast, time.perf_counter() - started, await asyncio.gather(*slow)
+            fast = attempted(await sender.send(endpoint(fast_url), str(uuid.uuid4()), b"{}", "events"))
+            return fast, time.perf_counter() - started, [attempted(r) for r in await asyncio.gather(*slow)]
         finally:
             await sender.aclose()
 
@@ -780,8 +781,8 @@ def test_an_endpoint_moved_mid_request_gets_its_request_answered_once() -> None:
             first = asyncio.create_task(sender.send(old, str(uuid.uuid4()), b"{}", "events"))
             await asyncio.sleep(0.2)
             moved = dataclasses.replace(old, url=server.url("/b"))
-            second = await sender.send(moved, str(uuid.uuid4()), b"{}", "events")
-            return [await first, second]
+            second = attempted(await sender.send(moved, str(uuid.uuid4()), b"{}", "events"))
+            return [attempted(await first), second]
         finally:
             await sender.aclose()
 
@@ -844,11 +845,11 @@ def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
         sender = Sender(config(), keepalive_expiry=0.3)
         target = endpoint(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook")
         try:
-            assert (await sender.send(target, str(uuid.uuid4()), b"{}", "events")).succeeded
+            assert attempted(await sender.send(target, str(uuid.uuid4()), b"{}", "events")).succeeded
             sent_at = time.monotonic()
             await asyncio.sleep(1.5)
             remembered = len(sender._lanes)
-            again = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
+            again = attempted(await sender.send(target, str(uuid.uuid4()), b"{}", "events"))
             assert again.succeeded, again
             return hung_up[0] - sent_at, remembered, len(sender._lanes)
         finally:
@@ -914,7 +915,7 @@ def test_closing_the_sender_while_a_lookup_waits_neither_raises_nor_leaks(
                                                  str(uuid.uuid4()), b"{}", "events")) for i in range(2)]
         await asyncio.sleep(0.1)
         await sender.aclose()
-        attempts = list(await asyncio.gather(*sends))
+        attempts = [attempted(r) for r in await asyncio.gather(*sends)]
         with pytest.raises(SenderClosed):  # the caller leaves its record for the next owner
             await sender.send(endpoint(f"http://127.0.0.1:{port}/hook"), str(uuid.uuid4()), b"{}", "events")
         await asyncio.sleep(0.2)  # the connections made after the close are closing

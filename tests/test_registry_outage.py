@@ -72,7 +72,11 @@ def test_a_registry_outage_holds_the_partition_and_dead_letters_nothing(
         produce(tickets, 0)
         produce(messages, 1)
         # The lookup of the ticket schema hangs off the event loop: partition 1 goes on.
-        receiver.wait_for(lambda: len(receiver.at("/hook")) >= 6, 20, "partition 1 during the hang")
+        try:
+            receiver.wait_for(lambda: len(receiver.at("/hook")) >= 6, 40, "partition 1 during the hang")
+        except AssertionError:
+            print(worker.text()[-6000:])
+            raise
         assert {r.event_id for r in receiver.at("/hook")} == {first[0]} | {i for i, _ in messages}
 
         registry.stop()  # then it goes away altogether

@@ -127,8 +127,8 @@ class MetricsWorker:
 def metrics_worker(topics: Config, tmp_path: Path) -> Iterator[Any]:
     started: list[MetricsWorker] = []
 
-    def make(tiers: str) -> MetricsWorker:
-        worker = MetricsWorker(topics, tmp_path / f"metrics-worker-{len(started)}.log", tiers)
+    def make(tiers: str, config: Config | None = None) -> MetricsWorker:
+        worker = MetricsWorker(config or topics, tmp_path / f"metrics-worker-{len(started)}.log", tiers)
         started.append(worker)
         return worker
 
@@ -152,9 +152,11 @@ def test_rotation_signs_with_both_secrets_and_no_secret_leaks_anywhere(
                       secret=secrets["broken"], created_at=1, updated_at=1)
     save_endpoint(topics, broken)
 
+    # /fail fails every request: its circuit must stay closed for its 16 attempts to be made.
+    topics = topics.replace(circuit_failures=1000)
     events_worker = worker_factory(topics, "--tiers", "events")
     retry_tiers = ",".join(f"retry-{d}s" for d in topics.retry_delays)
-    retry_worker = metrics_worker(retry_tiers)
+    retry_worker = metrics_worker(retry_tiers, topics)
 
     docs = documented()
     first_ids = publish(topics, docs)
