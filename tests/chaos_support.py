@@ -611,6 +611,17 @@ def _attempts(delivery: Delivery) -> list[Attempt]:
     return [a for a in delivery.attempts if a.outcome is not Outcome.DEFERRED]
 
 
+def _follows(child: Delivery, parent: Delivery) -> bool:
+    """``child`` is a later record of ``parent``'s lineage: its attempts begin with the
+    parent's, and it has more of them, or it was deferred more times since. (A run of
+    deferrals keeps one log line, rewritten each time, so the logs themselves are not
+    prefixes of one another.)"""
+    mine, theirs = _attempts(parent), _attempts(child)
+    if theirs[:len(mine)] != mine:
+        return False
+    return len(theirs) > len(mine) or (len(theirs) == len(mine) and child.deferrals > parent.deferrals)
+
+
 def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list[Arrival],
                  tiers: tuple[Any, ...]) -> list[str]:
     problems: list[str] = []
@@ -652,13 +663,10 @@ def _check_chain(pair: Pair, records: list[tuple[int, Delivery]], arrivals: list
 
     # 3. a retry record (or a deferred one) with no later record of its lineage succeeded:
     # not before due_at
-    lineages = [delivery.attempts for _, delivery in records]
     for index, delivery in records:
         if index >= len(tiers):
             continue
-        n = len(delivery.attempts)
-        children = [log for log in lineages if len(log) > n and log[:n] == delivery.attempts]
-        if children:
+        if any(_follows(other, delivery) for _, other in records):
             continue
         due_s = delivery.due_at / 1000 - TOLERANCE
         if not any(a.status is not None and 200 <= a.status < 300 and a.at >= due_s
