@@ -958,7 +958,12 @@ def api(api_host: str, api_port: int, history_size: int, print_openapi: bool, **
         host, port = sock.getsockname()[:2]
         click.echo(f"api listening on http://{host}:{port} (OpenAPI at /openapi.json; "
                    f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}); Ctrl-C stops it", err=True)
+        # uvicorn stops on SIGTERM/SIGINT and then raises the signal again for the handler
+        # it found: this one lets the command stop in order (the tables let go) and exit 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
         server(create_app(service), sock).run(sockets=[sock])
+        click.echo("api stopped", err=True)
     except EndpointsUnavailable as exc:
         raise CommandError(str(exc)) from None
     finally:
