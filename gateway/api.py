@@ -344,6 +344,8 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode (not UTF-8, say)
+        return _error(422, "invalid", f"the body is not valid JSON: {exc.detail}")
     names = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
     return _error(exc.status_code, names.get(exc.status_code, "error"),
