@@ -94,14 +94,15 @@ def test_listener_serves_keep_alive_and_answers_as_told() -> None:
 class ListenProcess:
     """A real `gateway listen --json` subprocess; its requests read from its stdout."""
 
-    def __init__(self, tmp: Path, config: Config, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, tmp: Path, config: Config | None, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.out = tmp / f"listen-{self.port}.out"
         self.err = tmp / f"listen-{self.port}.err"
+        env = gateway_env(config) if config else {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "listen", "--json", "--port", str(self.port), *args],
-                stdout=out, stderr=err, env=gateway_env(config))
+                stdout=out, stderr=err, env=env)
         deadline = time.monotonic() + 20
         while "listening on" not in self.err.read_text():
             assert self.process.poll() is None, self.err.read_text()
