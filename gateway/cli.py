@@ -91,7 +91,7 @@ def printable(text: str) -> str:
 @click.version_option(package_name="webhook-gateway")
 @click.option("--log-level", default=None, metavar="LEVEL",
               help="debug, info, warning or error [env GATEWAY_LOG_LEVEL; default info for "
-              "`up` and `run`, warning otherwise].")
+              "`up`, `run` and `api`, warning otherwise].")
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """Kafka-based streaming webhook gateway.
@@ -102,7 +102,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 
     Every setting can also be given as a GATEWAY_* environment variable.
     """
-    long_running = ctx.invoked_subcommand in ("up", "run")
+    long_running = ctx.invoked_subcommand in ("up", "run", "api")
     configure_logging(log_level, default="INFO" if long_running else "WARNING")
 
 
@@ -667,7 +667,7 @@ def deliveries_list(event_id: str | None, endpoint_id: str | None, bot_id: str |
                    f"{printable(row['endpointId'][:8]):8} {row['number']:>2} {printable(row['tier']):10} "
                    f"{printable(outcome)[:24]:24} {a.duration_ms:>8.1f}  {printable(row['next'])}")
     more = f" (the newest {len(shown)} shown)" if len(shown) < len(entries) else ""
-    click.echo(f"{len(entries)} attempts{more}", err=True)
+    click.echo(f"{len(entries)} attempt{'s' if len(entries) != 1 else ''}{more}", err=True)
 
 
 @cli.group()
