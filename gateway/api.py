@@ -138,9 +138,9 @@ class Tokens:
         kept = []
         for number, token in enumerate(tokens, start=1):
             if len(token) < MIN_TOKEN_LENGTH:
-                raise TokensError(f"{TOKENS_ENV}: token {number} is {len(token)} characters; "
-                                  f"use at least {MIN_TOKEN_LENGTH} (e.g. {Tokens.generate.__qualname__}: "
-                                  "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+                raise TokensError(f"{TOKENS_ENV}: token {number} is {len(token)} characters; use at least "
+                                  f"{MIN_TOKEN_LENGTH}, e.g. python3 -c "
+                                  "'import secrets; print(secrets.token_urlsafe(32))'")
             if any(c.isspace() or not c.isprintable() for c in token):
                 raise TokensError(f"{TOKENS_ENV}: token {number} contains whitespace or control characters")
             kept.append(token)
@@ -578,9 +578,10 @@ async def list_deliveries(
             event_id=event_id, endpoint_id=endpoint_id, bot_id=bot_id, status=status,
             since=parse_moment(since, field="since") if since is not None else None,
             until=parse_moment(until, field="until") if until is not None else None)
-        page = history.query(filters, limit=limit, cursor=cursor)
     except (HistoryError, DlqError) as exc:
         raise _library_error(exc) from None
+    # A query may scan the whole index (tens of ms): off the event loop.
+    page = await _blocking(lambda: history.query(filters, limit=limit, cursor=cursor))
     return page.to_json()
 
 
@@ -690,12 +691,7 @@ async def get_dead_letter(
         raise _library_error(exc) from None
     await _check_partition(service, selected.partition)
     entries = await _blocking(lambda: find_dead_letters(service.config, selector))
-    result = []
-    for entry in entries:
-        full = _summary(entry.full())
-        full["attemptLog"] = [a | {"response": a["response"]} for a in full.get("attemptLog") or []] or None
-        result.append(full)
-    return result
+    return [_summary(entry.full()) for entry in entries]
 
 
 @v1.post("/dead-letters/replay", response_model=ReplayJobOut, status_code=202, tags=["dead letters"],

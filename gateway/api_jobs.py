@@ -99,13 +99,14 @@ def _job(plan: ReplayPlan, *, dry_run: bool, rate: float | None) -> ReplayJob:
     )
 
 
-Sender = Callable[..., ReplayReport]
+SendReplay = Callable[..., ReplayReport]
+"""What sends a plan: :func:`~gateway.dlq.send_replay` (a test may pass another)."""
 
 
 class ReplayJobs:
     """The API process's replay jobs. Thread-safe."""
 
-    def __init__(self, config: Config, *, send: Sender = send_replay) -> None:
+    def __init__(self, config: Config, *, send: SendReplay = send_replay) -> None:
         self.config = config
         self._send = send
         self._lock = threading.Lock()

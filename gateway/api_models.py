@@ -11,8 +11,6 @@ is judged by the same library functions the CLI calls, so the two faces cannot d
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
@@ -310,7 +308,3 @@ class ReplayJobOut(_Response):
     result: ReplayResultOut | None
     error: str | None
 
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    """A model as JSON-ready data with the wire's names."""
-    return model.model_dump(by_alias=True, mode="json")

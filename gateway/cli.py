@@ -390,7 +390,13 @@ def _start_api(config: Any, host: str, port: int) -> tuple[Any, str]:
         click.echo(f"warning: API not served: {host}:{port}: {exc.strerror or exc} (choose another with "
                    "--api-port)", err=True)
         return None, "not served (port taken)"
-    service = ApiService(config, tokens)
+    import os
+
+    size = os.environ.get("GATEWAY_API_HISTORY_SIZE", "100000")
+    if not size.isdigit() or int(size) < 1:
+        sock.close()
+        raise CommandError(f"GATEWAY_API_HISTORY_SIZE {size!r} is not a whole number of 1 or more")
+    service = ApiService(config, tokens, history_capacity=int(size))
     try:
         with refusals():
             service.start()
@@ -1009,12 +1015,16 @@ def listen(host: str, port: int, secrets: tuple[str, ...], status: int, fail_rat
         except EndpointError as exc:
             raise click.BadParameter(str(exc), param_hint="--secret") from None
     chosen = [s.strip() for s in chosen] or [new_secret()]
+    import threading
+
     color = sys.stdout.isatty()
     counts = {"verified": 0, "rejected": 0}
+    printing = threading.Lock()  # one connection thread per request: whole blocks, counted right
 
     def report(received: Received) -> None:
-        counts["verified" if received.verified else "rejected"] += 1
-        click.echo(json.dumps(received.to_json()) if as_json else render(received, color=color) + "\n")
+        with printing:
+            counts["verified" if received.verified else "rejected"] += 1
+            click.echo(json.dumps(received.to_json()) if as_json else render(received, color=color) + "\n")
 
     try:
         listener = Listener(host=host, port=port, secrets=chosen, behaviour=Behaviour(

