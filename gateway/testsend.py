@@ -19,6 +19,7 @@ same destination policy (the addresses checked are the ones connected to).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
@@ -132,21 +133,28 @@ def examples_file() -> Path:
 
 
 def examples() -> dict[EventType, dict[str, Any]]:
-    """The documented example of each event type, by type, in the documented order."""
+    """The documented example of each event type, by type, in the documented order (a
+    copy: the caller may change it)."""
+    return {event_type: dict(document) for event_type, document in _examples().items()}
+
+
+@functools.cache
+def _examples() -> dict[EventType, dict[str, Any]]:
     found: dict[EventType, dict[str, Any]] = {}
     for line in examples_file().read_text(encoding="utf-8").splitlines():
         if line.strip():
             document = json.loads(line)
             found.setdefault(EventType(document["event"]), document)
     missing = set(EventType) - set(found)
-    assert not missing, f"examples/events.jsonl lacks {sorted(missing)}"
+    if missing:  # a broken installation, not a user's input
+        raise RuntimeError(f"{examples_file()} lacks an example of {', '.join(sorted(missing))}")
     return found
 
 
 def example_body(event_type: EventType, endpoint: Endpoint) -> bytes:
     """The example of ``event_type`` as the gateway would POST it to ``endpoint``: the
     documented document with the endpoint's bot id, encoded as deliveries are."""
-    document = examples()[event_type] | {"botId": endpoint.bot_id}
+    document = _examples()[event_type] | {"botId": endpoint.bot_id}
     return parse_event(document).json_body()
 
 
