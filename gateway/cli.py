@@ -7,12 +7,15 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .config import SETTINGS, Config, ConfigError
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .api import ApiThread
 
 __all__ = ["cli", "main"]
 
@@ -367,10 +370,12 @@ def up(port: int, api_host: str, api_port: int, no_api: bool, **settings: str | 
             broker.stop()
 
 
-def _start_api(config: Any, host: str, port: int) -> tuple[Any, str]:
+def _start_api(config: Config, host: str, port: int) -> tuple[ApiThread | None, str]:
     """The management API on a thread of `gateway up`, and its banner line. Without
     GATEWAY_API_TOKENS it serves only on loopback, with a token generated for this run.
     A port already taken is a warning, not a failure: the workers are what `up` is for."""
+    import os
+
     from .api import ApiService, ApiThread, Tokens, TokensError, bind, is_loopback
 
     try:
@@ -390,8 +395,6 @@ def _start_api(config: Any, host: str, port: int) -> tuple[Any, str]:
         click.echo(f"warning: API not served: {host}:{port}: {exc.strerror or exc} (choose another with "
                    "--api-port)", err=True)
         return None, "not served (port taken)"
-    import os
-
     size = os.environ.get("GATEWAY_API_HISTORY_SIZE", "100000")
     if not size.isdigit() or int(size) < 1:
         sock.close()
