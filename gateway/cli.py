@@ -7,12 +7,15 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .config import SETTINGS, Config, ConfigError
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .api import ApiThread
 
 __all__ = ["cli", "main"]
 
@@ -91,7 +94,7 @@ def printable(text: str) -> str:
 @click.version_option(package_name="webhook-gateway")
 @click.option("--log-level", default=None, metavar="LEVEL",
               help="debug, info, warning or error [env GATEWAY_LOG_LEVEL; default info for "
-              "`up` and `run`, warning otherwise].")
+              "`up`, `run` and `api`, warning otherwise].")
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """Kafka-based streaming webhook gateway.
@@ -102,7 +105,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 
     Every setting can also be given as a GATEWAY_* environment variable.
     """
-    long_running = ctx.invoked_subcommand in ("up", "run")
+    long_running = ctx.invoked_subcommand in ("up", "run", "api")
     configure_logging(log_level, default="INFO" if long_running else "WARNING")
 
 
@@ -284,21 +287,29 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
 @cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True,
               help="Port of the bundled broker (ignored with --bootstrap).")
+@click.option("--api-host", default="127.0.0.1", show_default=True, envvar="GATEWAY_API_HOST",
+              help="Address of the management API [env GATEWAY_API_HOST]; off loopback it needs "
+                   "GATEWAY_API_TOKENS.")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              envvar="GATEWAY_API_PORT", help="Port of the management API [env GATEWAY_API_PORT].")
+@click.option("--no-api", is_flag=True, help="Do not serve the management API.")
 @config_options(*WORKER_SETTINGS, "partitions")
-def up(port: int, **settings: str | None) -> None:
-    """The embedded default: broker, topics, every worker and /metrics in one command.
+def up(port: int, api_host: str, api_port: int, no_api: bool, **settings: str | None) -> None:
+    """The embedded default: broker, topics, every worker, /metrics and the API in one command.
 
     Starts the bundled in-memory broker on 127.0.0.1 (unless --bootstrap or
     GATEWAY_BOOTSTRAP_SERVERS points at an existing Kafka), creates the topics, runs the
-    events worker and every retry tier, and serves /metrics. Deliveries to loopback and
-    private addresses are allowed unless GATEWAY_ALLOW_PRIVATE_NETWORKS=false. Ctrl-C
-    stops everything.
+    events worker and every retry tier, serves /metrics and the management API (on a
+    thread of this process; with a token generated for this run and printed, unless
+    GATEWAY_API_TOKENS is set). Deliveries to loopback and private addresses are allowed
+    unless GATEWAY_ALLOW_PRIVATE_NETWORKS=false. Ctrl-C stops everything.
     """
     import os
 
     from .broker import Broker, BrokerError
     from .runner import RunnerError, observe, resolve_tiers
     from .runner import run as run_workers
+    from .signing import new_secret
     from .topics import TopicsError, create_topics
 
     external = settings.get("bootstrap_servers") or os.environ.get("GATEWAY_BOOTSTRAP_SERVERS")
@@ -314,11 +325,18 @@ def up(port: int, **settings: str | None) -> None:
         fixed["bootstrap_servers"] = broker.bootstrap
         if settings.get("partitions") is None and "GATEWAY_PARTITIONS" not in os.environ:
             fixed["partitions"] = 3
+    api = None
     try:
         config = build_config(settings, **fixed)
         created = create_topics(config)
         observed = observe(config, port=config.metrics_port)
         tiers = resolve_tiers(config, None)
+        api, api_line = (None, "off (--no-api)") if no_api else _start_api(config, api_host, api_port)
+        # The second terminal judges URLs as these workers do: with the same settings.
+        exports = f"GATEWAY_BOOTSTRAP_SERVERS={config.bootstrap_servers}"
+        if config.allow_private_networks:
+            exports += " GATEWAY_ALLOW_PRIVATE_NETWORKS=true"
+        demo_secret = new_secret()
 
         def ready() -> None:
             where = f"bundled broker (in memory) on {config.bootstrap_servers}" if broker else config.bootstrap_servers
@@ -328,9 +346,13 @@ def up(port: int, **settings: str | None) -> None:
                 f"  topics    {', '.join(s.topic for s in created)}\n"
                 f"  tiers     {', '.join(f'{t.name} ({t.delay}s)' if t.delay else t.name for t in tiers)}\n"
                 f"  metrics   http://127.0.0.1:{config.metrics_port}/metrics\n"
-                f"try, in another terminal:\n"
-                f"  export GATEWAY_BOOTSTRAP_SERVERS={config.bootstrap_servers}\n"
-                f"  gateway endpoints add --bot-id 6434515b-8541-4861-bb24-8acd6e77e8c4 --url http://127.0.0.1:8000/hook\n"
+                f"  api       {api_line}\n"
+                f"try: a receiver that verifies and prints each webhook, in another terminal:\n"
+                f"  gateway listen --port 8000 --secret {demo_secret}\n"
+                f"then register it and publish the documented examples, in a third:\n"
+                f"  export {exports}\n"
+                f"  gateway endpoints add --bot-id 6434515b-8541-4861-bb24-8acd6e77e8c4 "
+                f"--url http://127.0.0.1:8000/hook --secret {demo_secret}\n"
                 f"  gateway publish examples/events.jsonl\n"
                 f"Ctrl-C stops everything.",
                 err=True,
@@ -342,8 +364,54 @@ def up(port: int, **settings: str | None) -> None:
     except OSError as exc:
         raise CommandError(describe_os_error(exc)) from None
     finally:
+        if api is not None:
+            api.stop()
         if broker is not None:
             broker.stop()
+
+
+def _start_api(config: Config, host: str, port: int) -> tuple[ApiThread | None, str]:
+    """The management API on a thread of `gateway up`, and its banner line. Without
+    GATEWAY_API_TOKENS it serves only on loopback, with a token generated for this run.
+    A port already taken is a warning, not a failure: the workers are what `up` is for."""
+    import os
+
+    from .api import ApiService, ApiThread, Tokens, TokensError, bind, is_loopback
+
+    try:
+        tokens = Tokens.from_env()
+    except TokensError as exc:
+        raise CommandError(str(exc)) from None
+    generated = None
+    if not tokens:
+        if not is_loopback(host):
+            raise CommandError(f"the API on {host} needs GATEWAY_API_TOKENS: a token is generated only for a "
+                               "loopback address (or pass --no-api)")
+        generated = Tokens.generate()
+        tokens = Tokens([generated])
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        click.echo(f"warning: API not served: {host}:{port}: {exc.strerror or exc} (choose another with "
+                   "--api-port)", err=True)
+        return None, "not served (port taken)"
+    size = os.environ.get("GATEWAY_API_HISTORY_SIZE", "100000")
+    if not size.isdigit() or int(size) < 1:
+        sock.close()
+        raise CommandError(f"GATEWAY_API_HISTORY_SIZE {size!r} is not a whole number of 1 or more")
+    service = ApiService(config, tokens, history_capacity=int(size))
+    try:
+        with refusals():
+            service.start()
+    except BaseException:
+        sock.close()
+        service.stop()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    line = f"http://{bound_host}:{bound_port}/v1  (OpenAPI at /openapi.json)"
+    if generated:
+        line += f"\n            token {generated}  (generated for this run; GATEWAY_API_TOKENS sets your own)"
+    return ApiThread(service, sock).start(), line
 
 
 @cli.group()
@@ -546,6 +614,122 @@ def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **
     with refusals():
         endpoint = rotate_secret(config, endpoint_id, secret=secret, grace_seconds=grace_seconds)
     click.echo(f"secret  {endpoint.secret}   (shown once; the old secret keeps signing for {grace})")
+
+
+TEST_SETTINGS = (*ADD_SETTINGS, "request_timeout", "max_response_bytes")
+
+
+@endpoints.command("test")
+@click.argument("endpoint_id")
+@click.option("--event", "event_types", multiple=True, metavar="TYPE",
+              help="Send this event type's example (repeatable): MESSAGE, RATE_MESSAGE, TICKET or CREATE_LEAD.")
+@click.option("--all-types", is_flag=True, help="Send the example of every event type (the default).")
+@click.option("--malformed", is_flag=True,
+              help="Also send a request with a bad signature and one with a stale timestamp, and report whether "
+                   "the receiver refused them, as it should.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@config_options(*TEST_SETTINGS)
+def endpoints_test(endpoint_id: str, event_types: tuple[str, ...], all_types: bool, malformed: bool,
+                   as_json: bool, **settings: str | None) -> None:
+    """Send the documented example of each event type to an endpoint now.
+
+    Each goes through the gateway's own sender (signed with the endpoint's secret, the
+    same destination rules and timeout as deliveries) with the endpoint's bot id and a
+    fresh webhook-id; each answer is reported with its status, duration and the start
+    of the response. Test sends are not deliveries: never retried, dead-lettered or
+    recorded in the delivery history. Exit 1 unless every example got a 2xx (and, with
+    --malformed, every malformed request was refused).
+    """
+    import asyncio
+    import json
+
+    from .endpoints import get_endpoint, validate_event_types
+    from .testsend import send_tests
+
+    if event_types and all_types:
+        raise click.UsageError("--event and --all-types exclude each other")
+    config = build_config(settings)
+    with refusals():
+        types = validate_event_types(event_types) if event_types else None
+        endpoint = get_endpoint(config, endpoint_id)
+    report = asyncio.run(send_tests(config, endpoint, event_types=types, malformed=malformed))
+    if as_json:
+        click.echo(json.dumps(report.to_json()))
+    else:
+        click.echo(f"endpoint {printable(endpoint.id)}  {printable(endpoint.url)}"
+                   + ("" if endpoint.enabled else "  (disabled: test sends go to it all the same)"))
+        click.echo(f"{'REQUEST':16} {'EVENT':12} {'RESULT':10} {'STATUS':>6} {'MS':>8}  RESPONSE")
+        for probe in report.probes:
+            a = probe.attempt
+            shown = a.response_snippet if a.status is not None else a.error
+            click.echo(f"{probe.kind.value:16} {probe.event_type:12} {probe.verdict:10} "
+                       f"{a.status if a.status is not None else '-':>6} {a.duration_ms:>8.1f}  "
+                       f"{printable((shown or '').replace(chr(10), ' ')[:60])}")
+        failed = [p for p in report.probes if not p.ok]
+        click.echo(f"{len(report.probes) - len(failed)} of {len(report.probes)} as expected", err=True)
+    if not report.ok:
+        click.get_current_context().exit(1)
+
+
+@cli.group()
+def deliveries() -> None:
+    """The delivery history: every attempt, successful or not (the attempts topic)."""
+
+
+@deliveries.command("list")
+@click.option("--event-id", default=None, help="Only this event's attempts.")
+@click.option("--endpoint-id", default=None, help="Only attempts at this endpoint.")
+@click.option("--bot-id", default=None, help="Only this bot's attempts (any case).")
+@click.option("--since", default=None, help="Attempts since: ISO time (2026-11-28T10:00Z) or relative (2h ago).")
+@click.option("--until", default=None, help="Attempts until: ISO time or relative.")
+@click.option("--status", default=None,
+              help="success, failed, deferred, an outcome (timeout, connection_error, …), a class (5xx) or a "
+                   "code (404).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most this many (the newest).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per attempt.")
+@config_options(*ENDPOINT_SETTINGS)
+def deliveries_list(event_id: str | None, endpoint_id: str | None, bot_id: str | None, since: str | None,
+                    until: str | None, status: str | None, limit: int | None, as_json: bool,
+                    **settings: str | None) -> None:
+    """What happened to an event, or at an endpoint: every attempt, newest first.
+
+    Reads the attempts topic to its end (kept GATEWAY_ATTEMPTS_RETENTION, 7 days by
+    default); never joins the workers' consumer groups.
+    """
+    import json
+
+    from .history import HistoryError, HistoryFilters, parse_moment, read_history
+
+    config = build_config(settings)
+    try:
+        filters = HistoryFilters(
+            event_id=event_id, endpoint_id=endpoint_id, bot_id=bot_id, status=status,
+            since=parse_moment(since, field="since") if since else None,
+            until=parse_moment(until, field="until") if until else None)
+    except HistoryError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.field}" if exc.field else None) from None
+    try:
+        entries = read_history(config, filters)
+    except HistoryError as exc:
+        raise CommandError(str(exc)) from None
+    shown = entries[:limit] if limit else entries
+    for number, entry in enumerate(shown):
+        row = entry.to_json()
+        if as_json:
+            click.echo(json.dumps(row))
+            continue
+        if number == 0:
+            click.echo(f"{'AT':24} {'EVENT ID':36} {'TYPE':12} {'ENDPOINT':8} {'#':>2} {'TIER':10} "
+                       f"{'OUTCOME':24} {'MS':>8}  NEXT")
+        a = entry.line.attempt
+        outcome = f"HTTP {a.status}" if a.status is not None else a.outcome.value
+        if a.status is not None and a.outcome.value not in ("success", "http_error"):
+            outcome = f"{a.outcome.value} ({a.status})"
+        click.echo(f"{row['at']:24} {printable(row['eventId']):36} {printable(row['eventType']):12} "
+                   f"{printable(row['endpointId'][:8]):8} {row['number']:>2} {printable(row['tier']):10} "
+                   f"{printable(outcome)[:24]:24} {a.duration_ms:>8.1f}  {printable(row['next'])}")
+    more = f" (the newest {len(shown)} shown)" if len(shown) < len(entries) else ""
+    click.echo(f"{len(entries)} attempt{'s' if len(entries) != 1 else ''}{more}", err=True)
 
 
 @cli.group()
@@ -770,6 +954,166 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
             "unless you filter them out")
     if plan.refused:
         click.get_current_context().exit(1)
+
+
+API_SETTINGS = ("bootstrap_servers", "topic_prefix", "retry_delays", "schema_registry_url", "group_id",
+                "request_timeout", "max_response_bytes", "allow_private_networks", "allowed_networks")
+
+
+def api_options(func: F) -> F:
+    """The API's own settings (its address and its index), kept apart from the workers'."""
+    options = [
+        click.option("--host", "api_host", default="127.0.0.1", show_default=True, envvar="GATEWAY_API_HOST",
+                     help="Address to serve the API on [env GATEWAY_API_HOST]."),
+        click.option("--port", "api_port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+                     envvar="GATEWAY_API_PORT", help="Port to serve the API on [env GATEWAY_API_PORT]."),
+        click.option("--history-size", type=click.IntRange(1), default=100_000, show_default=True,
+                     envvar="GATEWAY_API_HISTORY_SIZE",
+                     help="Newest attempts the API keeps in memory for /v1/deliveries [env GATEWAY_API_HISTORY_SIZE]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@api_options
+@click.option("--openapi", "print_openapi", is_flag=True,
+              help="Print the OpenAPI document (what openapi.json holds) and exit.")
+@config_options(*API_SETTINGS)
+def api(api_host: str, api_port: int, history_size: int, print_openapi: bool, **settings: str | None) -> None:
+    """Serve the HTTP management API until SIGTERM or Ctrl-C.
+
+    Endpoints, test sends, the delivery history and dead letters, as JSON under /v1; the
+    OpenAPI document at /openapi.json. Every route but /healthz needs a bearer token
+    from GATEWAY_API_TOKENS (comma-separated, 16 characters at least): without one the
+    API does not start.
+    """
+    import json
+
+    from .api import ApiService, Tokens, TokensError, bind, create_app, openapi_document, server
+    from .endpoints import EndpointsUnavailable
+
+    if print_openapi:
+        app = create_app(ApiService(build_config(settings), Tokens(())))
+        click.echo(json.dumps(openapi_document(app), indent=2))
+        return
+    try:
+        tokens = Tokens.from_env()
+    except TokensError as exc:
+        raise CommandError(str(exc)) from None
+    if not tokens:
+        raise CommandError(
+            "GATEWAY_API_TOKENS is not set: the API serves nobody without a token. Set it to one or more "
+            "comma-separated tokens of 16 characters or more, e.g. "
+            "GATEWAY_API_TOKENS=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    config = build_config(settings)
+    try:
+        sock = bind(api_host, api_port)
+    except OSError as exc:
+        raise CommandError(f"API address {api_host}:{api_port}: {exc.strerror or exc}; stop what listens there "
+                           "or choose another (--port)") from None
+    service = ApiService(config, tokens, history_capacity=history_size)
+    try:
+        with refusals():
+            service.start()
+        host, port = sock.getsockname()[:2]
+        click.echo(f"api listening on http://{host}:{port} (OpenAPI at /openapi.json; "
+                   f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}); Ctrl-C stops it", err=True)
+        # uvicorn stops on SIGTERM/SIGINT and then raises the signal again for the handler
+        # it found: this one lets the command stop in order (the tables let go) and exit 0.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        server(create_app(service), sock).run(sockets=[sock])
+        click.echo("api stopped", err=True)
+    except EndpointsUnavailable as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        sock.close()
+        service.stop()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--secret", "secrets", multiple=True, metavar="whsec_…",
+              help="The endpoint's signing secret (repeatable, during a rotation); generated and printed when "
+                   "not given. [env GATEWAY_LISTEN_SECRET]")
+@click.option("--status", type=click.IntRange(100, 599), default=200, show_default=True,
+              help="Status answered to verified webhooks (e.g. 500 to fail them all).")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of verified webhooks answered 500 instead, at random (e.g. 0.3).")
+@click.option("--delay", "delay_ms", type=click.IntRange(0), default=0, show_default=True, metavar="MS",
+              help="Wait this many milliseconds before each answer (past the gateway's timeout, a failure).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per request.")
+def listen(host: str, port: int, secrets: tuple[str, ...], status: int, fail_rate: float, delay_ms: int,
+           as_json: bool) -> None:
+    """A local webhook receiver for development: verifies and prints each webhook.
+
+    Each request's signature is verified with the secret (gateway.verify, as a receiver
+    should) and the event printed, marked VERIFIED or REJECTED; rejected requests are
+    answered 401. --status, --fail-rate and --delay make it fail or slow down, to watch
+    the gateway's retries. Ctrl-C stops it.
+    """
+    import json
+    import os
+    import sys
+
+    from .endpoints import EndpointError, validate_secret
+    from .listen import Behaviour, Listener, Received, render
+    from .signing import new_secret
+
+    chosen = list(secrets) or [s for s in os.environ.get("GATEWAY_LISTEN_SECRET", "").split(",") if s.strip()]
+    generated = not chosen
+    for secret in chosen:
+        try:
+            validate_secret(secret.strip())
+        except EndpointError as exc:
+            raise click.BadParameter(str(exc), param_hint="--secret") from None
+    chosen = [s.strip() for s in chosen] or [new_secret()]
+    import threading
+
+    color = sys.stdout.isatty()
+    counts = {"verified": 0, "rejected": 0}
+    printing = threading.Lock()  # one connection thread per request: whole blocks, counted right
+
+    def report(received: Received) -> None:
+        with printing:
+            counts["verified" if received.verified else "rejected"] += 1
+            click.echo(json.dumps(received.to_json()) if as_json else render(received, color=color) + "\n")
+
+    try:
+        listener = Listener(host=host, port=port, secrets=chosen, behaviour=Behaviour(
+            status=status, fail_rate=fail_rate, delay_ms=delay_ms), on_request=report)
+    except OSError as exc:
+        raise CommandError(f"{host}:{port}: {exc.strerror or exc}; choose another port (--port)") from None
+    url = listener.url + "hook"
+    click.echo(f"listening on {url} (Ctrl-C stops)", err=True)
+    if generated:
+        click.echo(f"signing secret (generated): {chosen[0]}", err=True)
+    click.echo("register it, with the gateway's settings exported (see `gateway up`), in another terminal:\n"
+               f"  gateway endpoints add --bot-id 6434515b-8541-4861-bb24-8acd6e77e8c4 --url {url} "
+               f"--secret {chosen[0]}", err=True)
+    behaviour = []
+    if status != 200:
+        behaviour.append(f"answers {status}")
+    if fail_rate:
+        behaviour.append(f"fails {fail_rate:.0%} with 500")
+    if delay_ms:
+        behaviour.append(f"waits {delay_ms} ms")
+    if behaviour:
+        click.echo("behaviour: " + ", ".join(behaviour), err=True)
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM ends it like Ctrl-C: the summary is printed
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        listener.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.stop()
+    click.echo(f"\nstopped: {counts['verified']} verified, {counts['rejected']} rejected", err=True)
 
 
 def main() -> None:

@@ -1,0 +1,384 @@
+"""The management API on real brokers: tokens on every route, read-your-writes, errors
+that name the field, parity with the CLI, test sends, the delivery history and replay
+jobs end to end. The committed OpenAPI document is checked against the served one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.api import ApiService, Tokens, TokensError, create_app, is_loopback, openapi_document
+from gateway.config import Config
+from gateway.verify import verify
+
+from .conftest import free_port, gateway_env, run_gateway
+from .receiver import Receiver
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "events.jsonl"
+TOKEN = "test-token-" + "x" * 24
+OTHER_TOKEN = "other-token-" + "y" * 24
+BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+# --- without a broker ------------------------------------------------------------------------
+
+
+def test_the_committed_openapi_document_is_the_served_one() -> None:
+    app = create_app(ApiService(Config(), Tokens([TOKEN])))
+    committed = json.loads((ROOT / "openapi.json").read_text())
+    assert committed == openapi_document(app), (
+        "openapi.json differs from the API's document: regenerate it with `gateway api --openapi > openapi.json`")
+    with TestClient(app) as client:
+        served = client.get("/openapi.json", headers=AUTH)
+        assert served.status_code == 200 and served.json() == committed
+        assert client.get("/openapi.json").status_code == 401
+    printed = subprocess.run([sys.executable, "-m", "gateway", "api", "--openapi"], capture_output=True, text=True,
+                             timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")})
+    assert printed.returncode == 0 and json.loads(printed.stdout) == committed
+
+
+def test_tokens_are_refused_when_weak_and_compared_whole() -> None:
+    tokens = Tokens.from_env({"GATEWAY_API_TOKENS": f" {TOKEN}, {OTHER_TOKEN} ,"})
+    assert len(tokens) == 2 and tokens.accepts(TOKEN) and tokens.accepts(OTHER_TOKEN)
+    assert not tokens.accepts(TOKEN[:-1]) and not tokens.accepts(TOKEN + "x") and not tokens.accepts("")
+    assert not Tokens.from_env({})
+    with pytest.raises(TokensError, match="token 2 is 5 characters"):
+        Tokens([TOKEN, "short"])
+    with pytest.raises(TokensError, match="whitespace"):
+        Tokens(["a" * 20 + "\t"])
+    assert len(Tokens.generate()) >= 40
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "10.0.0.1", "::", "example.com"))
+
+
+def test_gateway_api_refuses_to_start_without_tokens() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    result = subprocess.run([sys.executable, "-m", "gateway", "api", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1 and "GATEWAY_API_TOKENS is not set" in result.stderr
+    weak = subprocess.run([sys.executable, "-m", "gateway", "api"], capture_output=True, text=True, timeout=60,
+                          env=env | {"GATEWAY_API_TOKENS": "letmein"})
+    assert weak.returncode == 1 and "at least 16" in weak.stderr and "letmein" not in weak.stderr
+
+
+# --- an API over a real broker ---------------------------------------------------------------
+
+
+@pytest.fixture
+def service(topics: Config) -> Iterator[ApiService]:
+    running = ApiService(topics, Tokens([TOKEN])).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def client(service: ApiService) -> Iterator[TestClient]:
+    with TestClient(create_app(service), headers=AUTH) as test_client:
+        yield test_client
+
+
+def routes() -> list[tuple[str, str]]:
+    document = openapi_document(create_app(ApiService(Config(), Tokens([TOKEN]))))
+    return [(method.upper(), path) for path, item in document["paths"].items() for method in item]
+
+
+def test_the_route_list_is_what_the_issue_asks_for() -> None:
+    assert sorted(routes()) == sorted([
+        ("GET", "/healthz"),
+        ("GET", "/v1/endpoints"), ("POST", "/v1/endpoints"), ("GET", "/v1/endpoints/{id}"),
+        ("PATCH", "/v1/endpoints/{id}"), ("DELETE", "/v1/endpoints/{id}"),
+        ("POST", "/v1/endpoints/{id}/enable"), ("POST", "/v1/endpoints/{id}/disable"),
+        ("POST", "/v1/endpoints/{id}/rotate-secret"), ("POST", "/v1/endpoints/{id}/test"),
+        ("GET", "/v1/deliveries"), ("GET", "/v1/dead-letters"), ("GET", "/v1/dead-letters/stats"),
+        ("GET", "/v1/dead-letters/{id}"), ("POST", "/v1/dead-letters/replay"), ("GET", "/v1/replays/{id}"),
+    ])
+
+
+@pytest.mark.integration
+def test_every_route_needs_a_good_token(client: TestClient) -> None:
+    bodies = {"/v1/endpoints": {"botId": BOT, "url": "http://127.0.0.1:9/hook"}, "/v1/dead-letters/replay": {}}
+    checked = 0
+    for method, path in routes():
+        url = path.replace("{id}", str(uuid.uuid4()))
+        body = bodies.get(path, {}) if method in ("POST", "PATCH") else None
+        answers = {
+            name: client.request(method, url, json=body, headers=headers)
+            for name, headers in (("none", {"authorization": ""}),
+                                  ("wrong", {"authorization": f"Bearer {OTHER_TOKEN}"}),
+                                  ("basic", {"authorization": f"Basic {TOKEN}"}), ("good", AUTH))
+        }
+        if path == "/healthz":
+            assert all(a.status_code == 200 for a in answers.values())
+            continue
+        for name in ("none", "wrong", "basic"):
+            answer = answers[name]
+            assert answer.status_code == 401, (method, path, name, answer.text)
+            assert answer.json()["error"] == "unauthorized" and answer.headers["www-authenticate"] == "Bearer"
+            assert TOKEN not in answer.text
+        good = answers["good"]
+        assert good.status_code not in (401, 403) and good.status_code < 500, (method, path, good.text)
+        checked += 1
+    assert checked == 15
+
+
+@pytest.mark.integration
+def test_writes_are_read_at_once(client: TestClient) -> None:
+    """Each answer to a write comes once the API's own table shows it: the next GET,
+    straight after, sees it."""
+    created = client.post("/v1/endpoints", json={"botId": BOT.upper(), "url": "https://example.com/a",
+                                                 "events": ["ticket", "MESSAGE"], "description": "crm"})
+    assert created.status_code == 201, created.text
+    endpoint = created.json()
+    assert endpoint["secret"].startswith("whsec_") and endpoint["secret"] != "whsec_********"
+    assert endpoint["botId"] == BOT and endpoint["events"] == ["TICKET", "MESSAGE"] and endpoint["warning"] is None
+    path = f"/v1/endpoints/{endpoint['id']}"
+    got = client.get(path).json()
+    assert got == {k: v for k, v in endpoint.items() if k != "warning"} | {"secret": "whsec_********"}
+    assert [e["id"] for e in client.get("/v1/endpoints", params={"botId": BOT}).json()["data"]] == [endpoint["id"]]
+
+    patched = client.patch(path, json={"url": "https://example.com/b", "events": []})
+    assert patched.status_code == 200 and patched.json()["secret"] == "whsec_********"
+    assert client.get(path).json()["url"] == "https://example.com/b"
+    assert client.get(path).json()["events"] == [] and client.get(path).json()["description"] == "crm"
+
+    assert client.post(f"{path}/disable").json()["enabled"] is False
+    assert client.get(path).json()["enabled"] is False
+    assert client.post(f"{path}/enable").json()["enabled"] is True
+    assert client.get(path).json()["enabled"] is True
+
+    rotated = client.post(f"{path}/rotate-secret", json={"graceSeconds": 60})
+    assert rotated.status_code == 200 and rotated.json()["secret"] not in ("whsec_********", endpoint["secret"])
+    assert client.get(path).json()["updatedAt"] == rotated.json()["updatedAt"]
+
+    assert client.delete(path).status_code == 204
+    gone = client.get(path)
+    assert gone.status_code == 404 and gone.json()["field"] == "id"
+    assert client.delete(path).status_code == 404
+
+
+@pytest.mark.integration
+def test_pages_of_endpoints(client: TestClient) -> None:
+    made = [client.post("/v1/endpoints", json={"botId": BOT, "url": f"https://example.com/{i}"}).json()["id"]
+            for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = client.get("/v1/endpoints", params={"limit": 2} | ({"cursor": cursor} if cursor else {})).json()
+        seen += [e["id"] for e in page["data"]]
+        assert len(page["data"]) <= 2
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert seen == made
+
+
+@pytest.mark.integration
+def test_bad_input_gets_422_naming_the_field(client: TestClient) -> None:
+    endpoint = client.post("/v1/endpoints", json={"botId": BOT, "url": "https://example.com/a"}).json()
+    path = f"/v1/endpoints/{endpoint['id']}"
+    cases: list[tuple[str, str, dict[str, Any] | None, dict[str, Any] | None, str | None]] = [
+        ("POST", "/v1/endpoints", {"botId": "bot-1", "url": "https://example.com"}, None, "botId"),
+        ("POST", "/v1/endpoints", {"botId": BOT, "url": "ftp://example.com"}, None, "url"),
+        ("POST", "/v1/endpoints", {"botId": BOT, "url": "https://u:p@example.com"}, None, "url"),
+        ("POST", "/v1/endpoints", {"botId": BOT, "url": "https://example.com", "events": ["NOPE"]}, None, "events"),
+        ("POST", "/v1/endpoints", {"botId": BOT, "url": "https://example.com", "secret": "abc"}, None, "secret"),
+        ("POST", "/v1/endpoints", {"botID": BOT, "url": "https://example.com"}, None, "botId"),
+        ("POST", "/v1/endpoints", {"botId": 7, "url": "https://example.com"}, None, "botId"),
+        ("POST", "/v1/endpoints", {"botId": BOT, "url": "https://example.com", "events": [1]}, None, "events[0]"),
+        ("PATCH", path, {"url": "not a url"}, None, "url"),
+        ("PATCH", path, {"events": ["TICKET", "X"]}, None, "events"),
+        ("POST", f"{path}/rotate-secret", {"graceSeconds": -1}, None, "graceSeconds"),
+        ("POST", f"{path}/rotate-secret", {"secret": "whsec_short"}, None, "secret"),
+        ("POST", f"{path}/test", {"events": ["TICKETS"]}, None, "events"),
+        ("GET", "/v1/endpoints", None, {"botId": "nope"}, "botId"),
+        ("GET", "/v1/endpoints", None, {"limit": 0}, "limit"),
+        ("GET", "/v1/endpoints", None, {"cursor": "???"}, "cursor"),
+        ("GET", "/v1/deliveries", None, {"since": "yesterday"}, "since"),
+        ("GET", "/v1/deliveries", None, {"until": "99999999999d ago"}, "until"),
+        ("GET", "/v1/deliveries", None, {"status": "fine"}, "status"),
+        ("GET", "/v1/deliveries", None, {"cursor": "bm9wZQ"}, "cursor"),
+        ("GET", "/v1/dead-letters", None, {"status": "teapot"}, "status"),
+        ("GET", "/v1/dead-letters", None, {"partition": 99}, "partition"),
+        ("GET", "/v1/dead-letters/stats", None, {"since": "soon"}, "since"),
+        ("GET", "/v1/dead-letters/not-a-selector", None, None, "id"),
+        ("POST", "/v1/dead-letters/replay", {"rate": "fast"}, None, "rate"),
+        ("POST", "/v1/dead-letters/replay", {"toEndpoint": str(uuid.uuid4())}, None, "toEndpoint"),
+        ("POST", "/v1/dead-letters/replay", {"dryRun": "maybe"}, None, "dryRun"),
+    ]
+    for method, url, body, params, field in cases:
+        answer = client.request(method, url, json=body, params=params)
+        assert answer.status_code == 422, (method, url, body, params, answer.text)
+        error = answer.json()
+        assert error["error"] == "invalid" and error["field"] == field, (method, url, body, params, error)
+        assert error["message"]
+    not_json = client.post("/v1/endpoints", content=b"{nope", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422 and "not valid JSON" in not_json.json()["message"]
+    form = client.post("/v1/endpoints", content=b"botId=x", headers={"content-type": "text/plain"})
+    assert form.status_code == 422 and "application/json" in form.json()["message"]
+    # The secret given is never echoed in an error.
+    secret_error = client.post("/v1/endpoints", json={"botId": BOT, "url": "https://x.example", "secret": "sekrit!"})
+    assert "sekrit" not in secret_error.text
+    for missing in (path + "x", f"{path}x/enable", "/v1/replays/nope"):
+        answer = client.post(missing) if missing.endswith("enable") else client.get(missing)
+        assert answer.status_code == 404 and answer.json()["error"] == "not_found", missing
+    assert client.get("/v1/nothing-here").json()["error"] == "not_found"
+    assert client.put("/v1/endpoints").status_code == 405
+
+
+class ApiProcess:
+    """A real `gateway api` subprocess."""
+
+    def __init__(self, config: Config, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "api", "--port", str(self.port)],
+                stdout=out, stderr=subprocess.STDOUT, env=gateway_env(config, GATEWAY_API_TOKENS=TOKEN))
+        deadline = time.monotonic() + 30
+        while not self.up():
+            assert self.process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=AUTH, timeout=30)
+
+    def up(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> int:
+        self.http.close()
+        self.process.terminate()
+        return self.process.wait(30)
+
+
+@pytest.fixture
+def api(topics: Config, tmp_path: Path) -> Iterator[ApiProcess]:
+    running = ApiProcess(topics, tmp_path / "api.log")
+    try:
+        yield running
+    finally:
+        code = running.stop()
+        assert code == 0, running.log.read_text()
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.2)
+
+
+def cli_rows(config: Config) -> dict[str, dict[str, Any]]:
+    result = run_gateway(config, "endpoints", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return {row["id"]: row for row in map(json.loads, result.stdout.splitlines())}
+
+
+@pytest.mark.integration
+def test_an_endpoint_made_by_one_face_is_seen_changed_and_removed_by_the_other(
+    topics: Config, api: ApiProcess
+) -> None:
+    # Made by the API: the CLI sees it, changes it and removes it; the API follows.
+    made = api.http.post("/v1/endpoints", json={"botId": BOT, "url": "https://example.com/api"})
+    assert made.status_code == 201, made.text
+    by_api = made.json()
+    assert cli_rows(topics)[by_api["id"]]["url"] == "https://example.com/api"
+    assert run_gateway(topics, "endpoints", "disable", by_api["id"]).returncode == 0
+    eventually(lambda: api.http.get(f"/v1/endpoints/{by_api['id']}").json()["enabled"] is False,
+               "the API sees the CLI's disable")
+    assert run_gateway(topics, "endpoints", "remove", by_api["id"]).returncode == 0
+    eventually(lambda: api.http.get(f"/v1/endpoints/{by_api['id']}").status_code == 404,
+               "the API sees the CLI's removal")
+
+    # Made by the CLI: the API sees it, changes it and removes it; the CLI follows.
+    added = run_gateway(topics, "endpoints", "add", "--bot-id", BOT, "--url", "https://example.com/cli", "--json")
+    by_cli = json.loads(added.stdout)
+    eventually(lambda: api.http.get(f"/v1/endpoints/{by_cli['id']}").status_code == 200, "the API sees the CLI's add")
+    assert api.http.get(f"/v1/endpoints/{by_cli['id']}").json()["botId"] == BOT
+    assert api.http.patch(f"/v1/endpoints/{by_cli['id']}", json={"events": ["TICKET"]}).status_code == 200
+    assert cli_rows(topics)[by_cli["id"]]["events"] == ["TICKET"]
+    rotated = api.http.post(f"/v1/endpoints/{by_cli['id']}/rotate-secret").json()["secret"]
+    shown = run_gateway(topics, "endpoints", "list", "--json", "--show-secrets")
+    assert json.loads(shown.stdout)["secret"] == rotated
+    assert api.http.delete(f"/v1/endpoints/{by_cli['id']}").status_code == 204
+    assert cli_rows(topics) == {}
+
+
+@pytest.mark.integration
+def test_test_sends_deliveries_and_replay_jobs_over_http(
+    topics: Config, api: ApiProcess, receiver: Receiver, worker_factory: Any
+) -> None:
+    down = True
+    receiver.respond("/hook", lambda request, seen: 503 if down else 200)
+    endpoint = api.http.post("/v1/endpoints", json={"botId": BOT, "url": receiver.url("/hook")}).json()
+    path = f"/v1/endpoints/{endpoint['id']}"
+
+    # A test send: every example, through the real sender, answered 503: reported, not retried.
+    tested = api.http.post(f"{path}/test", json={"malformed": True})
+    assert tested.status_code == 200, tested.text
+    report = tested.json()
+    assert report["ok"] is False
+    assert [(r["kind"], r["status"]) for r in report["results"]] == [
+        ("example", 503)] * 4 + [("bad_signature", 503), ("stale_timestamp", 503)]
+    for request in receiver.at("/hook")[:4]:
+        verify(endpoint["secret"], request.headers, request.body)
+    assert api.http.post(f"{path}/test", json={"events": ["CREATE_LEAD"]}).json()["results"][0]["eventType"] == \
+        "CREATE_LEAD"
+
+    # Real deliveries fail 4 times each (delays 1, 2, 3 s) and are dead-lettered.
+    worker_factory(topics)
+    published = run_gateway(topics, "publish", str(EXAMPLES))
+    ids = published.stdout.split()
+    eventually(lambda: len(api.http.get("/v1/dead-letters", params={"endpointId": endpoint["id"]}).json()["data"])
+               == 4, "4 dead letters", timeout=40)
+    history = api.http.get("/v1/deliveries", params={"eventId": ids[0]}).json()
+    assert [(d["number"], d["status"], d["next"]) for d in history["data"]] == [
+        (4, 503, "dead:retries_exhausted"), (3, 503, "retry:retry-3s"), (2, 503, "retry:retry-2s"),
+        (1, 503, "retry:retry-1s")]
+    assert history["completeSince"] is None
+    assert len(api.http.get("/v1/deliveries", params={"endpointId": endpoint["id"]}).json()["data"]) == 16
+    assert api.http.get("/v1/deliveries", params={"botId": BOT, "status": "success"}).json()["data"] == []
+
+    stats = api.http.get("/v1/dead-letters/stats").json()
+    assert stats["total"] == 4 and stats["reason"] == {"retries_exhausted": 4}
+    [shown] = api.http.get(f"/v1/dead-letters/{ids[1]}").json()
+    assert shown["eventId"] == ids[1] and len(shown["attemptLog"]) == 4
+    assert api.http.get(f"/v1/dead-letters/{shown['id']}").json()[0]["eventId"] == ids[1]
+
+    # Replay: a dry run plans, a job sends, its progress is reported; a second replay skips them.
+    dry = api.http.post("/v1/dead-letters/replay", json={"endpointId": endpoint["id"], "dryRun": True})
+    assert dry.status_code == 200 and dry.json()["state"] == "dry_run" and dry.json()["planned"] == 4
+    assert sorted(i["eventId"] for i in dry.json()["items"]) == sorted(ids)
+    down = False
+    started = api.http.post("/v1/dead-letters/replay", json={"endpointId": endpoint["id"], "rate": "20/s"})
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert job["state"] in ("running", "succeeded")
+    eventually(lambda: api.http.get(f"/v1/replays/{job['id']}").json()["state"] == "succeeded", "the replay job")
+    done = api.http.get(f"/v1/replays/{job['id']}").json()
+    assert done["result"]["replayed"] == 4 and done["progress"]["acknowledged"] == 4
+    # 16 failed attempts, then the 4 replays (test sends carry ids of their own).
+    receiver.wait_for(lambda: sum(r.event_id in ids for r in receiver.at("/hook")) >= 20, 20, "the replays")
+    eventually(lambda: len(api.http.get("/v1/deliveries", params={"endpointId": endpoint["id"],
+                                                                   "status": "success"}).json()["data"]) == 4,
+               "the replays' successes in the history")
+    again = api.http.post("/v1/dead-letters/replay", json={"endpointId": endpoint["id"]}).json()
+    assert again["planned"] == 0 and again["skippedAlreadyReplayed"] == 4
