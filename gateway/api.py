@@ -81,6 +81,7 @@ from .dlq import (
 )
 from .endpoints import (
     DEFAULT_GRACE_SECONDS,
+    KEEP,
     EndpointError,
     EndpointNotFound,
     EndpointRegistry,
@@ -267,7 +268,7 @@ class ApiError(Exception):
 _FIELDS = {
     "bot_id": "botId", "event_types": "events", "grace_seconds": "graceSeconds", "endpoint_id": "id",
     "to_endpoint": "toEndpoint", "selector": "id", "event_id": "eventId", "from_offset": "fromOffset",
-    "to_offset": "toOffset", "event_type": "eventType",
+    "to_offset": "toOffset", "event_type": "eventType", "rate_limit": "rateLimit", "max_in_flight": "maxInFlight",
 }
 
 
@@ -474,7 +475,8 @@ async def create_endpoint(service: Service, body: EndpointCreate) -> dict[str, A
     registration = await _write(
         service,
         lambda: register_endpoint(service.config, bot_id=body.bot_id, url=body.url, event_types=body.events or (),
-                                  secret=body.secret, description=body.description),
+                                  secret=body.secret, description=body.description, rate_limit=body.rate_limit,
+                                  max_in_flight=body.max_in_flight),
         lambda r: r.endpoint)
     return endpoint_json(registration.endpoint, show_secret=True) | {"warning": registration.warning}
 
@@ -488,11 +490,15 @@ async def get_endpoint_route(service: Service, endpoint_id: EndpointId) -> dict[
 
 @v1.patch("/endpoints/{id}", response_model=EndpointCreated, tags=["endpoints"], responses=_NOT_FOUND | _WRITE)
 async def patch_endpoint(service: Service, endpoint_id: EndpointId, body: EndpointPatch) -> dict[str, Any]:
-    """Change the URL, the event types or the description; absent fields are kept."""
+    """Change the URL, the event types, the description or the limits; absent fields are
+    kept (null removes a limit)."""
+    given = body.model_fields_set
     registration = await _write(
         service,
         lambda: update_endpoint(service.config, endpoint_id, url=body.url, event_types=body.events,
-                                description=body.description, table=service.table),
+                                description=body.description, table=service.table,
+                                rate_limit=body.rate_limit if "rate_limit" in given else KEEP,
+                                max_in_flight=body.max_in_flight if "max_in_flight" in given else KEEP),
         lambda r: r.endpoint)
     return endpoint_json(registration.endpoint) | {"warning": registration.warning}
 

@@ -89,6 +89,12 @@ class EndpointCreate(_Request):
         json_schema_extra={"items": {"type": "string", "enum": EVENT_TYPES}})
     secret: str | None = Field(default=None, description="Signing secret whsec_<base64>; generated when absent.")
     description: str | None = Field(default=None, description="Free text.")
+    rate_limit: float | None = Field(
+        default=None, gt=0, le=1_000_000,
+        description="Most requests per second to it, per gateway process; absent or null: no limit.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="Most requests in flight to it, per gateway process; absent or null: the process's default.")
 
 
 class EndpointPatch(_Request):
@@ -97,6 +103,12 @@ class EndpointPatch(_Request):
         default=None, description="New event types; [] means all; absent keeps them.",
         json_schema_extra={"items": {"type": "string", "enum": EVENT_TYPES}})
     description: str | None = Field(default=None, description="New description; absent keeps it.")
+    rate_limit: float | None = Field(
+        default=None, gt=0, le=1_000_000,
+        description="Most requests per second, per gateway process; absent keeps it, null removes the limit.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="Most requests in flight, per gateway process; absent keeps it, null: the process's default.")
 
 
 class RotateSecret(_Request):
@@ -111,6 +123,8 @@ class EndpointOut(_Response):
     events: list[str] = Field(description="Event types delivered; empty: all.")
     enabled: bool
     description: str | None
+    rate_limit: float | None = Field(default=None, description="Requests per second per gateway process, or null.")
+    max_in_flight: int | None = Field(default=None, description="Requests in flight per gateway process, or null.")
     secret: str = Field(description="Masked, except in the answer that created or rotated it.")
     created_at: int = Field(description="ms since the epoch")
     updated_at: int = Field(description="ms since the epoch")

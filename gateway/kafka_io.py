@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from .config import Config
 from .records import DeadLetter, Delivery
@@ -184,7 +184,19 @@ def read_to_end(
         if partition not in partitions:
             raise TopicReadError(f"{topic} has no partition {partition} (it has {len(partitions)})")
         partitions = [partition]
-    consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+    begin = dict.fromkeys(partitions, start)
+    if start > 0:
+        # An offset past a partition's end is out of range: Kafka then resets the consumer
+        # to the beginning (it would read everything), and the bundled broker never answers
+        # (it would hang). So begin no later than the high watermark and skip what is below
+        # ``start`` (the bundled broker's listed watermark may be low: nothing is lost).
+        for p in partitions:
+            try:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout, cached=False)
+            except KafkaException as exc:
+                raise TopicReadError(f"reading {topic}: {exc.args[0].str()}") from None
+            begin[p] = max(0, min(start, high))
+    consumer.assign([TopicPartition(topic, p, begin[p]) for p in partitions])
     remaining = set(partitions)
     idle_since = time.monotonic()
     while remaining:
@@ -202,5 +214,5 @@ def read_to_end(
             if partition_at_end is not None:
                 remaining.discard(partition_at_end)
                 consumer.pause([TopicPartition(topic, partition_at_end)])
-        elif msg.partition() in remaining:
+        elif msg.partition() in remaining and (msg.offset() or 0) >= start:
             yield msg
