@@ -722,9 +722,11 @@ def conclude(
         waited = drain(config, timeout=drain_timeout)
     except AssertionError as exc:
         so_far = audit(config, receiver, load.published, by_path, unacked=unacked)
+        tails = "\n".join(f"--- the last lines of {p.name}:\n" + "\n".join(
+            line[:300] for line in p.read_text(errors="replace").splitlines()[-25:]) for p in logs if p.exists())
         raise AssertionError(
             f"{exc}\nso far (lost = not delivered yet): {so_far.line(scenario)}\n"
-            f"{log_trouble(*logs)}") from None
+            f"{log_trouble(*logs)}\n{tails}") from None
     result = audit(config, receiver, load.published, by_path, unacked=unacked)
     line = result.line(scenario)
     detail = (f"  {len(endpoints)} endpoint(s), {result.arrivals} requests seen, "

@@ -44,6 +44,7 @@ def add(config: Config, url: str, *args: str) -> dict[str, Any]:
 
 
 @pytest.mark.integration
+@pytest.mark.brokers("tansu")  # a test send reads one endpoint: the broker plays no part
 def test_endpoints_test_sends_every_example_signed_and_reports_each(topics: Config, receiver: Receiver) -> None:
     endpoint = add(topics, receiver.url("/ok"))
     receiver.respond("/ok", lambda request, seen: 200 if request.json["event"] != "TICKET" else 418)
@@ -71,6 +72,7 @@ def test_endpoints_test_sends_every_example_signed_and_reports_each(topics: Conf
 
 
 @pytest.mark.integration
+@pytest.mark.brokers("tansu")  # a test send reads one endpoint: the broker plays no part
 def test_malformed_requests_are_judged_by_what_the_receiver_answers(topics: Config, receiver: Receiver) -> None:
     """A receiver that verifies (gateway listen's) refuses both; one that takes anything
     is reported as accepting them, and the command fails."""
@@ -115,6 +117,7 @@ def test_test_sends_are_not_deliveries(topics: Config, receiver: Receiver, worke
 
 
 @pytest.mark.integration
+@pytest.mark.brokers("tansu")  # a test send reads one endpoint: the broker plays no part
 def test_a_refused_destination_and_an_unknown_endpoint(topics: Config) -> None:
     blocked = add(topics, "http://127.0.0.1:9/hook")
     result = run_gateway(topics, "endpoints", "test", blocked["id"], "--event", "MESSAGE",
