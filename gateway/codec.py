@@ -216,9 +216,35 @@ class Codec:
             raise EncodeError(f"record does not fit schema {schema_name}: {exc}") from exc
         return buf.getvalue()
 
-    def _encode_confluent(self, schema: _Schema, record: Mapping[str, Any], topic: str) -> bytes:
-        from confluent_kafka.serialization import MessageField, SerializationContext
+    def _registered(self, schema: _Schema) -> Any:
+        """The registry's view of a bundled schema: one object, so that the client's cache
+        answers for it once it was registered (by :meth:`register_schemas`)."""
+        from confluent_kafka.schema_registry import Schema
 
+        return Schema(schema.full, schema_type="AVRO")
+
+    def register_schemas(self) -> None:
+        """With a registry: register every bundled schema now (blocking; the registry may
+        be asked for each). Encoding afterwards never asks the registry: a worker calls
+        this before it starts, so an outage of the registry later cannot make it wait (on
+        its event loop) to write a retry, a dead letter or the delivery history.
+
+        Raises :class:`RegistryUnavailable` when the registry cannot register them."""
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        if self._registry is None:
+            return
+        for schema in self.schemas.by_name.values():
+            try:
+                self._registry.register_schema_full_response(schema.name, self._registered(schema))
+            except SchemaRegistryError as exc:
+                raise RegistryUnavailable(f"the schema registry refused {schema.name}: HTTP {exc.http_status_code}: "
+                                          f"{exc.error_message}") from exc
+            except Exception as exc:  # httpx's transport errors, timeouts
+                raise RegistryUnavailable(f"the schema registry did not answer registering {schema.name}: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+
+    def _serializer(self, schema: _Schema) -> Any:
         serializer = self._serializers.get(schema.name)
         if serializer is None:
             from confluent_kafka.schema_registry import record_subject_name_strategy
@@ -229,10 +255,16 @@ class Codec:
                     schema.name,
                     AvroSerializer(
                         self._registry,
-                        schema.full,
+                        self._registered(schema),
                         conf={"subject.name.strategy": record_subject_name_strategy},
                     ),
                 )
+        return serializer
+
+    def _encode_confluent(self, schema: _Schema, record: Mapping[str, Any], topic: str) -> bytes:
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        serializer = self._serializer(schema)
         try:
             data: bytes = serializer(dict(record), SerializationContext(topic, MessageField.VALUE))
         except Exception as exc:  # the serializer wraps fastavro's errors in its own types

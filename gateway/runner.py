@@ -9,6 +9,7 @@ workers drain and commit first, then the producer flushes, then the HTTP clients
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from confluent_kafka.admin import AdminClient
 
 from .capacity import Capacity
-from .codec import Codec
+from .codec import Codec, RegistryUnavailable
 from .config import Config
 from .dispatcher import Dispatcher
 from .endpoints import EndpointRegistry, EndpointTable
@@ -101,6 +102,23 @@ class CircuitReporter:
             await asyncio.wait(self._writes, timeout=grace)
 
 
+async def _register_schemas(codec: Codec, stop: asyncio.Event) -> None:
+    """With a schema registry: register the schemas this process writes before it
+    delivers anything, retrying while the registry is away (the process is not ready
+    meanwhile), so that no write has to wait for the registry later."""
+    wait = 0.5
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(codec.register_schemas)
+            return
+        except RegistryUnavailable as exc:
+            log.warning("schema registry unavailable; not starting the workers yet",
+                        extra={"error": str(exc), "retry_in_s": wait})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            wait = min(wait * 2, 30.0)
+
+
 def metrics_for(config: Config, health: Health | None = None) -> Metrics:
     """The metrics of a process of ``config``, every known series at zero."""
     topics = Topics.from_config(config)
@@ -136,6 +154,7 @@ async def serve(
     health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
     await asyncio.to_thread(_check_topics, config, tiers)
     codec = Codec(config.schema_registry_url)
+    await _register_schemas(codec, stop)
     registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints(metrics))
     await asyncio.to_thread(registry.start)
     health.met(ENDPOINTS_LOADED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,15 @@ from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.codec import SINGLE_OBJECT_MAGIC, Codec, DecodeError, EncodeError, SchemaSet, schema_dir
+from gateway.codec import (
+    SINGLE_OBJECT_MAGIC,
+    Codec,
+    DecodeError,
+    EncodeError,
+    RegistryUnavailable,
+    SchemaSet,
+    schema_dir,
+)
 from gateway.events import Event, EventType, parse_event
 from gateway.records import (
     DEAD_LETTER_SCHEMA,
@@ -28,6 +37,7 @@ from gateway.records import (
     Endpoint,
     Outcome,
 )
+from tests.schema_registry import SchemaRegistry
 
 TOPIC = "test.events"
 
@@ -644,3 +654,36 @@ def test_out_of_range_long_is_an_encode_error(wire: str, value: int) -> None:
 
 def test_decode_error_is_a_value_error() -> None:
     assert issubclass(DecodeError, ValueError)
+
+
+# --- a registry that hangs after the start -----------------------------------------------
+
+
+def test_schemas_registered_at_start_encode_while_the_registry_hangs() -> None:
+    """A worker registers its schemas before it starts: a later registry hang cannot
+    hold up a retry, a dead letter or a history record on the event loop."""
+    with SchemaRegistry() as registry:
+        codec = Codec(registry.url)
+        codec.register_schemas()
+        assert set(registry.subjects) >= {s.name for s in codec.schemas.by_name.values()}
+        registry.hang()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                encoded = pool.submit(codec.encode, ENDPOINT_SCHEMA, Endpoint("e", "b", "u", "s", 1, 2).to_record(),
+                                      topic=TOPIC)
+                data = encoded.result(timeout=10)  # without the registration: a hang
+            assert data[0] == 0
+        finally:
+            registry.answer()
+            codec.close()
+
+
+def test_registering_with_a_registry_that_is_away_is_registry_unavailable() -> None:
+    with SchemaRegistry() as registry:
+        url = registry.url
+    codec = Codec(url)  # nothing listens there any more
+    try:
+        with pytest.raises(RegistryUnavailable, match="did not answer"):
+            codec.register_schemas()
+    finally:
+        codec.close()
