@@ -37,6 +37,8 @@ import contextlib
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,6 +61,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 """Most records handed to the event loop at once."""
+
+WATERMARK_TIMEOUT = 0.5
+"""Longest wait for the broker to list a paused partition's high watermark (seconds)."""
 
 Key = tuple[str, int]
 """(topic, partition)."""
@@ -92,6 +97,7 @@ class ConsumerLike(Protocol):
     def pause(self, partitions: list[TopicPartition]) -> None: ...
     def resume(self, partitions: list[TopicPartition]) -> None: ...
     def assignment(self) -> list[TopicPartition]: ...
+    def get_watermark_offsets(self, partition: TopicPartition, *, timeout: float, cached: bool) -> Any: ...
     def store_offsets(self, *, offsets: list[TopicPartition]) -> None: ...
     def commit(self, *, asynchronous: bool) -> Any: ...
     def close(self) -> None: ...
@@ -126,12 +132,20 @@ class ConsumerPump:
         owner: PartitionOwner,
         *,
         poll_timeout: float = 0.05,
+        on_watermarks: Callable[[dict[Key, int]], None] | None = None,
+        watermark_interval: float = 5.0,
     ) -> None:
         self.consumer = consumer
         self.tier = tier
         self.capacity = capacity
         self.owner = owner
         self.poll_timeout = poll_timeout
+        self.on_watermarks = on_watermarks
+        """Told the high watermarks listed for paused partitions, every
+        ``watermark_interval`` seconds while any is paused (for the lag metric: a paused
+        partition is not fetched, so the watermark its fetches reported stops moving)."""
+        self.watermark_interval = watermark_interval
+        self._listed_at = 0.0
         self._waiting: list[Any] = []
         """Records fetched, in order, that the budget had no room for yet: while any
         wait, the assignment stays paused (so at most a batch waits per tier)."""
@@ -189,6 +203,7 @@ class ConsumerPump:
         """One round: carry out the requests, hand over what the budget has room for,
         then poll (with the assignment paused while fetched records still wait)."""
         self.serve()
+        self._list_watermarks()
         if self._waiting:
             self._hand_over()
         if self._waiting:
@@ -248,6 +263,32 @@ class ConsumerPump:
                         self.consumer.resume(tp)
             except KafkaException as exc:  # e.g. a partition revoked since the request
                 log.debug("consumer request failed", extra={"tier": self.tier, "error": exc.args[0].str()})
+
+    def _list_watermarks(self) -> None:
+        """Ask the broker for the high watermarks of the paused partitions, at most every
+        ``watermark_interval``. Each request waits at most ``WATERMARK_TIMEOUT`` and the
+        first that fails ends the round (a broker that is away stalls the pump by that
+        much, not by one timeout per partition)."""
+        if self.on_watermarks is None or time.monotonic() - self._listed_at < self.watermark_interval:
+            return
+        self._listed_at = time.monotonic()
+        if self.budget_paused:
+            paused = [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+        else:
+            paused = sorted(self.held)
+        highs: dict[Key, int] = {}
+        for key in paused:
+            try:
+                listed = self.consumer.get_watermark_offsets(TopicPartition(*key), timeout=WATERMARK_TIMEOUT,
+                                                             cached=False)
+            except KafkaException as exc:
+                log.debug("watermark not listed", extra={"tier": self.tier, "error": exc.args[0].str()})
+                break
+            if listed is None:  # timed out
+                break
+            highs[key] = listed[1]
+        if highs:
+            self.on_watermarks(highs)
 
     def _pause_budget(self) -> None:
         if not self.budget_paused:

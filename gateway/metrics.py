@@ -307,22 +307,30 @@ class Metrics:
 # -- consumer lag ------------------------------------------------------------------------
 
 
-def lag_from_stats(stats: dict[str, Any], assigned: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+def lag_from_stats(
+    stats: dict[str, Any],
+    assigned: Iterable[tuple[str, int]],
+    listed: Mapping[tuple[str, int], int] | None = None,
+) -> dict[tuple[str, int], int]:
     """Lag per assigned (topic, partition) from one librdkafka statistics document.
 
     ``hi_offset`` is the high watermark the broker returned with the last fetch (the
     cached watermark: correct on the bundled broker, whose ListOffsets answer is not).
-    Lag counts from the offset this consumer stored as settled, else the group's
-    committed offset, else the log start. A partition whose watermark is not known yet
-    (no fetch answered since the assignment) is left out.
+    A paused partition is not fetched, so its cached watermark stops moving exactly when
+    lag matters (every partition is paused while the in-flight budget is full): the
+    watermarks ``listed`` by the broker for the paused partitions count too, the larger
+    of the two wins. Lag counts from the offset this consumer stored as settled, else the
+    group's committed offset, else the log start. A partition whose watermark is not
+    known yet (no fetch answered since the assignment, nothing listed) is left out.
     """
+    listed = listed or {}
     lags: dict[tuple[str, int], int] = {}
     topics = stats.get("topics", {})
     for topic, partition in assigned:
         entry = topics.get(topic, {}).get("partitions", {}).get(str(partition))
         if entry is None:
             continue
-        high = entry.get("hi_offset", -1)
+        high = max(entry.get("hi_offset", -1), listed.get((topic, partition), -1))
         if high < 0:
             continue
         for field in ("stored_offset", "committed_offset", "lo_offset"):
@@ -350,6 +358,7 @@ class ConsumerLag:
         self.tier = tier
         self._gauge = gauge
         self._assigned: set[tuple[str, int]] = set()
+        self._listed: dict[tuple[str, int], int] = {}
 
     def assign(self, partitions: Iterable[tuple[str, int]]) -> None:
         """(topic, partition) pairs now owned."""
@@ -358,6 +367,7 @@ class ConsumerLag:
     def revoke(self, partitions: Iterable[tuple[str, int]]) -> None:
         for key in list(partitions):
             self._assigned.discard(key)
+            self._listed.pop(key, None)
             self._remove(key)
 
     def clear(self) -> None:
@@ -365,10 +375,18 @@ class ConsumerLag:
         for key in list(self._assigned):
             self._remove(key)
         self._assigned.clear()
+        self._listed.clear()
+
+    def listed(self, highs: Mapping[tuple[str, int], int]) -> None:
+        """High watermarks the broker listed for paused partitions (see
+        :func:`lag_from_stats`); they count from the next statistics on."""
+        for key, high in highs.items():
+            if key in self._assigned:
+                self._listed[key] = max(high, self._listed.get(key, -1))
 
     def update(self, stats_json: str) -> None:
         try:
-            lags = lag_from_stats(json.loads(stats_json), self._assigned)
+            lags = lag_from_stats(json.loads(stats_json), self._assigned, self._listed)
         except Exception:  # an exception here would surface from poll() and stop the loop
             log.exception("consumer statistics unreadable", extra={"tier": self.tier})
             return

@@ -122,7 +122,8 @@ class TierWorker:
         self._metrics = metrics
         if consumer is None:
             consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._lag.update}))
-        self.pump = ConsumerPump(consumer, tier.name, capacity, self)
+        self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
+                                 watermark_interval=LAG_INTERVAL_MS / 1000)
 
     # -- lifecycle (event loop) ----------------------------------------------------------
 

@@ -57,13 +57,17 @@ class FakeConsumer:
     commits: int = 0
     closed: bool = False
     callbacks: dict[str, Any] = field(default_factory=dict)
+    added: dict[tuple[str, int], int] = field(default_factory=dict)
+    listings: list[tuple[str, int]] = field(default_factory=list)
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
 
     def add(self, *messages: FakeMessage) -> None:
         for message in messages:
-            self.queued.setdefault((message.topic_, message.partition_), deque()).append(message)
+            key = (message.topic_, message.partition_)
+            self.queued.setdefault(key, deque()).append(message)
+            self.added[key] = self.added.get(key, 0) + 1
 
     def rebalance(self, assign: list[tuple[str, int]]) -> None:
         """What librdkafka does inside poll: revoke what goes, assign what comes."""
@@ -102,6 +106,12 @@ class FakeConsumer:
 
     def assignment(self) -> list[TopicPartition]:
         return [TopicPartition(*k) for k in self.assigned]
+
+    def get_watermark_offsets(self, partition: TopicPartition, *, timeout: float, cached: bool) -> tuple[int, int]:
+        """As the broker lists them: what was ever added to the partition (fetched or not)."""
+        key = (partition.topic, partition.partition)
+        self.listings.append(key)
+        return 0, self.added.get(key, 0)
 
     def store_offsets(self, *, offsets: list[TopicPartition]) -> None:
         for tp in offsets:

@@ -263,6 +263,15 @@ def test_lag_counts_from_the_stored_then_committed_offset_then_the_log_start() -
     }
 
 
+def test_the_watermark_listed_for_a_paused_partition_counts_when_it_is_larger() -> None:
+    document = stats(p0={"hi_offset": 10, "stored_offset": 4}, p1={"hi_offset": 10, "stored_offset": 4},
+                     p2={"hi_offset": -1001, "committed_offset": 2})
+    listed = {("t", 0): 25, ("t", 1): 3, ("t", 2): 12}  # p1: the bundled broker lists too low
+    assert lag_from_stats(document, [("t", 0), ("t", 1), ("t", 2)], listed) == {
+        ("t", 0): 21, ("t", 1): 6, ("t", 2): 10,
+    }
+
+
 def lag_series(metrics: Metrics, tier: str) -> dict[tuple[str, str], float]:
     return {(s.labels["topic"], s.labels["partition"]): s.value
             for f in metrics.registry.collect() if f.name == "gateway_consumer_lag_records"
@@ -276,8 +285,12 @@ def test_lag_series_follow_the_assignment() -> None:
     lag.update(json.dumps(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
                                 p2={"hi_offset": 9, "stored_offset": 0})))
     assert lag_series(metrics, "unit-tier") == {("t", "0"): 3, ("t", "1"): 0}
+    lag.listed({("t", 1): 12, ("t", 2): 99})  # t/2 is not assigned here: ignored
+    lag.update(json.dumps(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
+                                p2={"hi_offset": 9, "stored_offset": 0})))
+    assert lag_series(metrics, "unit-tier") == {("t", "0"): 3, ("t", "1"): 5}
     lag.revoke([("t", 0)])  # another process owns it now: it must not count twice
-    assert lag_series(metrics, "unit-tier") == {("t", "1"): 0}
+    assert lag_series(metrics, "unit-tier") == {("t", "1"): 5}
     lag.update("{not json")  # logged, never raised into poll()
     lag.clear()
     assert lag_series(metrics, "unit-tier") == {}

@@ -244,6 +244,36 @@ def test_the_pump_hands_over_what_the_budget_has_room_for() -> None:
     assert not pump.budget_paused and consumer.paused == set()
 
 
+def test_the_pump_lists_the_watermarks_of_paused_partitions_for_the_lag_metric() -> None:
+    """Fault: with the budget full every partition is paused and no longer fetched, so
+    the lag metric (from the watermark of the last fetch) stopped moving while records
+    piled up: seen on Apache Kafka as lag 0 on a partition with 19 records unsettled."""
+    consumer = FakeConsumer()
+    capacity = Capacity(2, ["events"])
+    owner = Owner()
+    listed: list[dict[tuple[str, int], int]] = []
+    pump = ConsumerPump(consumer, "events", capacity, owner, on_watermarks=listed.append, watermark_interval=0)
+    owner.pump = pump
+    consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
+    consumer.rebalance([("t", 0), ("t", 1)])
+    pump.run_once()
+    assert listed == [] and consumer.listings == []  # nothing paused: the fetches tell
+    consumer.add(*(FakeMessage("t", 0, i) for i in range(3)))
+    pump.run_once()
+    assert pump.budget_paused
+    consumer.add(*(FakeMessage("t", 1, i) for i in range(7)))  # arrive while paused
+    pump.run_once()
+    assert listed[-1] == {("t", 0): 3, ("t", 1): 7}
+    for _ in range(10):  # every record settles
+        capacity.give("events", capacity.used("events"))
+        pump.run_once()
+    assert not pump.budget_paused and len(owner.accepted) == 10
+    pump.send(Pause("t", 1))  # a retry tier's head not due: only that one is listed
+    consumer.listings.clear()
+    pump.run_once()
+    assert set(consumer.listings) == {("t", 1)}
+
+
 def test_the_pump_keeps_polling_with_the_budget_full_and_the_assignment_paused() -> None:
     """Fault: polling stopped while there was no room, so a worker whose budget stayed
     full (a broker that is down, a slow receiver) went past max.poll.interval.ms and was
