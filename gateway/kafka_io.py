@@ -145,7 +145,12 @@ class TopicReadError(RuntimeError):
 
 def reader_consumer(config: Config, purpose: str) -> Consumer:
     """A consumer for reading a topic outside the workers' groups: partitions are assigned
-    directly under a throwaway group id, and nothing is ever committed."""
+    directly under a throwaway group id, and nothing is ever committed.
+
+    Its fetches wait ``fetch_wait_ms`` as the workers' do: the end of a partition is
+    known from the first fetch there that finds nothing, and a broker holds that fetch for
+    the whole wait (librdkafka's default of 500 ms made every `dlq list` or replay plan
+    half a second longer per topic read)."""
     return Consumer(
         config.kafka_common()
         | {
@@ -154,6 +159,7 @@ def reader_consumer(config: Config, purpose: str) -> Consumer:
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": config.fetch_wait_ms,
         }
     )
 

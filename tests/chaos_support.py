@@ -391,6 +391,7 @@ def _read(config: Config, topic: str, timeout: float = 20.0) -> tuple[list[int],
         "bootstrap.servers": config.bootstrap_servers,
         "group.id": f"chaos-reader-{time.monotonic_ns()}",
         "enable.partition.eof": True,
+        "fetch.wait.max.ms": 25,  # the end is the first empty fetch: the broker holds it this long
         "enable.auto.commit": False,
         "allow.auto.create.topics": False,
     })
