@@ -110,6 +110,7 @@ def test_the_route_list_is_what_the_issue_asks_for() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.brokers("tansu")  # the API's own checks: no broker behaviour in them
 def test_every_route_needs_a_good_token(client: TestClient) -> None:
     bodies = {"/v1/endpoints": {"botId": BOT, "url": "http://127.0.0.1:9/hook"}, "/v1/dead-letters/replay": {}}
     checked = 0
@@ -172,6 +173,7 @@ def test_writes_are_read_at_once(client: TestClient) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.brokers("tansu")  # the API's own checks: no broker behaviour in them
 def test_pages_of_endpoints(client: TestClient) -> None:
     made = [client.post("/v1/endpoints", json={"botId": BOT, "url": f"https://example.com/{i}"}).json()["id"]
             for i in range(5)]
@@ -188,6 +190,7 @@ def test_pages_of_endpoints(client: TestClient) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.brokers("tansu")  # the API's own checks: no broker behaviour in them
 def test_bad_input_gets_422_naming_the_field(client: TestClient) -> None:
     endpoint = client.post("/v1/endpoints", json={"botId": BOT, "url": "https://example.com/a"}).json()
     path = f"/v1/endpoints/{endpoint['id']}"
