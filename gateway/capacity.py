@@ -45,6 +45,7 @@ class Capacity:
         self._used = dict.fromkeys(tiers, 0)
         self._starved: set[str] = set()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
 
     def claim(self, tier: str, wanted: int) -> int:
         """Take room for up to ``wanted`` records of ``tier``; returns how many it got.
@@ -72,6 +73,12 @@ class Capacity:
     def give(self, tier: str, n: int = 1) -> None:
         with self._lock:
             self._used[tier] -= n
+            self._room.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for room to be given back (by any tier)."""
+        with self._lock:
+            self._room.wait(timeout)
 
     def used(self, tier: str | None = None) -> int:
         """Records in progress, of ``tier`` or of all tiers."""

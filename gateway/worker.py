@@ -123,7 +123,8 @@ class TierWorker:
         if consumer is None:
             consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._lag.update}))
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
-                                 watermark_interval=LAG_INTERVAL_MS / 1000)
+                                 watermark_interval=LAG_INTERVAL_MS / 1000,
+                                 pause_after=min(2.0, config.max_poll_interval_ms / 1000 / 4))
 
     # -- lifecycle (event loop) ----------------------------------------------------------
 

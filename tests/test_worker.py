@@ -222,7 +222,7 @@ class Owner:
 def pump_with(consumer: FakeConsumer, capacity: Capacity) -> tuple[ConsumerPump, Owner]:
     """A pump run round by round by the test (no thread)."""
     owner = Owner()
-    pump = ConsumerPump(consumer, "events", capacity, owner)
+    pump = ConsumerPump(consumer, "events", capacity, owner, pause_after=0)  # pause at once
     owner.pump = pump
     consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
     return pump, owner
@@ -252,7 +252,8 @@ def test_the_pump_lists_the_watermarks_of_paused_partitions_for_the_lag_metric()
     capacity = Capacity(2, ["events"])
     owner = Owner()
     listed: list[dict[tuple[str, int], int]] = []
-    pump = ConsumerPump(consumer, "events", capacity, owner, on_watermarks=listed.append, watermark_interval=0)
+    pump = ConsumerPump(consumer, "events", capacity, owner, on_watermarks=listed.append, watermark_interval=0,
+                         pause_after=0)
     owner.pump = pump
     consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
     consumer.rebalance([("t", 0), ("t", 1)])
@@ -272,6 +273,31 @@ def test_the_pump_lists_the_watermarks_of_paused_partitions_for_the_lag_metric()
     consumer.listings.clear()
     pump.run_once()
     assert set(consumer.listings) == {("t", 1)}
+
+
+def test_a_budget_full_for_a_moment_waits_for_room_without_pausing() -> None:
+    """Fault: the pump paused the assignment at every full budget. librdkafka drops what it
+    prefetched for a paused partition and fetches again ~0.9 s after the resume, so a busy
+    worker delivered 1,500 records a second instead of thousands (bench/run.py)."""
+    consumer = FakeConsumer()
+    capacity = Capacity(2, ["events"])
+    owner = Owner()
+    pump = ConsumerPump(consumer, "events", capacity, owner, pause_after=60.0, poll_timeout=0.01)
+    owner.pump = pump
+    consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
+    consumer.rebalance([("t", 0)])
+    consumer.add(*(FakeMessage("t", 0, i) for i in range(5)))
+    pump.run_once()
+    assert len(owner.accepted) == 2 and not pump.budget_paused
+    polls = consumer.polls
+    pump.run_once()  # no room: waits for it, neither pausing nor fetching more
+    assert consumer.polls == polls and consumer.paused == set()
+    capacity.give("events", 2)
+    pump.run_once()
+    assert len(owner.accepted) == 4 and consumer.paused == set()
+    pump.pause_after = 0.0  # the budget stays full past the grace: now it pauses and polls
+    pump.run_once()
+    assert pump.budget_paused and consumer.paused == {("t", 0)} and consumer.polls > polls
 
 
 def test_the_pump_keeps_polling_with_the_budget_full_and_the_assignment_paused() -> None:
