@@ -239,10 +239,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     runs = list(results["brokers"].values())
     fig, axes = plt.subplots(len(runs), 2, figsize=(13, 4.2 * len(runs)), squeeze=False)
     for (ax1, ax2), run in zip(axes, runs, strict=True):
-        for path, series in run["timeline"].items():
-            ax1.plot(range(len(series["per_second"])), series["per_second"], label=path)
+        for endpoint, series in run["timeline"].items():
+            ax1.plot(range(len(series["per_second"])), series["per_second"], label=endpoint)
             tenths = series["in_flight_tenths"]
-            ax2.plot([t / 10 for t in range(len(tenths))], tenths, label=path, linewidth=0.8)
+            ax2.plot([t / 10 for t in range(len(tenths))], tenths, label=endpoint, linewidth=0.8)
         ax1.set_title(f"{run['broker']}: deliveries (answers) per second, per endpoint")
         ax2.set_title(f"{run['broker']}: requests in flight at the receiver, per endpoint")
         for ax in (ax1, ax2):
@@ -252,12 +252,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def replot(results_json: Path) -> None:
+    """Draw the plot again from a results file (``--plot FILE``)."""
+    plot(json.loads(results_json.read_text()), results_json.parent / "fairness-latest.png")
+
+
+def replot(results_json: Path) -> None:
+    """Draw the plot again from a results file (``--plot FILE``)."""
+    plot(json.loads(results_json.read_text()), results_json.parent / "fairness-latest.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--brokers", default="tansu,kafka")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--plot", type=Path, help="only draw fairness-latest.png again from this results file")
     args = parser.parse_args()
+    if args.plot:
+        replot(args.plot)
+        return
     workdir = args.out / "tmp-fairness"
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
