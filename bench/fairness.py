@@ -257,11 +257,6 @@ def replot(results_json: Path) -> None:
     plot(json.loads(results_json.read_text()), results_json.parent / "fairness-latest.png")
 
 
-def replot(results_json: Path) -> None:
-    """Draw the plot again from a results file (``--plot FILE``)."""
-    plot(json.loads(results_json.read_text()), results_json.parent / "fairness-latest.png")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=30)
