@@ -157,7 +157,8 @@ class ConsumerPump:
         self._full_since: float | None = None
         self._waiting: list[Any] = []
         """Records fetched, in order, that the budget had no room for yet: while any
-        wait, the assignment stays paused (so at most a batch waits per tier)."""
+        wait, nothing more is fetched (the pump waits for room, then pauses the
+        assignment after ``pause_after``), so at most a batch waits per tier."""
         self.held: set[Key] = set()
         """Partitions the event loop paused (heads not due)."""
         self.budget_paused = False
@@ -216,7 +217,9 @@ class ConsumerPump:
         if self._waiting:
             self._hand_over()
         if self._waiting:
-            if not self.budget_paused and time.monotonic() - self._waiting_since() < self.pause_after:
+            if self._full_since is None:
+                self._full_since = time.monotonic()
+            if not self.budget_paused and time.monotonic() - self._full_since < self.pause_after:
                 self.capacity.wait(self.poll_timeout)  # room comes back within milliseconds when busy
                 return
             self._pause_budget()
@@ -241,11 +244,6 @@ class ConsumerPump:
             self._hand_over()
             if self._waiting and self.pause_after <= 0:
                 self._pause_budget()
-
-    def _waiting_since(self) -> float:
-        if self._full_since is None:
-            self._full_since = time.monotonic()
-        return self._full_since
 
     def _hand_over(self) -> None:
         granted = self.capacity.claim(self.tier, len(self._waiting))
