@@ -63,12 +63,16 @@ def gateway_config(service: dict[str, Any]) -> Config:
     return Config.from_env({k: str(v) for k, v in service["environment"].items()})
 
 
+# The services that run the gateway's image, with its configuration.
+GATEWAY_SERVICES = ("topics", "gateway", "api")
+
+
 def option(command: list[str], flag: str, default: str) -> str:
     return command[command.index(flag) + 1] if flag in command else default
 
 
-def test_the_stack_has_kafka_topics_gateway_prometheus_and_grafana(services: dict[str, Any]) -> None:
-    assert set(services) == {"kafka", "topics", "gateway", "prometheus", "grafana"}
+def test_the_stack_has_kafka_topics_gateway_api_prometheus_and_grafana(services: dict[str, Any]) -> None:
+    assert set(services) == {"kafka", "topics", "gateway", "api", "prometheus", "grafana"}
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image version"
@@ -78,7 +82,7 @@ def test_every_mounted_file_and_the_build_context_exist(services: dict[str, Any]
     for name, service in services.items():
         for target, source in mounts(service).items():
             assert source.exists(), f"{name} mounts {source} at {target}: it does not exist"
-    for name in ("topics", "gateway"):
+    for name in GATEWAY_SERVICES:
         assert services[name]["build"] == "."
     dockerfile = (ROOT / "Dockerfile").read_text()
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -102,7 +106,7 @@ def test_kafka_is_a_single_kraft_node_the_gateway_reaches(services: dict[str, An
     protocols = dict(e.split(":") for e in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     assert set(protocols) == set(listeners)
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # `topics` creates them
-    for name in ("topics", "gateway"):
+    for name in GATEWAY_SERVICES:
         bootstrap = gateway_config(services[name]).bootstrap_servers
         assert bootstrap in advertised.values(), f"{name} bootstraps from {bootstrap}: not advertised"
         listener = next(k for k, v in advertised.items() if v == bootstrap)
@@ -131,16 +135,19 @@ def test_kafka_runs_the_tested_version_with_the_tested_settings(services: dict[s
     assert not _NODE_OWN & set(shared)
 
 
-def test_topics_and_gateway_share_one_configuration(services: dict[str, Any]) -> None:
+def test_topics_gateway_and_api_share_one_configuration(services: dict[str, Any]) -> None:
     known = {s.env for s in SETTINGS}
     sources = "\n".join(p.read_text() for p in (ROOT / "gateway").glob("*.py"))
     known |= set(re.findall(r"\bGATEWAY_[A-Z_]+\b", sources))
-    for name in ("topics", "gateway"):
+    for name in GATEWAY_SERVICES:
         unknown = set(services[name]["environment"]) - known
         assert not unknown, f"{name} sets variables the gateway never reads: {unknown}"
-    topics, gateway = gateway_config(services["topics"]), gateway_config(services["gateway"])
-    assert Topics.from_config(topics) == Topics.from_config(gateway)
+    topics, gateway, api = (gateway_config(services[name]) for name in GATEWAY_SERVICES)
+    assert Topics.from_config(topics) == Topics.from_config(gateway) == Topics.from_config(api)
     assert topics.partitions == gateway.partitions
+    # The API judges test sends' destinations as the workers judge deliveries'.
+    assert (api.allow_private_networks, api.allowed_networks) == (gateway.allow_private_networks,
+                                                                 gateway.allowed_networks)
     assert services["topics"]["command"] == ["gateway", "topics", "create"]
     assert services["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["gateway"]["depends_on"]["topics"]["condition"] == "service_completed_successfully"
@@ -170,6 +177,31 @@ def test_prometheus_scrapes_every_worker_port_the_gateway_serves(services: dict[
     assert set(worker_ports) <= set(published(gateway))
     probe = " ".join(gateway["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in probe
+
+
+def test_the_api_is_opt_in_serves_its_published_port_and_takes_its_token_from_the_host(
+        services: dict[str, Any]) -> None:
+    """`docker compose up` starts no API (it would refuse to start without a token); with
+    `--profile api` it serves on the port it publishes, on the host's loopback only, and
+    the healthcheck probes the route that needs no token."""
+    api = services["api"]
+    assert api["profiles"] == ["api"]
+    command = api["command"]
+    assert command[:2] == ["gateway", "api"]
+    assert option(command, "--host", "127.0.0.1") == "0.0.0.0"  # reachable from the host's side of the bridge
+    port = int(option(command, "--port", "8080"))
+    assert published(api) == {port: 8080}
+    (mapping,) = api["ports"]
+    assert mapping.startswith("127.0.0.1:"), "plain HTTP: publish it on the host's loopback only"
+    # From the host's environment, and never `${…:?}`: compose interpolates every service,
+    # profile or not, so a required variable would stop `docker compose up` too.
+    assert api["environment"]["GATEWAY_API_TOKENS"] == "${GATEWAY_API_TOKENS:-}"
+    probe = " ".join(api["healthcheck"]["test"])
+    assert f"127.0.0.1:{port}/healthz" in probe
+    assert api["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The management API"):]
+    assert "docker compose --profile api up" in section
 
 
 def test_grafana_reads_the_provisioned_prometheus_and_dashboard(services: dict[str, Any]) -> None:
