@@ -1004,7 +1004,7 @@ def api(api_host: str, api_port: int, history_size: int, print_openapi: bool, **
         raise CommandError(str(exc)) from None
     if not tokens:
         raise CommandError(
-            "GATEWAY_API_TOKENS is not set: the API serves nobody without a token. Set it to one or more "
+            "GATEWAY_API_TOKENS is not set (or empty): the API serves nobody without a token. Set it to one or more "
             "comma-separated tokens of 16 characters or more, e.g. "
             "GATEWAY_API_TOKENS=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
     config = build_config(settings)

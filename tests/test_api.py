@@ -68,7 +68,11 @@ def test_gateway_api_refuses_to_start_without_tokens() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     result = subprocess.run([sys.executable, "-m", "gateway", "api", "--port", str(free_port())],
                             capture_output=True, text=True, timeout=60, env=env)
-    assert result.returncode == 1 and "GATEWAY_API_TOKENS is not set" in result.stderr
+    assert result.returncode == 1 and "GATEWAY_API_TOKENS is not set (or empty)" in result.stderr
+    # What docker-compose.yml's api service gets when the host has no token.
+    empty = subprocess.run([sys.executable, "-m", "gateway", "api", "--port", str(free_port())],
+                           capture_output=True, text=True, timeout=60, env=env | {"GATEWAY_API_TOKENS": ""})
+    assert empty.returncode == 1 and "GATEWAY_API_TOKENS is not set (or empty)" in empty.stderr
     weak = subprocess.run([sys.executable, "-m", "gateway", "api"], capture_output=True, text=True, timeout=60,
                           env=env | {"GATEWAY_API_TOKENS": "letmein"})
     assert weak.returncode == 1 and "at least 16" in weak.stderr and "letmein" not in weak.stderr
