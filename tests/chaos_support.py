@@ -441,15 +441,22 @@ def _committed(config: Config, group: str, topic: str, partitions: Iterable[int]
         consumer.close()
 
 
-def lag(config: Config, stuck: list[str] | None = None) -> dict[str, int]:
-    """Records not yet committed by the gateway, per tier, read in tier order: a record
-    settled upstream has had its next-tier record acknowledged first, so zero everywhere
-    in one pass means nothing is in flight. ``stuck`` gets a line per lagging partition."""
+def lag(config: Config, stuck: list[str] | None = None,
+        ends_seen: dict[str, dict[int, int]] | None = None) -> dict[str, int]:
+    """Records not yet committed by the gateway, per topic a worker consumes: the schedule's
+    tiers, then the deferral rungs (a delivery put off waits there, on no other topic).
+    ``stuck`` gets a line per lagging partition; ``ends_seen`` each topic's end offsets.
+
+    One pass is not a snapshot: a record can move to a topic the pass has already read (a
+    deferred delivery comes back to its retry tier). :func:`drain` therefore also asks
+    that no topic grew between its quiet passes."""
     result = {}
     codec = Codec(config.schema_registry_url)
     now = time.time()
-    for tier in Topics.from_config(config).tiers:
+    for tier in Topics.from_config(config).worker_tiers:
         ends, records = _ends(config, tier.topic)
+        if ends_seen is not None:
+            ends_seen[tier.topic] = ends
         committed = _committed(config, f"{config.consumer_group}.{tier.name}", tier.topic, ends)
         result[tier.name] = sum(max(0, end - committed.get(p, 0)) for p, end in ends.items())
         for p, end in sorted(ends.items()):
@@ -458,7 +465,7 @@ def lag(config: Config, stuck: list[str] | None = None) -> dict[str, int]:
                 continue
             line = f"{tier.name}[{p}]: committed {position} of {end}"
             head = records.get((p, position))
-            if head is not None and tier.index > 0:
+            if head is not None and (tier.index > 0 or tier.deferral):  # a Delivery, with its due time
                 due = Delivery.from_record(codec.decode(head.value())[1]).due_at / 1000
                 line += f", its first uncommitted record was due {now - due:.1f} s ago"
             stuck.append(line)
@@ -466,21 +473,37 @@ def lag(config: Config, stuck: list[str] | None = None) -> dict[str, int]:
 
 
 def drain(config: Config, *, timeout: float, settle: int = 2) -> float:
-    """Wait until every tier's group has committed to the end of its topic, ``settle``
-    times in a row; returns the seconds waited. Fails (a hang) after ``timeout``."""
+    """Wait until every topic a worker consumes has been committed to its end, ``settle``
+    passes in a row with no topic growing in between; returns the seconds waited. Fails (a
+    hang) after ``timeout``.
+
+    Why that is enough: a record is committed only once it settled, and it settles only
+    once what it turned into (retries, deferrals) was acknowledged. A record still in the
+    pipeline during a quiet pass lies past its topic's committed offset, so it was written
+    after the pass read that topic; its source was settled, so it was written before the
+    pass read the source's topic. Follow the sources back: one of them was written between
+    the previous pass's read of its topic and this pass's, and that topic grew."""
     started = time.monotonic()
     deadline = started + timeout
     quiet = 0
+    previous: dict[str, dict[int, int]] = {}
     while True:
         stuck: list[str] = []
-        last = lag(config, stuck)
-        quiet = quiet + 1 if not any(last.values()) else 0
+        ends: dict[str, dict[int, int]] = {}
+        last = lag(config, stuck, ends)
+        if any(last.values()):
+            quiet = 0
+        elif quiet and ends == previous:
+            quiet += 1
+        else:
+            quiet = 1  # the first quiet pass, or a topic grew since the last one: count from here
+        previous = ends
         if quiet >= settle:
             return time.monotonic() - started
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"HANG: the pipeline did not drain within {timeout} s of the end of the load; "
-                f"uncommitted records per tier: {last}\n  " + "\n  ".join(stuck))
+                f"uncommitted records per topic: {last}\n  " + "\n  ".join(stuck))
         time.sleep(1.0)
 
 
