@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from confluent_kafka import Producer
 
 from gateway.codec import Codec
