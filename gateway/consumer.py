@@ -39,6 +39,7 @@ The rebalance contract (the owner's side is in :mod:`gateway.worker`):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import threading
@@ -56,6 +57,7 @@ __all__ = [
     "Command",
     "ConsumerLike",
     "ConsumerPump",
+    "GroupWatch",
     "Key",
     "PartitionOwner",
     "Pause",
@@ -357,3 +359,54 @@ class ConsumerPump:
             self.owner.revoked(keys, lost=True)
         except Exception:
             log.exception("releasing lost partitions failed", extra={"tier": self.tier})
+
+
+GROUP_WARN_AFTER = 30.0
+"""How long a consumer may stay out of its group before :class:`GroupWatch` says so (seconds)."""
+
+
+class GroupWatch:
+    """Says when a tier's consumer stays out of its consumer group.
+
+    A member is in join-state ``steady`` whenever it holds its assignment, even an empty
+    one; a rebalance takes it out for milliseconds to seconds. Outside ``steady`` it
+    fetches nothing, so a tier that stays out silently stops delivering while every other
+    tier goes on. This is watched from librdkafka's statistics (``cgrp``): one warning
+    when the consumer has been out for ``warn_after``, naming the states librdkafka is
+    in, and one line when it is back. (Seen on Apache Kafka: after the broker was frozen
+    for 10 s, one tier's consumer never rejoined while the others did within 5 s.)
+    """
+
+    def __init__(self, tier: str, *, warn_after: float = GROUP_WARN_AFTER,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tier = tier
+        self.warn_after = warn_after
+        self._clock = clock
+        self._out_since: float | None = None
+        self.warned = False
+
+    def update(self, stats_json: str) -> None:
+        """Read one statistics document (``stats_cb``, on the consumer's thread)."""
+        try:
+            document = json.loads(stats_json)
+        except ValueError:
+            return  # ConsumerLag reports unreadable statistics
+        group = document.get("cgrp") if isinstance(document, dict) else None
+        if not isinstance(group, dict) or "join_state" not in group:
+            return
+        now = self._clock()
+        if group["join_state"] == "steady":
+            if self.warned:
+                log.info("consumer back in its group", extra={
+                    "tier": self.tier, "out_for_s": round(now - (self._out_since or now), 1)})
+            self._out_since, self.warned = None, False
+            return
+        if self._out_since is None:
+            self._out_since = now
+        elif not self.warned and now - self._out_since >= self.warn_after:
+            self.warned = True
+            log.error("consumer out of its group: the tier fetches nothing until it rejoins", extra={
+                "tier": self.tier, "out_for_s": round(now - self._out_since, 1),
+                "state": group.get("state"), "join_state": group["join_state"],
+                "rebalance_reason": group.get("rebalance_reason"),
+            })

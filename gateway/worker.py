@@ -48,7 +48,7 @@ from confluent_kafka import Consumer
 from .capacity import Capacity
 from .codec import DecodeError, RegistryUnavailable
 from .config import Config
-from .consumer import ConsumerLike, ConsumerPump, Key, Pause, Resume
+from .consumer import ConsumerLike, ConsumerPump, GroupWatch, Key, Pause, Resume
 from .dispatcher import Dispatcher, Job, Pending, now_ms
 from .health import Health, assigned
 from .metrics import LAG_INTERVAL_MS, ConsumerLag, Metrics
@@ -118,10 +118,11 @@ class TierWorker:
         self._schema_fetches: dict[int, asyncio.Task[None]] = {}
         self._done: asyncio.Future[None] = loop.create_future()
         self._lag = ConsumerLag(tier.name, metrics.consumer_lag)
+        self._group = GroupWatch(tier.name)
         self._in_flight = metrics.records_in_flight(tier.name)
         self._metrics = metrics
         if consumer is None:
-            consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._lag.update}))
+            consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._statistics}))
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
                                  watermark_interval=LAG_INTERVAL_MS / 1000,
                                  pause_after=min(2.0, config.max_poll_interval_ms / 1000 / 4))
@@ -137,6 +138,11 @@ class TierWorker:
         await self._done
         for task in self._schema_fetches.values():
             task.cancel()
+
+    def _statistics(self, stats_json: str) -> None:
+        """librdkafka's statistics (``stats_cb``, called by poll on the pump's thread)."""
+        self._lag.update(stats_json)
+        self._group.update(stats_json)
 
     # -- PartitionOwner: called on the pump's thread -------------------------------------
 

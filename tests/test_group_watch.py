@@ -1,0 +1,123 @@
+"""GroupWatch: a tier's consumer that stays out of its consumer group is named in the log.
+
+The rule runs on a fake clock; the statistics it reads are checked against a real
+consumer on each broker (and Kafka's KIP-848 protocol), since a field librdkafka names
+differently would leave the watch silent forever."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer
+
+from gateway.config import Config
+from gateway.consumer import GroupWatch
+from gateway.topics import Topics
+from gateway.worker import consumer_settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stats(join_state: str, state: str = "up") -> str:
+    return json.dumps({"cgrp": {"state": state, "join_state": join_state, "rebalance_reason": "because"}})
+
+
+def watched(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    return [(r.getMessage(), {k: getattr(r, k, None) for k in ("join_state", "out_for_s")})
+            for r in caplog.records if r.name == "gateway.consumer"]
+
+
+def test_a_consumer_out_of_its_group_longer_than_the_bound_is_named_once_and_again_when_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.consumer")
+    clock = Clock()
+    watch = GroupWatch("events", warn_after=30, clock=clock)
+    watch.update(stats("steady"))
+    watch.update(stats("wait-unassign-to-complete"))
+    clock.now += 29.9
+    watch.update(stats("wait-unassign-to-complete"))
+    assert watched(caplog) == []
+    clock.now += 0.2
+    watch.update(stats("wait-join"))
+    clock.now += 60
+    watch.update(stats("wait-join"))
+    assert watched(caplog) == [("consumer out of its group: the tier fetches nothing until it rejoins",
+                                {"join_state": "wait-join", "out_for_s": 30.1})]
+    assert caplog.records[-1].levelname == "ERROR"
+    clock.now += 5
+    watch.update(stats("steady"))
+    assert watched(caplog)[-1] == ("consumer back in its group", {"join_state": None, "out_for_s": 95.1})
+
+
+def test_rebalances_shorter_than_the_bound_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.consumer")
+    clock = Clock()
+    watch = GroupWatch("events", warn_after=30, clock=clock)
+    for _ in range(10):
+        watch.update(stats("wait-join"))
+        clock.now += 20
+        watch.update(stats("steady"))
+        clock.now += 5
+    watch.update(stats("init", state="query-coord"))
+    assert watched(caplog) == []
+
+
+def test_statistics_without_a_group_or_unreadable_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.consumer")
+    clock = Clock()
+    watch = GroupWatch("events", warn_after=0, clock=clock)
+    for text in ("{", "[]", json.dumps({"name": "rdkafka#consumer-1"}), json.dumps({"cgrp": {"state": "up"}})):
+        watch.update(text)
+        clock.now += 60
+    assert watched(caplog) == []
+
+
+def _join_states_once_assigned(config: Config) -> list[str]:
+    """The join states a tier's real consumer reports from its first assignment on, for
+    3 s (a rebalance may still follow: the topics are new)."""
+    tier = Topics.from_config(config).tier("events")
+    seen: list[str] = []
+
+    def record(text: str) -> None:
+        group = json.loads(text).get("cgrp")
+        if group:
+            seen.append(group["join_state"])
+
+    consumer = Consumer(consumer_settings(config, tier) | {"stats_cb": record, "statistics.interval.ms": 200})
+    try:
+        consumer.subscribe([tier.topic])
+        deadline = time.monotonic() + 60
+        while not consumer.assignment():
+            assert time.monotonic() < deadline, seen
+            consumer.poll(0.2)
+        seen.clear()
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            consumer.poll(0.2)
+        return list(seen)  # (closing leaves the group: what it reports then is not asked)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.integration
+def test_a_real_consumer_holding_its_assignment_reports_steady(topics: Config) -> None:
+    states = _join_states_once_assigned(topics)
+    assert len(states) >= 3 and states[-3:] == ["steady"] * 3, states
+
+
+@pytest.mark.integration
+@pytest.mark.brokers("kafka")
+def test_a_kip_848_consumer_holding_its_assignment_reports_steady(topics: Config) -> None:
+    states = _join_states_once_assigned(topics.replace(group_protocol="consumer"))
+    assert len(states) >= 3 and states[-3:] == ["steady"] * 3, states
