@@ -39,12 +39,11 @@ The rebalance contract (the owner's side is in :mod:`gateway.worker`):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -371,7 +370,7 @@ class GroupWatch:
     A member is in join-state ``steady`` whenever it holds its assignment, even an empty
     one; a rebalance takes it out for milliseconds to seconds. Outside ``steady`` it
     fetches nothing, so a tier that stays out silently stops delivering while every other
-    tier goes on. This is watched from librdkafka's statistics (``cgrp``): one warning
+    tier goes on. This is watched from librdkafka's statistics (``cgrp``): one error
     when the consumer has been out for ``warn_after``, naming the states librdkafka is
     in, and one line when it is back. (Seen on Apache Kafka: after the broker was frozen
     for 10 s, one tier's consumer never rejoined while the others did within 5 s.)
@@ -385,20 +384,16 @@ class GroupWatch:
         self._out_since: float | None = None
         self.warned = False
 
-    def update(self, stats_json: str) -> None:
+    def update(self, stats: Mapping[str, Any]) -> None:
         """Read one statistics document (``stats_cb``, on the consumer's thread)."""
-        try:
-            document = json.loads(stats_json)
-        except ValueError:
-            return  # ConsumerLag reports unreadable statistics
-        group = document.get("cgrp") if isinstance(document, dict) else None
+        group = stats.get("cgrp")
         if not isinstance(group, dict) or "join_state" not in group:
             return
         now = self._clock()
         if group["join_state"] == "steady":
-            if self.warned:
+            if self._out_since is not None and self.warned:
                 log.info("consumer back in its group", extra={
-                    "tier": self.tier, "out_for_s": round(now - (self._out_since or now), 1)})
+                    "tier": self.tier, "out_for_s": round(now - self._out_since, 1)})
             self._out_since, self.warned = None, False
             return
         if self._out_since is None:

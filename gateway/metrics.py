@@ -308,7 +308,7 @@ class Metrics:
 
 
 def lag_from_stats(
-    stats: dict[str, Any],
+    stats: Mapping[str, Any],
     assigned: Iterable[tuple[str, int]],
     listed: Mapping[tuple[str, int], int] | None = None,
 ) -> dict[tuple[str, int], int]:
@@ -341,6 +341,20 @@ def lag_from_stats(
             start = 0  # auto.offset.reset=earliest on a log that starts at 0
         lags[(topic, partition)] = max(0, high - start)
     return lags
+
+
+def read_statistics(stats_json: str, tier: str) -> dict[str, Any] | None:
+    """One librdkafka statistics document (a consumer's ``stats_cb`` argument), parsed once
+    for every reader of it; None, logged, when it is not a JSON object (an exception here
+    would surface from ``poll()`` and stop the consumer's loop)."""
+    try:
+        document = json.loads(stats_json)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        log.error("consumer statistics unreadable", extra={"tier": tier, "statistics": stats_json[:200]})
+        return None
+    return document
 
 
 class ConsumerLag:
@@ -384,9 +398,10 @@ class ConsumerLag:
             if key in self._assigned:
                 self._listed[key] = max(high, self._listed.get(key, -1))
 
-    def update(self, stats_json: str) -> None:
+    def update(self, stats: Mapping[str, Any]) -> None:
+        """Read one statistics document (see :func:`read_statistics`)."""
         try:
-            lags = lag_from_stats(json.loads(stats_json), self._assigned, self._listed)
+            lags = lag_from_stats(stats, self._assigned, self._listed)
         except Exception:  # an exception here would surface from poll() and stop the loop
             log.exception("consumer statistics unreadable", extra={"tier": self.tier})
             return

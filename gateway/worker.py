@@ -51,7 +51,7 @@ from .config import Config
 from .consumer import ConsumerLike, ConsumerPump, GroupWatch, Key, Pause, Resume
 from .dispatcher import Dispatcher, Job, Pending, now_ms
 from .health import Health, assigned
-from .metrics import LAG_INTERVAL_MS, ConsumerLag, Metrics
+from .metrics import LAG_INTERVAL_MS, ConsumerLag, Metrics, read_statistics
 from .partitions import PartitionState
 from .topics import Tier
 
@@ -141,8 +141,10 @@ class TierWorker:
 
     def _statistics(self, stats_json: str) -> None:
         """librdkafka's statistics (``stats_cb``, called by poll on the pump's thread)."""
-        self._lag.update(stats_json)
-        self._group.update(stats_json)
+        stats = read_statistics(stats_json, self.tier.name)
+        if stats is not None:
+            self._lag.update(stats)
+            self._group.update(stats)
 
     # -- PartitionOwner: called on the pump's thread -------------------------------------
 

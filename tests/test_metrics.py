@@ -35,6 +35,7 @@ from gateway.metrics import (
     Metrics,
     attempt_labels,
     lag_from_stats,
+    read_statistics,
     serve_metrics,
 )
 from gateway.publisher import Publisher
@@ -282,16 +283,18 @@ def test_lag_series_follow_the_assignment() -> None:
     metrics = fresh_metrics()
     lag = ConsumerLag("unit-tier", metrics.consumer_lag)
     lag.assign([("t", 0), ("t", 1)])
-    lag.update(json.dumps(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
-                                p2={"hi_offset": 9, "stored_offset": 0})))
+    lag.update(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
+                     p2={"hi_offset": 9, "stored_offset": 0}))
     assert lag_series(metrics, "unit-tier") == {("t", "0"): 3, ("t", "1"): 0}
     lag.listed({("t", 1): 12, ("t", 2): 99})  # t/2 is not assigned here: ignored
-    lag.update(json.dumps(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
-                                p2={"hi_offset": 9, "stored_offset": 0})))
+    lag.update(stats(p0={"hi_offset": 5, "stored_offset": 2}, p1={"hi_offset": 7, "stored_offset": 7},
+                     p2={"hi_offset": 9, "stored_offset": 0}))
     assert lag_series(metrics, "unit-tier") == {("t", "0"): 3, ("t", "1"): 5}
     lag.revoke([("t", 0)])  # another process owns it now: it must not count twice
     assert lag_series(metrics, "unit-tier") == {("t", "1"): 5}
-    lag.update("{not json")  # logged, never raised into poll()
+    assert read_statistics("{not json", "unit-tier") is None  # logged, never raised into poll()
+    assert read_statistics("[1]", "unit-tier") is None
+    lag.update({"topics": "not a table"})  # logged, never raised into poll()
     lag.clear()
     assert lag_series(metrics, "unit-tier") == {}
 
