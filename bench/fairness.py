@@ -35,14 +35,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from gateway.broker import Broker  # noqa: E402
 from gateway.codec import Codec  # noqa: E402
 from gateway.config import Config  # noqa: E402
-from gateway.endpoints import new_endpoint, save_endpoint  # noqa: E402
 from gateway.events import parse_event  # noqa: E402
+from gateway.ops import new_endpoint  # noqa: E402
 from gateway.publisher import Publisher  # noqa: E402
 from gateway.records import DeadLetter, Delivery  # noqa: E402
-from gateway.topics import Topics, create_topics  # noqa: E402
+from gateway.store import (  # noqa: E402
+    Topics,
+    create_topics,
+    save_endpoint,
+)
+from gateway.streaming import Broker  # noqa: E402
 
 SLOW_SECONDS = 0.3
 CONNECTIONS = 20

@@ -1,5 +1,5 @@
 """What one request costs through each way of using httpx: the measurement behind
-gateway/transport.py.
+gateway/delivery/_transport.py.
 
     python bench/http_clients.py [--requests 20000] [--lanes 20] [--concurrency 1000]
 
@@ -9,8 +9,8 @@ to it, ``--concurrency`` requests at a time over ``--lanes`` connections, throug
 1. one ``httpx.AsyncClient`` pooling ``--lanes`` connections (httpx's default transport);
 2. ``--lanes`` single-connection ``AsyncClient`` s (the gateway's sender before its own
    transport);
-3. ``--lanes`` ``AsyncClient`` s over the gateway's :class:`~gateway.transport.Connection`;
-4. the gateway's :class:`~gateway.sender.Sender` (its Connections, called without a
+3. ``--lanes`` ``AsyncClient`` s over the gateway's :class:`~gateway.delivery.Connection`;
+4. the gateway's :class:`~gateway.delivery.Sender` (its Connections, called without a
    client, plus signing and the attempt record: what a worker runs).
 
 and prints requests per second for each, with its ratio to the first. One run, one
@@ -31,10 +31,8 @@ from pathlib import Path
 import httpx
 
 from gateway.config import Config
-from gateway.destinations import DestinationPolicy
-from gateway.endpoints import new_endpoint
-from gateway.sender import Sender
-from gateway.transport import Connection
+from gateway.delivery import Connection, DestinationPolicy, Sender
+from gateway.ops import new_endpoint
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -112,7 +110,7 @@ async def sender(url: str, args: argparse.Namespace) -> float:
 WAYS = {
     "one AsyncClient pooling the connections (httpx default transport)": pooled,
     "single-connection AsyncClients (httpx default transport)": single_connection_clients,
-    "single-connection AsyncClients over gateway.transport.Connection": clients_over_connections,
+    "single-connection AsyncClients over gateway.delivery.Connection": clients_over_connections,
     "the gateway's Sender (Connections, no client; signs each request)": sender,
 }
 

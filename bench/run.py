@@ -43,15 +43,15 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from gateway.broker import Broker
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
+from gateway.delivery import Sender
 from gateway.events import Event, parse_event
+from gateway.ops import new_endpoint
 from gateway.publisher import Publisher
 from gateway.records import Attempt
-from gateway.sender import Sender
-from gateway.topics import create_topics
+from gateway.store import create_topics, save_endpoint
+from gateway.streaming import Broker
 
 HERE = Path(__file__).resolve().parent
 BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"

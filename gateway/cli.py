@@ -1,63 +1,78 @@
-"""The ``gateway`` command line. Results go to stdout, progress and errors to stderr;
-exit 0 on success, 1 when the work failed or input was refused, 2 on usage errors."""
+"""The ``gateway`` command line: presentation only. A command parses its flags, calls one
+function of the library (the operations layer, the embedded assembly, the workers) and
+prints. Results go to stdout, progress and errors to stderr; exit 0 on success, 1 when
+the work failed or input was refused, 2 on usage errors.
+
+Errors are read by their branch of the one tree (:mod:`gateway.errors`): an
+:class:`~gateway.errors.InputError` naming a flag is a usage error (exit 2), every other
+:class:`~gateway.errors.GatewayError` is ``error: <message>`` and exit 1
+(:func:`refusals`).
+"""
 
 from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
-from .config import SETTINGS, Config, ConfigError
-from .logs import configure_logging
-
-if TYPE_CHECKING:
-    from .api import ApiThread
+from .config import SETTINGS, Config, read_setting, setting
+from .errors import ConfigError, GatewayError, InputError, NotFound
+from .observability import configure_logging
 
 __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def config_options(*names: str) -> Callable[[F], F]:
-    """Add the flags of the named settings to a command; they land in ``**settings``."""
+def config_options(*names: str, aliases: Mapping[str, str] = {}) -> Callable[[F], F]:
+    """Add the flags of the named settings to a command; they land in ``**settings``.
+    ``aliases`` gives a setting a second flag on this command (``gateway api --port``)."""
     chosen = [s for s in SETTINGS if s.name in names]
     missing = set(names) - {s.name for s in chosen}
     assert not missing, f"unknown settings {missing}"
 
     def decorate(func: F) -> F:
-        for setting in reversed(chosen):
-            default = getattr(Config(), setting.name)
+        for option in reversed(chosen):
+            assert option.flag is not None, f"{option.env} is read from the environment only"
+            default = getattr(Config(), option.name)
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            flags = [option.flag, *([aliases[option.name]] if option.name in aliases else [])]
             func = click.option(
-                setting.flag,
-                setting.name,
+                *flags,
+                option.name,
                 default=None,
                 metavar="VALUE",
-                help=f"{setting.help} [env {setting.env}; default {shown}]",
+                help=f"{option.help} [env {option.env}; default {shown}]",
             )(func)
         return func
 
     return decorate
 
 
-def build_config(settings: dict[str, str | None], **fixed: Any) -> Config:
-    """Environment first, then flags given on the command line, then ``fixed``."""
-    overrides: dict[str, Any] = {}
-    by_name = {s.name: s for s in SETTINGS}
+def parse_flags(settings: Mapping[str, str | None]) -> dict[str, Any]:
+    """The settings given as flags, parsed (None for those not given); a bad value is a
+    usage error naming its flag."""
+    parsed: dict[str, Any] = {}
     for name, text in settings.items():
         if text is None:
+            parsed[name] = None
             continue
-        setting = by_name[name]
+        option = setting(name)
         try:
-            overrides[name] = setting.parse(text)
+            parsed[name] = option.parse(text)
         except ConfigError as exc:
-            raise click.BadParameter(str(exc), param_hint=setting.flag) from None
+            raise click.BadParameter(str(exc), param_hint=option.flag) from None
+    return parsed
+
+
+def build_config(settings: Mapping[str, str | None]) -> Config:
+    """Environment first, then flags given on the command line."""
     try:
-        return Config.from_env(**overrides, **fixed)
+        return Config.from_env(**parse_flags(settings))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -92,9 +107,9 @@ def printable(text: str) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="webhook-gateway")
-@click.option("--log-level", default=None, metavar="LEVEL",
-              help="debug, info, warning or error [env GATEWAY_LOG_LEVEL; default info for "
-              "`up`, `run` and `api`, warning otherwise].")
+@click.option("--log-level", default=None, metavar="LEVEL", type=click.Choice(
+              ["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+              help=f"{setting('log_level').help} [env {setting('log_level').env}]")
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """Kafka-based streaming webhook gateway.
@@ -106,7 +121,10 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
     Every setting can also be given as a GATEWAY_* environment variable.
     """
     long_running = ctx.invoked_subcommand in ("up", "run", "api")
-    configure_logging(log_level, default="INFO" if long_running else "WARNING")
+    try:
+        configure_logging(log_level, default="INFO" if long_running else "WARNING")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @cli.command()
@@ -118,12 +136,10 @@ def broker(port: int) -> None:
     It keeps everything in memory: stopping it loses every topic and record. Ctrl-C or
     SIGTERM stops it.
     """
-    from .broker import Broker, BrokerError
+    from .streaming import Broker
 
-    try:
+    with refusals():
         running = Broker(port=port).start()
-    except BrokerError as exc:
-        raise CommandError(str(exc)) from None
     click.echo(f"broker listening on {running.bootstrap} (in memory; Ctrl-C stops it)", err=True)
     stopping = False
 
@@ -154,7 +170,7 @@ def topics_create(**settings: str | None) -> None:
 
     Idempotent: topics that already exist are left as they are and reported.
     """
-    from .topics import TopicsError, TopicStatus, create_topics
+    from .store import TopicStatus, create_topics
 
     config = build_config(settings)
 
@@ -166,7 +182,7 @@ def topics_create(**settings: str | None) -> None:
 
     try:
         create_topics(config, on_status=report, on_warning=lambda text: click.echo(f"warning: {text}", err=True))
-    except TopicsError as exc:
+    except GatewayError as exc:
         raise CommandError(f"could not create topics: {exc}") from None
 
 
@@ -265,21 +281,17 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
     partitions allow. On SIGTERM a worker stops taking records, lets in-flight deliveries
     finish (up to --shutdown-timeout), commits and exits 0.
     """
-    from .runner import RunnerError, observe, resolve_tiers
-    from .runner import run as run_workers
+    from . import streaming
 
     config = build_config(settings)
     try:
-        chosen = resolve_tiers(config, [t.strip() for t in tiers.split(",") if t.strip()])
-        if workers > 1:
-            from .supervisor import supervise
-
-            code = supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics)
-            click.get_current_context().exit(code)
-        observed = observe(config, port=None if no_metrics else config.metrics_port)
-        run_workers(config, chosen, observed=observed)
-    except (RunnerError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
+        with refusals(flags={"tiers": "--tiers"}):
+            chosen = streaming.resolve_tiers(config, [t.strip() for t in tiers.split(",") if t.strip()])
+            if workers > 1:
+                code = streaming.supervise(config, workers, [t.name for t in chosen], metrics=not no_metrics)
+                click.get_current_context().exit(code)
+            observed = streaming.observe(config, port=None if no_metrics else config.metrics_port)
+            streaming.run(config, chosen, observed=observed)
     except OSError as exc:
         raise CommandError(describe_os_error(exc)) from None
 
@@ -287,14 +299,9 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
 @cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True,
               help="Port of the bundled broker (ignored with --bootstrap).")
-@click.option("--api-host", default="127.0.0.1", show_default=True, envvar="GATEWAY_API_HOST",
-              help="Address of the management API [env GATEWAY_API_HOST]; off loopback it needs "
-                   "GATEWAY_API_TOKENS.")
-@click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              envvar="GATEWAY_API_PORT", help="Port of the management API [env GATEWAY_API_PORT].")
 @click.option("--no-api", is_flag=True, help="Do not serve the management API.")
-@config_options(*WORKER_SETTINGS, "partitions")
-def up(port: int, api_host: str, api_port: int, no_api: bool, **settings: str | None) -> None:
+@config_options(*WORKER_SETTINGS, "partitions", "api_host", "api_port", "api_history_size")
+def up(port: int, no_api: bool, **settings: str | None) -> None:
     """The embedded default: broker, topics, every worker, /metrics and the API in one command.
 
     Starts the bundled in-memory broker on 127.0.0.1 (unless --bootstrap or
@@ -304,114 +311,52 @@ def up(port: int, api_host: str, api_port: int, no_api: bool, **settings: str | 
     GATEWAY_API_TOKENS is set). Deliveries to loopback and private addresses are allowed
     unless GATEWAY_ALLOW_PRIVATE_NETWORKS=false. Ctrl-C stops everything.
     """
-    import os
-
-    from .broker import Broker, BrokerError
-    from .runner import RunnerError, observe, resolve_tiers
-    from .runner import run as run_workers
+    from .embedded import Started
+    from .embedded import up as run_up
     from .signing import new_secret
-    from .topics import TopicsError, create_topics
 
-    external = settings.get("bootstrap_servers") or os.environ.get("GATEWAY_BOOTSTRAP_SERVERS")
-    broker = None
-    fixed: dict[str, Any] = {}
-    if "GATEWAY_ALLOW_PRIVATE_NETWORKS" not in os.environ and settings.get("allow_private_networks") is None:
-        fixed["allow_private_networks"] = True
-    if not external:
-        try:
-            broker = Broker(port=port).start()
-        except BrokerError as exc:
-            raise CommandError(str(exc)) from None
-        fixed["bootstrap_servers"] = broker.bootstrap
-        if settings.get("partitions") is None and "GATEWAY_PARTITIONS" not in os.environ:
-            fixed["partitions"] = 3
-    api = None
-    try:
-        config = build_config(settings, **fixed)
-        created = create_topics(config)
-        observed = observe(config, port=config.metrics_port)
-        tiers = resolve_tiers(config, None)
-        api, api_line = (None, "off (--no-api)") if no_api else _start_api(config, api_host, api_port)
+    demo_secret = new_secret()
+
+    def ready(started: Started) -> None:
+        config = started.config
         # The second terminal judges URLs as these workers do: with the same settings.
         exports = f"GATEWAY_BOOTSTRAP_SERVERS={config.bootstrap_servers}"
         if config.allow_private_networks:
             exports += " GATEWAY_ALLOW_PRIVATE_NETWORKS=true"
-        demo_secret = new_secret()
+        where = (f"bundled broker (in memory) on {config.bootstrap_servers}" if started.bundled_broker
+                 else config.bootstrap_servers)
+        if started.api is not None:
+            api_line = f"{started.api.url}/v1  (OpenAPI at /openapi.json)"
+            if started.api.generated_token:
+                api_line += (f"\n            token {started.api.generated_token}  (generated for this run; "
+                             "GATEWAY_API_TOKENS sets your own)")
+        else:
+            api_line = "off (--no-api)" if no_api else "not served (port taken)"
+        tiers = ", ".join(f"{t.name} ({t.delay}s)" if t.delay else t.name for t in started.tiers)
+        click.echo(
+            f"gateway up\n"
+            f"  kafka     {where}\n"
+            f"  topics    {', '.join(started.topics)}\n"
+            f"  tiers     {tiers}\n"
+            f"  metrics   http://127.0.0.1:{config.metrics_port}/metrics\n"
+            f"  api       {api_line}\n"
+            f"try: a receiver that verifies and prints each webhook, in another terminal:\n"
+            f"  gateway listen --port 8000 --secret {demo_secret}\n"
+            f"then register it and publish the documented examples, in a third:\n"
+            f"  export {exports}\n"
+            f"  gateway endpoints add --bot-id 6434515b-8541-4861-bb24-8acd6e77e8c4 "
+            f"--url http://127.0.0.1:8000/hook --secret {demo_secret}\n"
+            f"  gateway publish examples/events.jsonl\n"
+            f"Ctrl-C stops everything.",
+            err=True,
+        )
 
-        def ready() -> None:
-            where = f"bundled broker (in memory) on {config.bootstrap_servers}" if broker else config.bootstrap_servers
-            click.echo(
-                f"gateway up\n"
-                f"  kafka     {where}\n"
-                f"  topics    {', '.join(s.topic for s in created)}\n"
-                f"  tiers     {', '.join(f'{t.name} ({t.delay}s)' if t.delay else t.name for t in tiers)}\n"
-                f"  metrics   http://127.0.0.1:{config.metrics_port}/metrics\n"
-                f"  api       {api_line}\n"
-                f"try: a receiver that verifies and prints each webhook, in another terminal:\n"
-                f"  gateway listen --port 8000 --secret {demo_secret}\n"
-                f"then register it and publish the documented examples, in a third:\n"
-                f"  export {exports}\n"
-                f"  gateway endpoints add --bot-id 6434515b-8541-4861-bb24-8acd6e77e8c4 "
-                f"--url http://127.0.0.1:8000/hook --secret {demo_secret}\n"
-                f"  gateway publish examples/events.jsonl\n"
-                f"Ctrl-C stops everything.",
-                err=True,
-            )
-
-        run_workers(config, tiers, observed=observed, on_ready=ready)
-    except (RunnerError, TopicsError, ValueError) as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise CommandError(describe_os_error(exc)) from None
-    finally:
-        if api is not None:
-            api.stop()
-        if broker is not None:
-            broker.stop()
-
-
-def _start_api(config: Config, host: str, port: int) -> tuple[ApiThread | None, str]:
-    """The management API on a thread of `gateway up`, and its banner line. Without
-    GATEWAY_API_TOKENS it serves only on loopback, with a token generated for this run.
-    A port already taken is a warning, not a failure: the workers are what `up` is for."""
-    import os
-
-    from .api import ApiService, ApiThread, Tokens, TokensError, bind, is_loopback
-
-    try:
-        tokens = Tokens.from_env()
-    except TokensError as exc:
-        raise CommandError(str(exc)) from None
-    generated = None
-    if not tokens:
-        if not is_loopback(host):
-            raise CommandError(f"the API on {host} needs GATEWAY_API_TOKENS: a token is generated only for a "
-                               "loopback address (or pass --no-api)")
-        generated = Tokens.generate()
-        tokens = Tokens([generated])
-    try:
-        sock = bind(host, port)
-    except OSError as exc:
-        click.echo(f"warning: API not served: {host}:{port}: {exc.strerror or exc} (choose another with "
-                   "--api-port)", err=True)
-        return None, "not served (port taken)"
-    size = os.environ.get("GATEWAY_API_HISTORY_SIZE", "100000")
-    if not size.isdigit() or int(size) < 1:
-        sock.close()
-        raise CommandError(f"GATEWAY_API_HISTORY_SIZE {size!r} is not a whole number of 1 or more")
-    service = ApiService(config, tokens, history_capacity=int(size))
     try:
         with refusals():
-            service.start()
-    except BaseException:
-        sock.close()
-        service.stop()
-        raise
-    bound_host, bound_port = sock.getsockname()[:2]
-    line = f"http://{bound_host}:{bound_port}/v1  (OpenAPI at /openapi.json)"
-    if generated:
-        line += f"\n            token {generated}  (generated for this run; GATEWAY_API_TOKENS sets your own)"
-    return ApiThread(service, sock).start(), line
+            run_up(parse_flags(settings), broker_port=port, api=not no_api, on_ready=ready,
+                   on_warning=lambda text: click.echo(f"warning: {printable(text)}", err=True))
+    except OSError as exc:
+        raise CommandError(describe_os_error(exc)) from None
 
 
 @cli.group()
@@ -424,17 +369,29 @@ ADD_SETTINGS = (*ENDPOINT_SETTINGS, "allow_private_networks", "allowed_networks"
 
 
 @contextmanager
-def refusals() -> Iterator[None]:
-    """The library's errors, which name what was wrong, become ``error: …`` and exit 1."""
-    from .dlq import DlqError
-    from .endpoints import EndpointError, EndpointNotFound
-
+def refusals(*, flags: Mapping[str, str] | None = None, not_found: str | None = None) -> Iterator[None]:
+    """The library's errors, by their branch of the tree: an input error naming one of
+    ``flags`` (library name → flag) is a usage error naming that flag (exit 2); every
+    other error says what was wrong (``error: …``, exit 1), a not-found one followed by
+    ``not_found`` (where to look)."""
     try:
         yield
-    except EndpointNotFound as exc:
-        raise CommandError(f"{exc} (see `gateway endpoints list`)") from None
-    except (EndpointError, DlqError) as exc:
+    except InputError as exc:
+        if flags is not None and exc.field is not None and exc.field in flags:
+            raise click.BadParameter(str(exc), param_hint=flags[exc.field]) from None
         raise CommandError(str(exc)) from None
+    except NotFound as exc:
+        raise CommandError(f"{exc} ({not_found})" if not_found else str(exc)) from None
+    except GatewayError as exc:
+        raise CommandError(str(exc)) from None
+
+
+SEE_ENDPOINTS = "see `gateway endpoints list`"
+
+FILTER_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "event_type", "bot_id", "endpoint_id", "reason", "status", "since", "until", "partition", "from_offset",
+    "to_offset", "limit", "rate", "selector", "to_endpoint")}
+"""The filter flags of `deliveries list` and the dlq commands, by the library's names for them."""
 
 
 @endpoints.command("add")
@@ -455,7 +412,7 @@ def endpoints_add(bot_id: str, url: str, events: str, secret: str | None, descri
     """Register an endpoint. Its signing secret is printed once: keep it."""
     import json
 
-    from .endpoints import endpoint_json, register_endpoint
+    from .ops import endpoint_json, register_endpoint
 
     config = build_config(settings)
     with refusals():
@@ -483,7 +440,8 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
     circuit breaker as the workers last reported it (the circuits topic)."""
     import json
 
-    from .endpoints import circuit_json, endpoint_json, list_endpoints, load_circuits
+    from .ops import circuit_json, endpoint_json, list_endpoints
+    from .store import load_circuits
 
     config = build_config(settings)
     with refusals():
@@ -505,7 +463,7 @@ def endpoints_list(bot_id: str | None, as_json: bool, show_secrets: bool, **sett
         limits = "/".join(filter(None, (f"{e.rate_limit:g}/s" if e.rate_limit else "",
                                         f"{e.max_in_flight} conc" if e.max_in_flight else ""))) or "-"
         click.echo(f"{printable(e.id):36}  {printable(e.bot_id):36}  {state:8}  "
-                   f"{circuit.state if circuit else 'closed':9}  {limits:14}  {events:28}  "
+                   f"{circuit_json(circuit)['state']:9}  {limits:14}  {events:28}  "
                    f"{printable(e.url)}" + (f"  secret={printable(e.secret)}" if show_secrets else ""))
 
 
@@ -530,14 +488,14 @@ def endpoints_update(endpoint_id: str, url: str | None, events: str | None, desc
     apply to the next deliveries."""
     import json
 
-    from .endpoints import KEEP, endpoint_json, update_endpoint
+    from .ops import KEEP, endpoint_json, update_endpoint
 
     if all(v is None for v in (url, events, description, rate_limit, max_in_flight)):
         raise click.UsageError("nothing to change: give --url, --events, --description, --rate-limit or "
                                "--max-in-flight")
     config = build_config(settings)
     types = None if events is None else ([] if events.strip().lower() == "all" else events.split(","))
-    with refusals():
+    with refusals(not_found=SEE_ENDPOINTS):
         registration = update_endpoint(config, endpoint_id, url=url, event_types=types, description=description,
                                        rate_limit=KEEP if rate_limit is None else rate_limit,
                                        max_in_flight=KEEP if max_in_flight is None else max_in_flight)
@@ -555,10 +513,10 @@ def endpoints_update(endpoint_id: str, url: str | None, events: str | None, desc
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_remove(endpoint_id: str, **settings: str | None) -> None:
     """Remove an endpoint. Its pending retries are dead-lettered as endpoint_removed."""
-    from .endpoints import remove_endpoint
+    from .ops import remove_endpoint
 
     config = build_config(settings)
-    with refusals():
+    with refusals(not_found=SEE_ENDPOINTS):
         remove_endpoint(config, endpoint_id)
     click.echo(f"removed {printable(endpoint_id)}", err=True)
 
@@ -568,10 +526,10 @@ def endpoints_remove(endpoint_id: str, **settings: str | None) -> None:
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_disable(endpoint_id: str, **settings: str | None) -> None:
     """Stop delivering to an endpoint without removing it."""
-    from .endpoints import set_endpoint_enabled
+    from .ops import set_endpoint_enabled
 
     config = build_config(settings)
-    with refusals():
+    with refusals(not_found=SEE_ENDPOINTS):
         set_endpoint_enabled(config, endpoint_id, False)
     click.echo(f"disabled {printable(endpoint_id)}", err=True)
 
@@ -581,10 +539,10 @@ def endpoints_disable(endpoint_id: str, **settings: str | None) -> None:
 @config_options(*ENDPOINT_SETTINGS)
 def endpoints_enable(endpoint_id: str, **settings: str | None) -> None:
     """Deliver to a disabled endpoint again."""
-    from .endpoints import set_endpoint_enabled
+    from .ops import set_endpoint_enabled
 
     config = build_config(settings)
-    with refusals():
+    with refusals(not_found=SEE_ENDPOINTS):
         set_endpoint_enabled(config, endpoint_id, True)
     click.echo(f"enabled {printable(endpoint_id)}", err=True)
 
@@ -603,7 +561,7 @@ def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **
     without losing a request. The new secret is printed once.
     """
     from .config import parse_delays
-    from .endpoints import rotate_secret
+    from .ops import rotate_secret
 
     config = build_config(settings)
     try:
@@ -611,7 +569,7 @@ def endpoints_rotate_secret(endpoint_id: str, secret: str | None, grace: str, **
     except (ValueError, ConfigError):
         raise click.BadParameter(f"{grace!r} is not a duration such as 30m, 24h or 7d",
                                  param_hint="--grace") from None
-    with refusals():
+    with refusals(not_found=SEE_ENDPOINTS):
         endpoint = rotate_secret(config, endpoint_id, secret=secret, grace_seconds=grace_seconds)
     click.echo(f"secret  {endpoint.secret}   (shown once; the old secret keeps signing for {grace})")
 
@@ -643,16 +601,15 @@ def endpoints_test(endpoint_id: str, event_types: tuple[str, ...], all_types: bo
     import asyncio
     import json
 
-    from .endpoints import get_endpoint, validate_event_types
-    from .testsend import send_tests
+    from .ops import send_test_events
 
     if event_types and all_types:
         raise click.UsageError("--event and --all-types exclude each other")
     config = build_config(settings)
-    with refusals():
-        types = validate_event_types(event_types) if event_types else None
-        endpoint = get_endpoint(config, endpoint_id)
-    report = asyncio.run(send_tests(config, endpoint, event_types=types, malformed=malformed))
+    with refusals(not_found=SEE_ENDPOINTS):
+        report = asyncio.run(send_test_events(config, endpoint_id, event_types=event_types or None,
+                                              malformed=malformed))
+    endpoint = report.endpoint
     if as_json:
         click.echo(json.dumps(report.to_json()))
     else:
@@ -662,7 +619,7 @@ def endpoints_test(endpoint_id: str, event_types: tuple[str, ...], all_types: bo
         for probe in report.probes:
             a = probe.attempt
             shown = a.response_snippet if a.status is not None else a.error
-            click.echo(f"{probe.kind.value:16} {probe.event_type:12} {probe.verdict:10} "
+            click.echo(f"{probe.kind.value:16} {probe.event_type:12} {probe.verdict.value:10} "
                        f"{a.status if a.status is not None else '-':>6} {a.duration_ms:>8.1f}  "
                        f"{printable((shown or '').replace(chr(10), ' ')[:60])}")
         failed = [p for p in report.probes if not p.ok]
@@ -698,20 +655,14 @@ def deliveries_list(event_id: str | None, endpoint_id: str | None, bot_id: str |
     """
     import json
 
-    from .history import HistoryError, HistoryFilters, parse_moment, read_history
+    from .ops import HistoryFilters, read_history
+    from .records import Outcome
 
     config = build_config(settings)
-    try:
-        filters = HistoryFilters(
-            event_id=event_id, endpoint_id=endpoint_id, bot_id=bot_id, status=status,
-            since=parse_moment(since, field="since") if since else None,
-            until=parse_moment(until, field="until") if until else None)
-    except HistoryError as exc:
-        raise click.BadParameter(str(exc), param_hint=f"--{exc.field}" if exc.field else None) from None
-    try:
+    with refusals(flags=FILTER_FLAGS):
+        filters = HistoryFilters.parse(event_id=event_id, endpoint_id=endpoint_id, bot_id=bot_id, status=status,
+                                       since=since, until=until)
         entries = read_history(config, filters)
-    except HistoryError as exc:
-        raise CommandError(str(exc)) from None
     shown = entries[:limit] if limit else entries
     for number, entry in enumerate(shown):
         row = entry.to_json()
@@ -723,7 +674,7 @@ def deliveries_list(event_id: str | None, endpoint_id: str | None, bot_id: str |
                        f"{'OUTCOME':24} {'MS':>8}  NEXT")
         a = entry.line.attempt
         outcome = f"HTTP {a.status}" if a.status is not None else a.outcome.value
-        if a.status is not None and a.outcome.value not in ("success", "http_error"):
+        if a.status is not None and a.outcome not in (Outcome.SUCCESS, Outcome.HTTP_ERROR):
             outcome = f"{a.outcome.value} ({a.status})"
         click.echo(f"{row['at']:24} {printable(row['eventId']):36} {printable(row['eventType']):12} "
                    f"{printable(row['endpointId'][:8]):8} {row['number']:>2} {printable(row['tier']):10} "
@@ -766,22 +717,11 @@ def dlq_filters(func: F) -> F:
 
 
 def _split_dlq_args(kwargs: dict[str, Any]) -> tuple[Any, dict[str, str | None]]:
-    from .dlq import DlqError, Filters, parse_time
+    from .ops import Filters
 
     settings = {k: kwargs.pop(k) for k in DLQ_SETTINGS}
-    try:
-        filters = Filters(
-            event_type=kwargs.pop("event_type"), bot_id=kwargs.pop("bot_id"),
-            endpoint_id=kwargs.pop("endpoint_id"), reason=kwargs.pop("reason"),
-            status=kwargs.pop("status"),
-            since=parse_time(s, field="since") if (s := kwargs.pop("since")) else None,
-            until=parse_time(u, field="until") if (u := kwargs.pop("until")) else None,
-            partition=kwargs.pop("partition"), from_offset=kwargs.pop("from_offset"),
-            to_offset=kwargs.pop("to_offset"), limit=kwargs.pop("limit"),
-        )
-    except DlqError as exc:
-        hint = f"--{exc.field.replace('_', '-')}" if exc.field else None
-        raise click.BadParameter(str(exc), param_hint=hint) from None
+    with refusals(flags=FILTER_FLAGS):
+        filters = Filters.parse(**{k: kwargs.pop(k) for k in list(kwargs) if k in FILTER_FLAGS})
     return filters, settings
 
 
@@ -796,7 +736,7 @@ def dlq_list(as_json: bool, raw_file: Any, **kwargs: Any) -> None:
     import base64
     import json
 
-    from .dlq import read_dead_letters
+    from .ops import read_dead_letters
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
@@ -838,13 +778,11 @@ def dlq_show(selector: str, **settings: str | None) -> None:
     of that event) or PARTITION:OFFSET."""
     import json
 
-    from .dlq import DlqError, find_dead_letters, parse_selector
+    from .ops import find_dead_letters, parse_selector
 
     config = build_config(settings)
-    try:
+    with refusals(flags={"selector": "SELECTOR", "id": "SELECTOR"}):
         parse_selector(selector)
-    except DlqError as exc:
-        raise click.BadParameter(str(exc), param_hint="SELECTOR") from None
     with refusals():
         entries = find_dead_letters(config, selector)
     for entry in entries:
@@ -858,17 +796,17 @@ def dlq_stats(as_json: bool, **kwargs: Any) -> None:
     """Counts of the selected dead letters by reason, event type, endpoint and hour."""
     import json
 
-    from .dlq import read_dead_letters, stats
+    from .ops import read_dead_letters, stats
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
     with refusals():
         counts = stats(read_dead_letters(config, filters))
     if as_json:
-        click.echo(json.dumps({k: dict(v) for k, v in counts.items()}))
+        click.echo(json.dumps(counts.to_json()))
         return
-    click.echo(f"total  {sum(counts['reason'].values())}")
-    for name, counter in counts.items():
+    click.echo(f"total  {counts.total}")
+    for name, counter in counts.by().items():
         click.echo(f"\nby {name}")
         for key, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
             click.echo(f"  {n:>7}  {printable(key)}")
@@ -897,19 +835,17 @@ def dlq_replay(dry_run: bool, rate: str | None, to_endpoint: str | None, again: 
     not deliveries (undecodable or invalid events) are refused: export them with
     `dlq list --raw FILE`.
     """
-    from .dlq import DlqError, ReplayProgress, parse_rate, plan_replay, send_replay
+    from .ops import ReplayProgress, parse_rate, plan_replay, send_replay
 
     filters, settings = _split_dlq_args(kwargs)
     config = build_config(settings)
-    try:
-        per_second = parse_rate(rate) if rate else None
-    except DlqError as exc:
-        raise click.BadParameter(str(exc), param_hint="--rate") from None
+    with refusals(flags=FILTER_FLAGS):
+        per_second = parse_rate(rate, field="rate") if rate else None
     with refusals():
         plan = plan_replay(config, filters, again=again, to_endpoint=to_endpoint)
     for refusal in plan.refused:
         click.echo(f"refused {printable(refusal.coordinate)}: {printable(refusal.message)}"
-                   f"{REFUSAL_HINTS.get(refusal.reason, '')}", err=True)
+                   f"{REFUSAL_HINTS.get(refusal.reason.value, '')}", err=True)
     if dry_run:
         for item in plan.planned:
             delivery = item.delivery
@@ -960,28 +896,12 @@ API_SETTINGS = ("bootstrap_servers", "topic_prefix", "retry_delays", "schema_reg
                 "request_timeout", "max_response_bytes", "allow_private_networks", "allowed_networks")
 
 
-def api_options(func: F) -> F:
-    """The API's own settings (its address and its index), kept apart from the workers'."""
-    options = [
-        click.option("--host", "api_host", default="127.0.0.1", show_default=True, envvar="GATEWAY_API_HOST",
-                     help="Address to serve the API on [env GATEWAY_API_HOST]."),
-        click.option("--port", "api_port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-                     envvar="GATEWAY_API_PORT", help="Port to serve the API on [env GATEWAY_API_PORT]."),
-        click.option("--history-size", type=click.IntRange(1), default=100_000, show_default=True,
-                     envvar="GATEWAY_API_HISTORY_SIZE",
-                     help="Newest attempts the API keeps in memory for /v1/deliveries [env GATEWAY_API_HISTORY_SIZE]."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 @cli.command()
-@api_options
 @click.option("--openapi", "print_openapi", is_flag=True,
               help="Print the OpenAPI document (what openapi.json holds) and exit.")
-@config_options(*API_SETTINGS)
-def api(api_host: str, api_port: int, history_size: int, print_openapi: bool, **settings: str | None) -> None:
+@config_options(*API_SETTINGS, "api_host", "api_port", "api_history_size",
+                aliases={"api_host": "--host", "api_port": "--port", "api_history_size": "--history-size"})
+def api(print_openapi: bool, **settings: str | None) -> None:
     """Serve the HTTP management API until SIGTERM or Ctrl-C.
 
     Endpoints, test sends, the delivery history and dead letters, as JSON under /v1; the
@@ -991,46 +911,20 @@ def api(api_host: str, api_port: int, history_size: int, print_openapi: bool, **
     """
     import json
 
-    from .api import ApiService, Tokens, TokensError, bind, create_app, openapi_document, server
-    from .endpoints import EndpointsUnavailable
+    from .api import ApiService, Listening, Tokens, create_app, openapi_document, serve
 
-    if print_openapi:
-        app = create_app(ApiService(build_config(settings), Tokens(())))
-        click.echo(json.dumps(openapi_document(app), indent=2))
-        return
-    try:
-        tokens = Tokens.from_env()
-    except TokensError as exc:
-        raise CommandError(str(exc)) from None
-    if not tokens:
-        raise CommandError(
-            "GATEWAY_API_TOKENS is not set (or empty): the API serves nobody without a token. Set it to one or more "
-            "comma-separated tokens of 16 characters or more, e.g. "
-            "GATEWAY_API_TOKENS=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
     config = build_config(settings)
-    try:
-        sock = bind(api_host, api_port)
-    except OSError as exc:
-        raise CommandError(f"API address {api_host}:{api_port}: {exc.strerror or exc}; stop what listens there "
-                           "or choose another (--port)") from None
-    service = ApiService(config, tokens, history_capacity=history_size)
-    try:
-        with refusals():
-            service.start()
-        host, port = sock.getsockname()[:2]
-        click.echo(f"api listening on http://{host}:{port} (OpenAPI at /openapi.json; "
-                   f"{len(tokens)} token{'s' if len(tokens) != 1 else ''}); Ctrl-C stops it", err=True)
-        # uvicorn stops on SIGTERM/SIGINT and then raises the signal again for the handler
-        # it found: this one lets the command stop in order (the tables let go) and exit 0.
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
-        server(create_app(service), sock).run(sockets=[sock])
-        click.echo("api stopped", err=True)
-    except EndpointsUnavailable as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        sock.close()
-        service.stop()
+    if print_openapi:
+        click.echo(json.dumps(openapi_document(create_app(ApiService(config, Tokens(())))), indent=2))
+        return
+
+    def listening(where: Listening) -> None:
+        click.echo(f"api listening on {where.url} (OpenAPI at /openapi.json; "
+                   f"{where.tokens} token{'s' if where.tokens != 1 else ''}); Ctrl-C stops it", err=True)
+
+    with refusals():
+        serve(config, on_listening=listening)
+    click.echo("api stopped", err=True)
 
 
 @cli.command()
@@ -1056,22 +950,17 @@ def listen(host: str, port: int, secrets: tuple[str, ...], status: int, fail_rat
     the gateway's retries. Ctrl-C stops it.
     """
     import json
-    import os
-    import sys
+    import threading
 
-    from .endpoints import EndpointError, validate_secret
-    from .listen import Behaviour, Listener, Received, render
+    from .ops import Behaviour, Listener, Received, render, validate_secret
     from .signing import new_secret
 
-    chosen = list(secrets) or [s for s in os.environ.get("GATEWAY_LISTEN_SECRET", "").split(",") if s.strip()]
+    with refusals(flags={"listen_secret": "--secret", "secret": "--secret"}):
+        chosen = [s.strip() for s in secrets if s.strip()] or list(read_setting("listen_secret") or ())
+        for secret in chosen:
+            validate_secret(secret)
     generated = not chosen
-    for secret in chosen:
-        try:
-            validate_secret(secret.strip())
-        except EndpointError as exc:
-            raise click.BadParameter(str(exc), param_hint="--secret") from None
-    chosen = [s.strip() for s in chosen] or [new_secret()]
-    import threading
+    chosen = chosen or [new_secret()]
 
     color = sys.stdout.isatty()
     counts = {"verified": 0, "rejected": 0}

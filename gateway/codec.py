@@ -30,39 +30,17 @@ from typing import Any, NoReturn
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
+from .errors import DecodeError, EncodeError, RegistryUnavailable, SchemaPending
+
 __all__ = [
     "SINGLE_OBJECT_MAGIC",
     "Codec",
-    "DecodeError",
-    "EncodeError",
-    "RegistryUnavailable",
-    "SchemaPending",
     "SchemaSet",
     "schema_dir",
 ]
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
-
-
-class DecodeError(ValueError):
-    """Bytes that are not a record this gateway can read; the message says why."""
-
-
-class EncodeError(ValueError):
-    """A record that does not fit its schema; the message names the schema."""
-
-
-class RegistryUnavailable(RuntimeError):
-    """The schema registry could not answer; the record may be fine: try again later."""
-
-
-class SchemaPending(Exception):
-    """The record's writer schema is not known yet and was not fetched (``fetch=False``)."""
-
-    def __init__(self, schema_id: int) -> None:
-        super().__init__(f"schema id {schema_id} is not fetched yet")
-        self.schema_id = schema_id
 
 
 def schema_dir() -> Path:

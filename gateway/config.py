@@ -1,9 +1,11 @@
 """The one configuration object, and the table of settings behind it.
 
 Every setting has one entry in ``SETTINGS``: its field on :class:`Config`, its
-``GATEWAY_*`` environment variable, its command-line flag, its parser and its help. The
-CLI builds its options from that table, and :meth:`Config.from_env` reads the same
-variables, so a setting cannot be spelled two ways.
+``GATEWAY_*`` environment variable, its command-line flag (none for a secret: a flag
+shows in the process list), its parser and its help. The CLI builds its options from
+that table, and :meth:`Config.from_env` reads the same variables, so a setting cannot be
+spelled two ways. No ``GATEWAY_*`` variable is read anywhere but through this table
+(:meth:`Config.from_env`, :func:`read_setting`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "parse_delays"]
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A setting has a value the gateway cannot use; the message names it and the value."""
+__all__ = ["SETTINGS", "Config", "Setting", "given_settings", "parse_delays", "read_setting", "setting"]
 
 
 def parse_delays(text: str) -> tuple[int, ...]:
@@ -135,14 +135,43 @@ def _optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+def _port_or_any(text: str) -> int:
+    if text.strip() == "0":
+        return 0  # any free port
+    return _port(text)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(text: str) -> str | None:
+    value = text.strip().lower()
+    if not value:
+        return None
+    if value not in _LOG_LEVELS:
+        raise ConfigError(f"{text!r} is not a log level ({', '.join(_LOG_LEVELS)})")
+    return value
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower() or "text"
+    if value not in ("text", "json"):
+        raise ConfigError(f"{text!r} is not a log format (text or json)")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: where it lives and how it is read."""
 
     name: str
     """Field name on :class:`Config`."""
-    flag: str
-    """Command-line flag, e.g. ``--bootstrap``."""
+    flag: str | None
+    """Command-line flag, e.g. ``--bootstrap``; None for a secret (the environment only)."""
     parse: Callable[[str], Any]
     """Turns the text of a flag or environment variable into the value."""
     help: str
@@ -150,6 +179,17 @@ class Setting:
     @property
     def env(self) -> str:
         return "GATEWAY_" + self.name.upper()
+
+    def read(self, environ: Mapping[str, str] | None = None) -> Any:
+        """The value of this setting's variable in ``environ`` (the process's by default),
+        parsed; None when it is not set. A bad value is a :class:`ConfigError` naming it."""
+        text = (os.environ if environ is None else environ).get(self.env)
+        if text is None:
+            return None
+        try:
+            return self.parse(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.env}: {exc}", field=self.name) from None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -216,7 +256,41 @@ SETTINGS: tuple[Setting, ...] = (
             "Deliver to loopback/private/link-local addresses (demo and tests only)."),
     Setting("allowed_networks", "--allowed-networks", _parse_networks,
             "Non-public networks (CIDR, comma-separated) that deliveries may reach."),
+    Setting("api_host", "--api-host", str.strip,
+            "Address the management API serves on; off loopback it needs GATEWAY_API_TOKENS."),
+    Setting("api_port", "--api-port", _port_or_any, "Port of the management API (0: any free port)."),
+    Setting("api_history_size", "--api-history-size", _positive_int,
+            "Newest attempts the API keeps in memory for /v1/deliveries."),
+    Setting("api_tokens", None, _comma_list,
+            "Bearer tokens the management API accepts, comma-separated, 16 characters at least."),
+    Setting("log_level", "--log-level", _log_level,
+            "debug, info, warning or error (default: info for `up`, `run` and `api`, warning otherwise)."),
+    Setting("log_format", None, _log_format, "text (key=value) or json: how log lines are written."),
+    Setting("listen_secret", "--secret", _comma_list,
+            "`gateway listen`: the signing secrets to verify with, comma-separated (during a rotation)."),
 )
+
+
+def setting(name: str) -> Setting:
+    """The setting of :class:`Config` field ``name``."""
+    for candidate in SETTINGS:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(name)
+
+
+def read_setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment (None when unset): for what must be known before
+    a whole :class:`Config` can be built (the log level, for one)."""
+    return setting(name).read(environ)
+
+
+def given_settings(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> set[str]:
+    """The settings chosen by the user, in ``environ`` or among ``overrides`` (not None),
+    rather than left at their defaults."""
+    environ = os.environ if environ is None else environ
+    chosen = {s.name for s in SETTINGS if s.env in environ}
+    return chosen | {name for name, value in (overrides or {}).items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -229,7 +303,7 @@ class Config:
     retry_delays: tuple[int, ...] = (60, 300, 900)
     partitions: int = 6
     replication_factor: int | None = None
-    """None: three, or one per broker on a smaller cluster (see gateway.topics)."""
+    """None: three, or one per broker on a smaller cluster (see ``gateway topics create``)."""
     schema_registry_url: str | None = None
     group_id: str = ""
     """Empty: derived from the topic prefix (see :attr:`consumer_group`)."""
@@ -257,33 +331,41 @@ class Config:
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default_factory=tuple
     )
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_history_size: int = 100_000
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Never shown: a repr of the configuration leaves them out."""
+    log_level: str | None = None
+    """None: the command's default (info for long-running commands, warning otherwise)."""
+    log_format: str = "text"
+    listen_secret: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if not self.topic_prefix or any(c in self.topic_prefix for c in "/\\ "):
-            raise ConfigError(f"topic prefix {self.topic_prefix!r} is not a usable topic name")
+            raise ConfigError(f"topic prefix {self.topic_prefix!r} is not a usable topic name", field="topic_prefix")
         if not self.bootstrap_servers:
-            raise ConfigError("bootstrap servers are empty (set GATEWAY_BOOTSTRAP_SERVERS)")
+            raise ConfigError("bootstrap servers are empty (set GATEWAY_BOOTSTRAP_SERVERS)",
+                              field="bootstrap_servers")
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+        cls, environ: Mapping[str, str] | None = None, *, defaults: Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> Config:
-        """Read ``GATEWAY_*`` variables; ``overrides`` (already parsed values) win."""
+        """Read ``GATEWAY_*`` variables over ``defaults`` (a command's own defaults, such as
+        ``gateway up``'s); ``overrides`` (already parsed values, flags) win over both."""
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(defaults or {})
         for setting in SETTINGS:
-            text = environ.get(setting.env)
-            if text is not None:
-                try:
-                    values[setting.name] = setting.parse(text)
-                except ConfigError as exc:
-                    raise ConfigError(f"{setting.env}: {exc}") from None
+            if setting.env in environ:
+                values[setting.name] = setting.read(environ)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)
         except ConfigError as exc:
-            if "topic prefix" in str(exc) and "topic_prefix" not in overrides:
-                raise ConfigError(f"GATEWAY_TOPIC_PREFIX: {exc}") from None
+            if exc.field == "topic_prefix" and "topic_prefix" not in overrides:
+                raise ConfigError(f"GATEWAY_TOPIC_PREFIX: {exc}", field="topic_prefix") from None
             raise
 
     @property

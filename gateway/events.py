@@ -17,19 +17,21 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
+
+from .errors import InputError, InvalidEvent
 
 __all__ = [
     "FIELDS",
     "SCHEMA_NAMES",
     "Event",
     "EventType",
-    "InvalidEvent",
     "is_uuid",
     "parse_event",
+    "parse_event_types",
     "validate_fields",
 ]
 
@@ -80,16 +82,11 @@ _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 _MAX_TEXT = 1_000_000
 
 
-class InvalidEvent(ValueError):
-    """An event that does not have the documented shape. Names the field and the value."""
-
-    def __init__(self, field: str | None, value: object, problem: str) -> None:
-        self.field = field
-        self.value = value
-        self.problem = problem
-        shown = _show(value)
-        where = f"field {field!r}" if field else "event"
-        super().__init__(f"{where}: {problem}" + (f" (got {shown})" if shown else ""))
+def _invalid(field: str | None, value: object, problem: str) -> InvalidEvent:
+    """The error for ``field`` (None: the whole event), showing ``value`` unless missing."""
+    shown = _show(value)
+    where = f"field {field!r}" if field else "event"
+    return InvalidEvent(field, value, problem, f"{where}: {problem}" + (f" (got {shown})" if shown else ""))
 
 
 def _show(value: object) -> str:
@@ -116,24 +113,24 @@ def validate_fields(data: Mapping[str, Any]) -> EventType:
     """
     kind = data.get("event", _MISSING)
     if kind is _MISSING:
-        raise InvalidEvent("event", _MISSING, "missing; expected one of " + _types())
+        raise _invalid("event", _MISSING, "missing; expected one of " + _types())
     try:
         event_type = EventType(kind) if isinstance(kind, str) else None
     except ValueError:
         event_type = None
     if event_type is None:
-        raise InvalidEvent("event", kind, "unknown event type; expected one of " + _types())
+        raise _invalid("event", kind, "unknown event type; expected one of " + _types())
     fields = FIELDS[event_type]
     for name, field_kind in fields:
         value = data.get(name, _MISSING)
         if value is _MISSING:
-            raise InvalidEvent(name, _MISSING, f"missing; a {event_type} event requires it")
+            raise _invalid(name, _MISSING, f"missing; a {event_type} event requires it")
         _check(name, field_kind, value)
     if len(data) > len(fields):
         known = {name for name, _ in fields}
         for name in data:
             if name not in known and name not in METADATA:
-                raise InvalidEvent(
+                raise _invalid(
                     name, data[name],
                     f"not a documented field of {event_type}; documented: "
                     + ", ".join(n for n, _ in fields),
@@ -148,23 +145,23 @@ def _types() -> str:
 def _check(name: str, kind: Kind, value: object) -> None:
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidEvent(name, value, "must be a number")
+            raise _invalid(name, value, "must be a number")
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidEvent(name, value, "must be a finite number")
+            raise _invalid(name, value, "must be a finite number")
         if isinstance(value, int) and not -(2**31) <= value < 2**31:
-            raise InvalidEvent(name, value, "is out of range for a 32-bit integer")
+            raise _invalid(name, value, "is out of range for a 32-bit integer")
         return
     if not isinstance(value, str):
-        raise InvalidEvent(name, value, "must be a string")
+        raise _invalid(name, value, "must be a string")
     if kind == "uuid":
         if not is_uuid(value):
-            raise InvalidEvent(name, value, "is not a UUID (expected 8-4-4-4-12 hex digits)")
+            raise _invalid(name, value, "is not a UUID (expected 8-4-4-4-12 hex digits)")
         return
     if len(value) > _MAX_TEXT:
-        raise InvalidEvent(name, f"{len(value)} characters", f"is longer than {_MAX_TEXT}")
+        raise _invalid(name, f"{len(value)} characters", f"is longer than {_MAX_TEXT}")
     bad = _LONE_SURROGATE.search(value)
     if bad:
-        raise InvalidEvent(
+        raise _invalid(
             name, value,
             f"contains a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}: half of a "
             "UTF-16 pair, not a Unicode character (it cannot be encoded as UTF-8)",
@@ -209,11 +206,11 @@ class Event:
         event_type = validate_fields(record)
         event_id = record.get("eventId")
         if not is_uuid(event_id):
-            raise InvalidEvent("eventId", event_id, "is not a UUID")
+            raise _invalid("eventId", event_id, "is not a UUID")
         occurred_at = record.get("occurredAt")
         if (isinstance(occurred_at, bool) or not isinstance(occurred_at, int)
                 or not 0 <= occurred_at < 2**63):
-            raise InvalidEvent("occurredAt", occurred_at, "must be milliseconds since the epoch")
+            raise _invalid("occurredAt", occurred_at, "must be milliseconds since the epoch")
         body = {name: record[name] for name, _ in FIELDS[event_type]}
         return cls(event_type, str(event_id), occurred_at, body)
 
@@ -225,7 +222,7 @@ def parse_event(data: object, *, now_ms: int | None = None) -> Event:
     documented fields; they are metadata and never part of the JSON body.
     """
     if not isinstance(data, Mapping):
-        raise InvalidEvent(None, data, f"must be a JSON object, not {_json_kind(data)}")
+        raise _invalid(None, data, f"must be a JSON object, not {_json_kind(data)}")
     record = dict(data)
     if record.get("eventId") is None:
         record["eventId"] = str(uuid.uuid4())
@@ -246,3 +243,15 @@ def _json_kind(value: object) -> str:
     if isinstance(value, int | float):
         return "a number"
     return type(value).__name__
+
+
+def parse_event_types(names: Iterable[str], *, field: str = "event_types") -> tuple[EventType, ...]:
+    """Event type names as a user gives them (any case; blanks and repeats ignored), in the
+    order given. The one check of event type names: the command line, the HTTP API, the
+    endpoint filters, test sends and the dead-letter filters all call it. Raises
+    :class:`~gateway.errors.InputError` naming ``field`` for a name that is not a type."""
+    wanted = dict.fromkeys(name.strip().upper() for name in names if name.strip())
+    unknown = [name for name in wanted if name not in EventType.__members__]
+    if unknown:
+        raise InputError(f"event type {unknown[0]!r} is unknown; expected some of {_types()}", field=field)
+    return tuple(EventType(name) for name in wanted)

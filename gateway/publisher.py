@@ -18,14 +18,11 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from .codec import Codec
 from .config import Config
-from .events import Event, InvalidEvent, parse_event
-from .topics import Topics
+from .errors import InputError, InvalidEvent, PublishError
+from .events import Event, parse_event
+from .store import Topics
 
-__all__ = ["InputItem", "PublishError", "PublishResult", "Publisher", "publish", "read_events"]
-
-
-class PublishError(RuntimeError):
-    """The broker did not acknowledge an event; the message says which and why."""
+__all__ = ["InputItem", "PublishResult", "Publisher", "publish", "read_events"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +63,9 @@ class Publisher:
     def publish(self, event: Mapping[str, Any] | Event, *, timeout: float = 30.0) -> str:
         """Validate, publish and wait for the acknowledgement; returns the event id.
 
-        Raises :class:`gateway.events.InvalidEvent` for an event of the wrong shape and
-        :class:`PublishError` when the broker does not acknowledge it within ``timeout``.
+        Raises :class:`~gateway.errors.InvalidEvent` for an event of the wrong shape and
+        :class:`~gateway.errors.PublishError` when the broker does not acknowledge it within
+        ``timeout``.
         """
         if not isinstance(event, Event):
             event = parse_event(event)
@@ -147,18 +145,20 @@ def read_events(text: str) -> list[InputItem]:
     """Parse ``gateway publish`` input: one JSON object per line, or one JSON array.
 
     Every item is validated; the caller decides what to do with the invalid ones. Raises
-    :class:`ValueError` when the input holds no event at all or is not JSON.
+    :class:`~gateway.errors.InputError` when the input holds no event at all or is not JSON.
     """
     stripped = text.strip()
     if not stripped:
-        raise ValueError("the input is empty: expected JSON events, one object per line or an array")
+        raise InputError("the input is empty: expected JSON events, one object per line or an array",
+                         field="source")
     if stripped.startswith("["):
         try:
             items = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON array at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+            raise InputError(f"invalid JSON array at line {exc.lineno} column {exc.colno}: {exc.msg}",
+                             field="source") from None
         if not items:
-            raise ValueError("the input is an empty JSON array: there are no events to publish")
+            raise InputError("the input is an empty JSON array: there are no events to publish", field="source")
         return [_validated(f"item {i}", item) for i, item in enumerate(items, start=1)]
     result = []
     # Only \n ends a line: str.splitlines() would also split on U+2028 and friends, which

@@ -11,6 +11,13 @@ and error text (:meth:`Outcome.of_legacy`).
 Every text a receiver controls (response snippets, redirect targets, protocol errors) is
 cut to a bound before it is stored: it travels in every retry record, its headers, the
 dead letter and a log line.
+
+The vocabulary every part shares is here too, as values, never as free strings: how an
+attempt ended (:class:`Outcome`), what followed it (:class:`Next`), why a dead letter
+died (:class:`DeadLetterReason`), why a delivery was put off (:class:`DeferReason`) and
+the state of an endpoint's circuit (:class:`CircuitState`). Records store them as the
+strings of their schemas; reading a value a newer gateway wrote gives ``UNKNOWN`` (or the
+text kept as it is), never an error.
 """
 
 from __future__ import annotations
@@ -30,11 +37,15 @@ __all__ = [
     "MAX_STORED_TEXT",
     "Attempt",
     "Circuit",
+    "CircuitState",
     "DeadLetter",
     "DeadLetterReason",
+    "DeferReason",
     "Delivery",
     "DeliveryAttempt",
     "Endpoint",
+    "Next",
+    "NextKind",
     "Outcome",
     "bounded",
     "is_deferral",
@@ -214,6 +225,11 @@ class Attempt:
     retry_after: float | None = field(default=None, compare=False)
     """Seconds a 429/503 answer's Retry-After asked for; steers the next tier, not stored."""
 
+    @classmethod
+    def unsent(cls, at: int, tier: str, outcome: Outcome, error: str) -> Attempt:
+        """An attempt that made no request (``outcome`` says why), its text bounded."""
+        return cls(at=at, tier=tier, duration_ms=0.0, outcome=outcome, error=bounded(error))
+
     @property
     def succeeded(self) -> bool:
         return self.outcome is Outcome.SUCCESS
@@ -355,13 +371,112 @@ class DeadLetterReason(StrEnum):
     """The gateway itself failed on the record (a bug, or an unusable endpoint record)."""
     DEFERRAL_EXPIRED = "deferral_expired"
     """Put off for the gateway's own limits longer than GATEWAY_DEFER_MAX_AGE."""
+    UNKNOWN = "unknown"
+    """Written by a newer gateway with a reason this one does not know."""
+
+    @classmethod
+    def read(cls, text: str) -> DeadLetterReason:
+        """The reason a record holds; UNKNOWN for one this gateway does not know."""
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class DeferReason(StrEnum):
+    """Why a delivery was put off without spending an attempt (a bounded label of
+    ``gateway_deferred_total``)."""
+
+    BUSY = "connections_busy"
+    """Every connection of the endpoint stayed busy for the longest local wait."""
+    SHARE = "share_full"
+    """The endpoint's share of the process (in flight plus waiting) is full."""
+    RATE = "rate_limit"
+    """Its rate limit would not allow a request within the longest local wait."""
+
+
+class CircuitState(StrEnum):
+    """The state of an endpoint's circuit breaker."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    """Deliveries spend their attempts without a request until the next probe."""
+    HALF_OPEN = "half_open"
+    """One delivery goes as the probe; its answer closes or opens the circuit again."""
+    UNKNOWN = "unknown"
+    """Written by a newer gateway with a state this one does not know."""
+
+    @classmethod
+    def read(cls, text: str) -> CircuitState:
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class NextKind(StrEnum):
+    """What followed an attempt, in the delivery history."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    """Sent on to a retry tier (the step names it)."""
+    DEAD = "dead"
+    """Dead-lettered (the step names the reason)."""
+    DEFERRED = "deferred"
+    """Put off onto a deferral rung (the step names it); not an attempt."""
+    TEST = "test"
+    """A test send: nothing follows."""
+    UNKNOWN = "unknown"
+    """Written by a newer gateway with a step this one does not know."""
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """What followed an attempt: its kind and, for a retry, a dead letter or a deferral,
+    where it went (the tier, the reason, the rung). Stored as ``delivered``,
+    ``retry:<tier>``, ``dead:<reason>``, ``deferred:<rung>`` or ``test``."""
+
+    kind: NextKind
+    to: str | None = None
+
+    @classmethod
+    def delivered(cls) -> Next:
+        return cls(NextKind.DELIVERED)
+
+    @classmethod
+    def retry(cls, tier: str) -> Next:
+        return cls(NextKind.RETRY, tier)
+
+    @classmethod
+    def dead(cls, reason: DeadLetterReason) -> Next:
+        return cls(NextKind.DEAD, reason.value)
+
+    @classmethod
+    def deferred(cls, rung: str) -> Next:
+        return cls(NextKind.DEFERRED, rung)
+
+    @classmethod
+    def read(cls, text: str) -> Next:
+        """The step a history record holds (UNKNOWN kind, text kept, for one this gateway
+        does not know)."""
+        name, _, to = text.partition(":")
+        try:
+            kind = NextKind(name)
+        except ValueError:
+            return cls(NextKind.UNKNOWN, text)
+        return cls(kind, to or None)
+
+    def __str__(self) -> str:
+        if self.kind is NextKind.UNKNOWN:
+            return self.to or NextKind.UNKNOWN.value
+        return self.kind.value if self.to is None else f"{self.kind.value}:{self.to}"
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record the gateway gave up on, with why and where it came from."""
 
-    reason: str
+    reason: DeadLetterReason
     detail: str
     dead_at: int
     source_topic: str
@@ -373,7 +488,7 @@ class DeadLetter:
 
     def to_record(self) -> dict[str, Any]:
         return {
-            "reason": self.reason,
+            "reason": self.reason.value,
             "detail": self.detail,
             "deadAt": self.dead_at,
             "sourceTopic": self.source_topic,
@@ -388,7 +503,7 @@ class DeadLetter:
     def from_record(cls, r: Mapping[str, Any]) -> DeadLetter:
         delivery = r.get("delivery")
         return cls(
-            reason=r["reason"],
+            reason=DeadLetterReason.read(r["reason"]),
             detail=r["detail"],
             dead_at=r["deadAt"],
             source_topic=r["sourceTopic"],
@@ -413,8 +528,7 @@ class DeliveryAttempt:
     number: int
     """1 for the first attempt, 2 for the first retry, …"""
     attempt: Attempt
-    next: str
-    """``delivered``, ``retry:<tier>``, ``dead:<reason>``, ``deferred:<topic>`` or ``test``."""
+    next: Next
     replay_of: str | None = None
 
     def to_record(self) -> dict[str, Any]:
@@ -424,7 +538,7 @@ class DeliveryAttempt:
             "endpointId": self.endpoint_id, "occurredAt": self.occurred_at, "number": self.number,
             "tier": a.tier, "at": a.at, "durationMs": a.duration_ms, "outcome": a.outcome.value,
             "status": a.status, "error": a.error, "responseSnippet": a.response_snippet,
-            "next": self.next, "replayOf": self.replay_of,
+            "next": str(self.next), "replayOf": self.replay_of,
         }
 
     @classmethod
@@ -437,7 +551,7 @@ class DeliveryAttempt:
                           status=r.get("status"), error=r.get("error"), response_snippet=r.get("responseSnippet"))
         return cls(event_id=r["eventId"], event_type=r["eventType"], bot_id=r["botId"],
                    endpoint_id=r["endpointId"], occurred_at=r["occurredAt"], number=r["number"],
-                   attempt=attempt, next=r["next"], replay_of=r.get("replayOf"))
+                   attempt=attempt, next=Next.read(r["next"]), replay_of=r.get("replayOf"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,18 +559,17 @@ class Circuit:
     """The last change of an endpoint's circuit breaker, as one process reported it."""
 
     endpoint_id: str
-    state: str
-    """``closed``, ``open`` or ``half_open``."""
+    state: CircuitState
     failures: int
     changed_at: int
     probe_at: int | None
     worker: str
 
     def to_record(self) -> dict[str, Any]:
-        return {"endpointId": self.endpoint_id, "state": self.state, "failures": self.failures,
+        return {"endpointId": self.endpoint_id, "state": self.state.value, "failures": self.failures,
                 "changedAt": self.changed_at, "probeAt": self.probe_at, "worker": self.worker}
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> Circuit:
-        return cls(endpoint_id=r["endpointId"], state=r["state"], failures=r["failures"],
+        return cls(endpoint_id=r["endpointId"], state=CircuitState.read(r["state"]), failures=r["failures"],
                    changed_at=r["changedAt"], probe_at=r.get("probeAt"), worker=r["worker"])

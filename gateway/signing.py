@@ -12,13 +12,11 @@ import binascii
 import hmac
 import secrets
 
-__all__ = ["SECRET_PREFIX", "InvalidSecret", "new_secret", "secret_key", "sign", "signature_header"]
+from .errors import InvalidSecret
+
+__all__ = ["SECRET_PREFIX", "new_secret", "secret_key", "sign", "signature_header"]
 
 SECRET_PREFIX = "whsec_"
-
-
-class InvalidSecret(ValueError):
-    """A signing secret that is not ``whsec_`` followed by base64. Never shows the secret."""
 
 
 def new_secret() -> str:

@@ -16,15 +16,12 @@ import hmac
 import time
 from collections.abc import Mapping
 
-from .signing import InvalidSecret, secret_key, sign
+from .errors import InvalidSecret, WebhookVerificationError
+from .signing import secret_key, sign
 
 __all__ = ["TOLERANCE_SECONDS", "WebhookVerificationError", "verify"]
 
 TOLERANCE_SECONDS = 5 * 60
-
-
-class WebhookVerificationError(ValueError):
-    """The request is not an authentic, fresh webhook; the message says which check failed."""
 
 
 def verify(

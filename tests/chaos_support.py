@@ -60,11 +60,11 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
+from gateway.ops import new_endpoint
 from gateway.publisher import Publisher
 from gateway.records import Attempt, DeadLetter, Delivery, Endpoint, Outcome
-from gateway.topics import Topics
+from gateway.store import Topics, save_endpoint
 
 __all__ = [
     "TOLERANCE",

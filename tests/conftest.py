@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from gateway.broker import Broker
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.topics import create_topics
+from gateway.store import create_topics
+from gateway.streaming import Broker
 
 _prefixes = itertools.count(1)
 

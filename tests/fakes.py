@@ -4,13 +4,15 @@ producer and a sender. They stand in for I/O only; the code under test is the re
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from gateway.flow import Deferral
+from gateway.delivery import Deferral
 from gateway.records import Attempt, Endpoint, Outcome
 
 
@@ -126,12 +128,75 @@ class FakeConsumer:
 
 
 class FakeClock:
-    def __init__(self, now_ms: int = 1_000_000) -> None:
-        self.now_ms = now_ms
+    """A :class:`gateway.clock.Clock` that moves only when told (:meth:`advance`): its
+    timers, sleeps and waits fire then, in order of their due times, on the calling
+    thread (the test's event loop). Time is kept in whole nanoseconds."""
 
-    def advance(self, ms: int) -> int:
-        self.now_ms += ms
-        return self.now_ms
+    def __init__(self, now_ms: int = 1_000_000) -> None:
+        self._epoch_ns = now_ms * 1_000_000
+        self._ns = 0
+        self._timers: list[tuple[int, int, _Timer]] = []
+        self._made = 0
+
+    def now_ms(self) -> int:
+        return (self._epoch_ns + self._ns) // 1_000_000
+
+    def monotonic(self) -> float:
+        return self._ns / 1e9
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> _Timer:
+        timer = _Timer(callback)
+        self._made += 1
+        heapq.heappush(self._timers, (self._ns + max(0, round(delay * 1e9)), self._made, timer))
+        return timer
+
+    async def sleep(self, seconds: float) -> None:
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.call_later(seconds, lambda: None if woken.done() else woken.set_result(None))
+        await woken
+
+    async def wait(self, tasks: Collection[asyncio.Task[None]], within: float) -> None:
+        timer = asyncio.ensure_future(self.sleep(within))
+        pending: set[asyncio.Future[Any]] = set(tasks)
+        try:
+            while pending and not timer.done():
+                _, pending = await asyncio.wait(pending | {timer}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(timer)
+        finally:
+            timer.cancel()
+
+    @property
+    def timers(self) -> int:
+        """Timers set and not fired or cancelled yet."""
+        return sum(1 for _, _, t in self._timers if not t.cancelled)
+
+    def advance(self, seconds: float) -> int:
+        """Move ``seconds`` on, firing every timer due meanwhile at its own time; returns
+        the wall clock then (ms)."""
+        target = self._ns + round(seconds * 1e9)
+        while self._timers and self._timers[0][0] <= target:
+            due, _, timer = heapq.heappop(self._timers)
+            self._ns = max(self._ns, due)
+            timer.fire()
+        self._ns = target
+        return self.now_ms()
+
+    def advance_ms(self, ms: int) -> int:
+        return self.advance(ms / 1000)
+
+
+class _Timer:
+    def __init__(self, callback: Callable[[], object]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback()
 
 
 class RecordingProducer:

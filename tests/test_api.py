@@ -18,8 +18,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.api import ApiService, Tokens, TokensError, create_app, is_loopback, openapi_document
+from gateway.api import ApiService, Tokens, create_app, is_loopback, openapi_document
 from gateway.config import Config
+from gateway.errors import ConfigError
 from gateway.verify import verify
 
 from .conftest import free_port, gateway_env, run_gateway
@@ -51,13 +52,13 @@ def test_the_committed_openapi_document_is_the_served_one() -> None:
 
 
 def test_tokens_are_refused_when_weak_and_compared_whole() -> None:
-    tokens = Tokens.from_env({"GATEWAY_API_TOKENS": f" {TOKEN}, {OTHER_TOKEN} ,"})
+    tokens = Tokens.from_config(Config.from_env({"GATEWAY_API_TOKENS": f" {TOKEN}, {OTHER_TOKEN} ,"}))
     assert len(tokens) == 2 and tokens.accepts(TOKEN) and tokens.accepts(OTHER_TOKEN)
     assert not tokens.accepts(TOKEN[:-1]) and not tokens.accepts(TOKEN + "x") and not tokens.accepts("")
-    assert not Tokens.from_env({})
-    with pytest.raises(TokensError, match="token 2 is 5 characters"):
+    assert not Tokens.from_config(Config.from_env({}))
+    with pytest.raises(ConfigError, match="token 2 is 5 characters"):
         Tokens([TOKEN, "short"])
-    with pytest.raises(TokensError, match="whitespace"):
+    with pytest.raises(ConfigError, match="whitespace"):
         Tokens(["a" * 20 + "\t"])
     assert len(Tokens.generate()) >= 40
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost"))

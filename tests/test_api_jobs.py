@@ -10,15 +10,16 @@ from typing import Any
 
 import pytest
 
-from gateway.api_jobs import JobConflict, ReplayJobs
+from gateway.api import ReplayJobs
 from gateway.config import Config
-from gateway.dlq import DeadLetterEntry, ReplayPlan, ReplayProgress, ReplayReport, decide_replays
-from gateway.records import DeadLetter, Delivery
+from gateway.errors import Conflict
+from gateway.ops import DeadLetterEntry, ReplayPlan, ReplayProgress, ReplayReport, decide_replays
+from gateway.records import DeadLetter, DeadLetterReason, Delivery
 
 
 def plan(count: int) -> ReplayPlan:
     entries = [DeadLetterEntry("t.dlq", 0, offset, DeadLetter(
-        reason="retries_exhausted", detail="", dead_at=0, source_topic="t.retry-3s", source_partition=0,
+        reason=DeadLetterReason.RETRIES_EXHAUSTED, detail="", dead_at=0, source_topic="t.retry-3s", source_partition=0,
         source_offset=offset, delivery=Delivery(event_id=f"e{offset}", event_type="MESSAGE", bot_id="b",
                                                 session_id="s", occurred_at=0, payload="{}", endpoint_id="p1",
                                                 attempt=4, due_at=0)))
@@ -48,7 +49,7 @@ def test_one_replay_at_a_time_with_its_progress_reported() -> None:
     assert job.state == "running" and job.id == first.replay_id and job.planned == 3 and job.items == ()
     wait_for(lambda: (current := jobs.get(job.id)) is not None and current.progress is not None
              and current.progress.sent == 2)
-    with pytest.raises(JobConflict, match=job.id):
+    with pytest.raises(Conflict, match=job.id):
         jobs.start(plan(1))
     dry = jobs.start(plan(2), dry_run=True)  # a dry run sends nothing: allowed meanwhile
     assert dry.state == "dry_run" and [i["deadLetter"] for i in dry.items] == ["0:0", "0:1"]

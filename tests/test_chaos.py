@@ -36,7 +36,7 @@ from confluent_kafka import Producer
 from gateway.codec import Codec
 from gateway.config import Config
 from gateway.records import DELIVERY_SCHEMA, Delivery
-from gateway.topics import Topics, create_topics
+from gateway.store import Topics, create_topics
 
 from .chaos_support import ChaosReceiver, Load, conclude, drain, lag, make_events, register
 from .conftest import private_broker

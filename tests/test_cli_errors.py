@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import gateway.cli
-import gateway.runner
-import gateway.topics
+import gateway.store
+import gateway.streaming
 from gateway.cli import cli
 
 
@@ -52,7 +52,7 @@ def never_called(*args: Any, **kwargs: Any) -> Any:
 
 
 def test_run_names_an_oserror_that_is_not_the_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gateway.runner, "run", raising(OSError(errno.EMFILE, "Too many open files")))
+    monkeypatch.setattr(gateway.streaming, "run", raising(OSError(errno.EMFILE, "Too many open files")))
     result = invoke("run", "--no-metrics")
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ")
@@ -61,7 +61,7 @@ def test_run_names_an_oserror_that_is_not_the_metrics_port(monkeypatch: pytest.M
 
 
 def test_run_says_when_the_metrics_port_is_taken(monkeypatch: pytest.MonkeyPatch, taken_port: int) -> None:
-    monkeypatch.setattr(gateway.runner, "run", never_called)
+    monkeypatch.setattr(gateway.streaming, "run", never_called)
     result = invoke("run", "--metrics-port", str(taken_port))
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: metrics port {taken_port}: ")
@@ -69,7 +69,7 @@ def test_run_says_when_the_metrics_port_is_taken(monkeypatch: pytest.MonkeyPatch
 
 
 def test_up_names_an_oserror_that_is_not_the_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gateway.topics, "create_topics",
+    monkeypatch.setattr(gateway.store, "create_topics",
                         raising(OSError(errno.ENOSPC, "No space left on device")))
     result = invoke("up", "--bootstrap", "127.0.0.1:1")
     assert result.exit_code == 1
@@ -79,8 +79,8 @@ def test_up_names_an_oserror_that_is_not_the_metrics_port(monkeypatch: pytest.Mo
 
 
 def test_up_says_when_the_metrics_port_is_taken(monkeypatch: pytest.MonkeyPatch, taken_port: int) -> None:
-    monkeypatch.setattr(gateway.topics, "create_topics", lambda config, **kwargs: [])
-    monkeypatch.setattr(gateway.runner, "run", never_called)
+    monkeypatch.setattr(gateway.store, "create_topics", lambda config, **kwargs: [])
+    monkeypatch.setattr(gateway.streaming, "run", never_called)
     result = invoke("up", "--bootstrap", "127.0.0.1:1", "--metrics-port", str(taken_port))
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: metrics port {taken_port}: ")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gateway.config import SETTINGS, Config
-from gateway.topics import Topics
+from gateway.store import Topics
 
 from .apache_kafka import broker_properties, kafka_version
 

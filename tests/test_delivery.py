@@ -14,11 +14,11 @@ from confluent_kafka import Producer
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
+from gateway.ops import new_endpoint
 from gateway.publisher import Publisher
 from gateway.records import DeadLetter, Delivery, Endpoint, Outcome
-from gateway.topics import Topics
+from gateway.store import Topics, save_endpoint
 from gateway.verify import verify
 
 from .conftest import read_topic

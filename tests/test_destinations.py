@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy, registrable_domain
+from gateway.delivery import BLOCKED_PREFIX, DestinationPolicy, registrable_domain
 
 
 @pytest.mark.parametrize(

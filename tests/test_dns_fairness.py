@@ -22,11 +22,17 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import destinations
 from gateway.config import Config
-from gateway.destinations import BlockedDestination, DestinationPolicy
+from gateway.delivery import (
+    DOMAIN_QUEUE_LIMIT,
+    LOOKUPS_PER_DOMAIN,
+    RESOLVER_THREADS,
+    Address,
+    DestinationPolicy,
+    Sender,
+)
+from gateway.errors import BlockedDestination
 from gateway.records import Attempt, Endpoint
-from gateway.sender import Sender
 from gateway.signing import new_secret
 
 from .fakes import attempted
@@ -173,7 +179,7 @@ def test_thirty_two_hanging_names_on_one_domain_leave_a_healthy_name_its_lookup(
     hosts = [f"hang-{i}.slow.test" for i in range(32)]
     outcome = hang_and_send_healthy(dns, hosts)
     assert_healthy_unharmed(outcome, 32)
-    assert dns.most_blocked == destinations.LOOKUPS_PER_DOMAIN  # 4 threads, not 32
+    assert dns.most_blocked == LOOKUPS_PER_DOMAIN  # 4 threads, not 32
     # The 28 that waited their turn (holding no thread) were looked up once released,
     # each once, though every send that asked had given up by then.
     deadline = time.monotonic() + 5
@@ -195,20 +201,20 @@ def test_hanging_dns_on_fifteen_domains_leaves_a_healthy_name_a_thread(dns: Dns)
     """The pool is sized so that it takes hanging DNS on RESOLVER_THREADS //
     LOOKUPS_PER_DOMAIN domains (16) at once to fill it: with one fewer (15), each with
     more names than its cap, a healthy name still finds a thread."""
-    cap = destinations.LOOKUPS_PER_DOMAIN
-    domains = destinations.RESOLVER_THREADS // cap - 1
+    cap = LOOKUPS_PER_DOMAIN
+    domains = RESOLVER_THREADS // cap - 1
     hosts = [f"hang-{i}.slow{i % domains}.test" for i in range(domains * (cap + 2))]
     outcome = hang_and_send_healthy(dns, hosts)
     assert_healthy_unharmed(outcome, len(hosts))
     assert dns.most_blocked == domains * cap
 
 
-def fill(policy: DestinationPolicy, hosts: list[str]) -> list[asyncio.Task[list[destinations.Address]]]:
+def fill(policy: DestinationPolicy, hosts: list[str]) -> list[asyncio.Task[list[Address]]]:
     return [asyncio.create_task(policy.addresses(host, 80)) for host in hosts]
 
 
 def test_lookups_beyond_the_cap_start_in_the_order_asked(dns: Dns) -> None:
-    cap = destinations.LOOKUPS_PER_DOMAIN
+    cap = LOOKUPS_PER_DOMAIN
     hosts = [f"hang-{i}.slow.test" for i in range(cap + 3)]
 
     async def go() -> None:
@@ -233,7 +239,7 @@ def test_a_waiting_lookup_is_shared_and_each_request_keeps_its_own_deadline(dns:
     """Two requests for a name queued behind its domain's cap: the one that gives up first
     does not cancel the lookup; the other gets its answer, checked like any other (here:
     refused, it is loopback). A lookup every request gave up on still runs in its turn."""
-    cap = destinations.LOOKUPS_PER_DOMAIN
+    cap = LOOKUPS_PER_DOMAIN
     hosts = [f"hang-{i}.slow.test" for i in range(cap)]
 
     async def go() -> None:
@@ -264,7 +270,7 @@ def test_the_names_waiting_per_domain_are_bounded(dns: Dns) -> None:
     """Beyond DOMAIN_QUEUE_LIMIT distinct names waiting on one domain, a lookup fails at
     once with a connection error (the attempt is retried later) instead of growing the
     queue; a name already waiting is still shared, and other domains are unaffected."""
-    cap, limit = destinations.LOOKUPS_PER_DOMAIN, destinations.DOMAIN_QUEUE_LIMIT
+    cap, limit = LOOKUPS_PER_DOMAIN, DOMAIN_QUEUE_LIMIT
     hosts = [f"hang-{i}.slow.test" for i in range(cap + limit)]
 
     async def go() -> None:
@@ -292,7 +298,7 @@ def test_the_names_waiting_per_domain_are_bounded(dns: Dns) -> None:
 
 
 def test_closing_lets_the_waiting_lookups_finish_then_lets_the_threads_go(dns: Dns) -> None:
-    cap = destinations.LOOKUPS_PER_DOMAIN
+    cap = LOOKUPS_PER_DOMAIN
     before = set(threading.enumerate())
 
     def resolver_threads() -> list[threading.Thread]:

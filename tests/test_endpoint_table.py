@@ -1,4 +1,4 @@
-"""The endpoint table at scale and under concurrent reads (gateway.endpoints.EndpointTable).
+"""The endpoint table at scale and under concurrent reads (gateway.store.EndpointTable).
 
 A worker loads the whole endpoints topic before it delivers anything, and the registry's
 thread keeps applying changes while the dispatcher reads: loading must stay linear in the
@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from gateway.endpoints import EndpointTable
 from gateway.records import Endpoint
+from gateway.store import EndpointTable
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
 N = 100_000

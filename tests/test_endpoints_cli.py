@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.endpoints import save_endpoint
 from gateway.records import Endpoint
 from gateway.signing import new_secret, secret_key
+from gateway.store import save_endpoint
 
 from .conftest import run_gateway
 

@@ -10,16 +10,8 @@ from typing import Any
 import pytest
 
 from gateway.codec import Codec
-from gateway.events import (
-    FIELDS,
-    SCHEMA_NAMES,
-    Event,
-    EventType,
-    InvalidEvent,
-    is_uuid,
-    parse_event,
-    validate_fields,
-)
+from gateway.errors import InvalidEvent
+from gateway.events import FIELDS, SCHEMA_NAMES, Event, EventType, is_uuid, parse_event, validate_fields
 
 # The example payloads of reference/webhook-events.md, verbatim and in documented order.
 MESSAGE: dict[str, Any] = {

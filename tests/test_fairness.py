@@ -22,7 +22,7 @@ from gateway.config import Config
 from gateway.events import parse_event
 from gateway.publisher import Publisher
 from gateway.records import DeadLetter, Delivery
-from gateway.topics import Topics
+from gateway.store import Topics
 
 from .conftest import read_topic
 from .receiver import Receiver

@@ -14,18 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import Config
-from gateway.flow import (
-    Admission,
-    CircuitBreaker,
-    CircuitState,
-    Deferral,
-    DeferReason,
-    TokenBucket,
-    breaker_verdict,
-    deferral_rung,
-)
-from gateway.records import Attempt, Delivery, Endpoint, Outcome
-from gateway.sender import Sender
+from gateway.delivery import Admission, CircuitBreaker, Deferral, Sender, TokenBucket, breaker_verdict, deferral_rung
+from gateway.records import Attempt, CircuitState, DeferReason, Delivery, Endpoint, Outcome
 from gateway.signing import new_secret
 
 from .raw_server import Conn, RawServer, respond

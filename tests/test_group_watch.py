@@ -15,18 +15,10 @@ import pytest
 from confluent_kafka import Consumer
 
 from gateway.config import Config
-from gateway.consumer import GroupWatch
-from gateway.metrics import read_statistics
-from gateway.topics import Topics
-from gateway.worker import consumer_settings
+from gateway.store import Topics
+from gateway.streaming import GroupWatch, consumer_settings, read_statistics
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from .fakes import FakeClock
 
 
 def stats(join_state: str, state: str = "up") -> dict[str, Any]:
@@ -42,47 +34,47 @@ def test_a_consumer_out_of_its_group_longer_than_the_bound_is_named_once_and_aga
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.consumer")
-    clock = Clock()
+    clock = FakeClock()
     watch = GroupWatch("events", warn_after=30, clock=clock)
     watch.update(stats("steady"))
     watch.update(stats("wait-unassign-to-complete"))
-    clock.now += 29.9
+    clock.advance(29.9)
     watch.update(stats("wait-unassign-to-complete"))
     assert watched(caplog) == []
-    clock.now += 0.2
+    clock.advance(0.2)
     watch.update(stats("wait-join"))
-    clock.now += 60
+    clock.advance(60)
     watch.update(stats("wait-join"))
     assert watched(caplog) == [("consumer out of its group: the tier fetches nothing until it rejoins",
                                 {"join_state": "wait-join", "out_for_s": 30.1})]
     assert caplog.records[-1].levelname == "ERROR"
-    clock.now += 5
+    clock.advance(5)
     watch.update(stats("steady"))
     assert watched(caplog)[-1] == ("consumer back in its group", {"join_state": None, "out_for_s": 95.1})
 
 
 def test_rebalances_shorter_than_the_bound_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.consumer")
-    clock = Clock()
+    clock = FakeClock()
     watch = GroupWatch("events", warn_after=30, clock=clock)
     for _ in range(10):
         watch.update(stats("wait-join"))
-        clock.now += 20
+        clock.advance(20)
         watch.update(stats("steady"))
-        clock.now += 5
+        clock.advance(5)
     watch.update(stats("init", state="query-coord"))
     assert watched(caplog) == []
 
 
 def test_statistics_without_a_group_or_unreadable_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.consumer")
-    clock = Clock()
+    clock = FakeClock()
     watch = GroupWatch("events", warn_after=0, clock=clock)
     for text in ("{", "[]", json.dumps({"name": "rdkafka#consumer-1"}), json.dumps({"cgrp": {"state": "up"}})):
         document = read_statistics(text, "events")  # what the worker's stats_cb does
         if document is not None:
             watch.update(document)
-        clock.now += 60
+        clock.advance(60)
     assert watched(caplog) == []
 
 

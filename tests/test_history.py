@@ -15,18 +15,10 @@ from confluent_kafka import Producer
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.history import (
-    HistoryEntry,
-    HistoryError,
-    HistoryFilters,
-    HistoryIndex,
-    decode_cursor,
-    encode_cursor,
-    parse_moment,
-    read_history,
-)
-from gateway.records import DELIVERY_ATTEMPT_SCHEMA, Attempt, DeliveryAttempt, Outcome
-from gateway.topics import Topics
+from gateway.errors import InputError
+from gateway.ops import Cursor, HistoryEntry, HistoryFilters, HistoryIndex, parse_time, read_history
+from gateway.records import DELIVERY_ATTEMPT_SCHEMA, Attempt, DeliveryAttempt, Next, Outcome
+from gateway.store import Topics
 
 from .conftest import run_gateway
 from .receiver import Receiver
@@ -40,7 +32,7 @@ def line(at: int, *, event: str = "e1", endpoint: str = "p1", bot: str = BOT, ou
     return DeliveryAttempt(event_id=event, event_type="MESSAGE", bot_id=bot, endpoint_id=endpoint,
                            occurred_at=at - 5, number=number,
                            attempt=Attempt(at=at, tier="events", duration_ms=1.5, outcome=outcome, status=status),
-                           next=next)
+                           next=Next.read(next))
 
 
 def test_filters_select_by_event_endpoint_bot_time_and_status() -> None:
@@ -59,27 +51,28 @@ def test_filters_select_by_event_endpoint_bot_time_and_status() -> None:
              "2xx": [True, False, False, False], "timeout": [False, False, True, False],
              "HTTP_ERROR": [False, True, False, False]}
     for status, expected in cases.items():
-        assert [HistoryFilters(status=status).admits(x) for x in (ok, failed, timeout, deferred)] == expected, status
+        chosen = HistoryFilters.parse(status=status)
+        assert [chosen.admits(x) for x in (ok, failed, timeout, deferred)] == expected, status
     for bad in ("ok", "6xx", "50", "5xxx"):
-        with pytest.raises(HistoryError) as refused:
-            HistoryFilters(status=bad)
+        with pytest.raises(InputError) as refused:
+            HistoryFilters.parse(status=bad)
         assert refused.value.field == "status"
-    with pytest.raises(HistoryError) as backwards:
+    with pytest.raises(InputError) as backwards:
         HistoryFilters(since=2, until=1)
     assert backwards.value.field == "since"
 
 
 def test_times_and_cursors_are_refused_with_their_field() -> None:
-    assert parse_moment("2026-11-28T10:00:00Z", field="since") == 1795860000000
+    assert parse_time("2026-11-28T10:00:00Z", field="since") == 1795860000000
     for text in ("yesterday", "99999999999d ago", "9999999999999999999999h"):
-        with pytest.raises(HistoryError) as refused:
-            parse_moment(text, field="until")
+        with pytest.raises(InputError) as refused:
+            parse_time(text, field="until")
         assert refused.value.field == "until"
     entry = HistoryEntry(2, 17, line(1234))
-    assert decode_cursor(encode_cursor(entry)) == (1234, 2, 17)
-    for bad in ("", "!!", "bm9wZQ", "MTox"):
-        with pytest.raises(HistoryError) as refused:
-            decode_cursor(bad)
+    assert Cursor.decode(Cursor.encode(entry.sort_key), (int, int, int)) == (1234, 2, 17)
+    for bad in ("", "!!", "bm9wZQ", "MTox", Cursor.encode(("a", 2, 17)), Cursor.encode((1, 2))):
+        with pytest.raises(InputError) as refused:
+            Cursor.decode(bad, (int, int, int))
         assert refused.value.field == "cursor"
 
 
@@ -115,11 +108,11 @@ def test_the_index_keeps_the_newest_attempts_and_follows_the_topic(topics: Confi
         cursor = None
         while True:
             part = index.query(limit=7, cursor=cursor)
-            seen += [e.id for e in part.entries]
+            seen += [str(e.id) for e in part.entries]
             cursor = part.next_cursor
             if cursor is None:
                 break
-        assert seen == [e.id for e in page.entries]
+        assert seen == [str(e.id) for e in page.entries]
 
         # Following: new attempts come in, the oldest go, the secondary indexes agree.
         fresh = [line(now + i, event="late", endpoint=f"p{i % 4}") for i in range(5)]
@@ -162,7 +155,7 @@ def test_the_index_builds_from_100k_attempts_in_seconds(topics: Config) -> None:
         assert len(index) == 100_000
         assert elapsed < 60, f"built in {elapsed:.1f} s"
         started = time.monotonic()
-        failed = index.query(HistoryFilters(status="failed"), limit=1000)
+        failed = index.query(HistoryFilters.parse(status="failed"), limit=1000)
         by_endpoint = index.query(HistoryFilters(endpoint_id="p3", since=now - 50_000), limit=1000)
         query_seconds = time.monotonic() - started
         print(f"history index: two queries over 100,000 in {query_seconds * 1000:.0f} ms")

@@ -22,12 +22,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.codec import Codec, DecodeError
+from gateway.codec import Codec
 from gateway.config import Config
-from gateway.dispatcher import BadRecord, Dispatcher, Job, Pending
-from gateway.endpoints import EndpointTable, new_endpoint, save_endpoint
+from gateway.delivery import BadRecord, Dispatcher, Job, Pending
+from gateway.errors import DecodeError
 from gateway.events import SCHEMA_NAMES, Event, EventType, parse_event
-from gateway.metrics import Metrics
+from gateway.observability import Metrics
+from gateway.ops import new_endpoint
 from gateway.records import (
     DEAD_LETTER_SCHEMA,
     DELIVERY_SCHEMA,
@@ -38,7 +39,7 @@ from gateway.records import (
     Delivery,
     Outcome,
 )
-from gateway.topics import Topics
+from gateway.store import EndpointTable, Topics, save_endpoint
 
 from .conftest import read_topic
 from .receiver import Receiver
@@ -126,7 +127,7 @@ def _seeds(codec: Codec) -> list[bytes]:
               for d in docs[:2]]
     endpoint = new_endpoint(bot_id=BOT, url="https://example.com/hook")
     seeds.append(codec.encode(ENDPOINT_SCHEMA, endpoint.to_record(), topic="hostile.endpoints"))
-    dead = DeadLetter(reason="invalid", detail="x", dead_at=1, source_topic="t", source_partition=0,
+    dead = DeadLetter(reason=DeadLetterReason.INVALID, detail="x", dead_at=1, source_topic="t", source_partition=0,
                       source_offset=1, original_key=b"k", original_value=b"\xc3\x01\x00",
                       delivery=_delivery(docs[1]))
     seeds.append(codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic="hostile.dlq"))

@@ -33,19 +33,25 @@ import pytest
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.destinations import BLOCKED_PREFIX, DestinationPolicy
-from gateway.dispatcher import Dispatcher
-from gateway.endpoints import EndpointTable
+from gateway.delivery import (
+    BLOCKED_PREFIX,
+    SNIPPET_CHARS,
+    Connection,
+    Deferral,
+    DestinationPolicy,
+    Dispatcher,
+    GiveUp,
+    Retry,
+    Sender,
+    decide,
+    next_step,
+)
+from gateway.errors import SenderClosed
 from gateway.events import parse_event
-from gateway.flow import Deferral, DeferReason
-from gateway.kafka_io import delivery_headers
-from gateway.metrics import Metrics
-from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, Delivery, Endpoint, Outcome
-from gateway.retry import GiveUp, Retry, decide, next_step
-from gateway.sender import SNIPPET_CHARS, Sender, SenderClosed
+from gateway.observability import Metrics
+from gateway.records import MAX_STORED_TEXT, Attempt, DeadLetterReason, DeferReason, Delivery, Endpoint, Outcome
 from gateway.signing import new_secret
-from gateway.topics import Topics
-from gateway.transport import Connection
+from gateway.store import EndpointTable, Topics, delivery_headers
 
 from .fakes import attempted
 from .raw_server import Conn, Handler, RawServer, respond
@@ -848,10 +854,10 @@ def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
             assert attempted(await sender.send(target, str(uuid.uuid4()), b"{}", "events")).succeeded
             sent_at = time.monotonic()
             await asyncio.sleep(1.5)
-            remembered = len(sender._lanes)
+            remembered = sender.known_endpoints
             again = attempted(await sender.send(target, str(uuid.uuid4()), b"{}", "events"))
             assert again.succeeded, again
-            return hung_up[0] - sent_at, remembered, len(sender._lanes)
+            return hung_up[0] - sent_at, remembered, sender.known_endpoints
         finally:
             await sender.aclose()
             server.close()
@@ -863,7 +869,7 @@ def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
 
 
 def test_a_lane_handed_to_a_waiter_that_is_cancelled_meanwhile_is_not_lost() -> None:
-    from gateway.sender import EndpointPool
+    from gateway.delivery import EndpointPool
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
@@ -897,10 +903,6 @@ def test_closing_the_sender_while_a_lookup_waits_neither_raises_nor_leaks(
     """Closing the sender (a worker shutting down) while a lookup is still queued on the
     resolver: every send ends in an attempt, and a connection made after the close is
     closed when its request ends."""
-    import gateway.destinations
-
-    monkeypatch.setattr(gateway.destinations, "RESOLVER_THREADS", 1)
-
     def slow_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         if str(host).endswith(".customer.test"):
             time.sleep(0.3)
@@ -910,7 +912,7 @@ def test_closing_the_sender_while_a_lookup_waits_neither_raises_nor_leaks(
     monkeypatch.setattr(socket, "getaddrinfo", slow_getaddrinfo)
 
     async def go(port: int) -> list[Attempt]:
-        sender = Sender(config())
+        sender = Sender(config(), policy=DestinationPolicy(allow_private=True, resolver_threads=1))
         sends = [asyncio.create_task(sender.send(endpoint(f"http://h{i}.customer.test:{port}/hook"),
                                                  str(uuid.uuid4()), b"{}", "events")) for i in range(2)]
         await asyncio.sleep(0.1)

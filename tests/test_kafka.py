@@ -25,15 +25,9 @@ from confluent_kafka.admin._resource import ResourceType
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import (
-    new_endpoint,
-    remove_endpoint,
-    save_endpoint,
-    set_endpoint_enabled,
-    update_endpoint,
-)
+from gateway.ops import new_endpoint, remove_endpoint, set_endpoint_enabled, update_endpoint
 from gateway.records import Endpoint
-from gateway.topics import Topics, create_topics
+from gateway.store import Topics, create_topics, save_endpoint
 
 from .apache_kafka import KafkaNode
 from .chaos_support import ChaosReceiver, Load, conclude, make_events, read_all, register

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.listen import Behaviour, Listener, Received, judge, render
+from gateway.ops import Behaviour, Listener, Received, judge, render
 from gateway.signing import new_secret, secret_key, signature_header
 
 from .conftest import free_port, gateway_env, run_gateway

@@ -1,4 +1,4 @@
-"""The endpoint management functions the CLI and the HTTP API share (gateway.endpoints):
+"""The endpoint management functions the CLI and the HTTP API share (gateway.ops):
 values back, typed errors naming the field, nothing printed."""
 
 from __future__ import annotations
@@ -14,27 +14,22 @@ from confluent_kafka import Producer
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import (
-    EndpointError,
-    EndpointNotFound,
-    EndpointsUnavailable,
-    EndpointTable,
+from gateway.errors import InputError, NotFound, Unavailable
+from gateway.ops import (
     Registration,
     endpoint_json,
     get_endpoint,
     list_endpoints,
-    load_endpoints,
     register_endpoint,
     remove_endpoint,
     rotate_secret,
     rotated,
-    save_endpoint,
     set_endpoint_enabled,
     update_endpoint,
 )
 from gateway.records import ENDPOINT_SCHEMA, Endpoint
 from gateway.signing import new_secret, secret_key
-from gateway.topics import Topics
+from gateway.store import EndpointTable, Topics, load_endpoints, save_endpoint
 
 BOT_A = "6434515b-8541-4861-bb24-8acd6e77e8c4"
 BOT_B = "0b8c7f7e-2f5a-4c55-9a3b-6a4c0e0f1d2e"
@@ -61,38 +56,38 @@ NOWHERE = Config(bootstrap_servers="127.0.0.1:1")
 )
 def test_register_refuses_naming_the_field(fields: dict[str, object], field: str, named: str) -> None:
     arguments: dict[str, object] = {"bot_id": BOT_A, "url": PUBLIC_URL} | fields
-    with pytest.raises(EndpointError) as info:
+    with pytest.raises(InputError) as info:
         register_endpoint(NOWHERE, **arguments)  # type: ignore[arg-type]
     assert info.value.field == field
     assert named in str(info.value) and named in info.value.message
-    assert not isinstance(info.value, (EndpointNotFound, EndpointsUnavailable))
+    assert not isinstance(info.value, (NotFound, Unavailable))
 
 
 def test_other_refusals_name_their_field_before_any_io() -> None:
-    with pytest.raises(EndpointError) as info:
+    with pytest.raises(InputError) as info:
         list_endpoints(NOWHERE, bot_id="bot-7")
     assert info.value.field == "bot_id" and "'bot-7'" in str(info.value)
-    with pytest.raises(EndpointError) as info:
+    with pytest.raises(InputError) as info:
         rotate_secret(NOWHERE, "any", grace_seconds=-1)
     assert info.value.field == "grace_seconds" and "-1" in str(info.value)
     bad = "whsec_" + base64.b64encode(b"too-short").decode()
-    with pytest.raises(EndpointError) as info:
+    with pytest.raises(InputError) as info:
         rotate_secret(NOWHERE, "any", secret=bad)
     assert info.value.field == "secret" and bad.removeprefix("whsec_") not in str(info.value)
-    with pytest.raises(EndpointError) as info:
+    with pytest.raises(InputError) as info:
         update_endpoint(NOWHERE, "any", url="http://")
     assert info.value.field == "url"
-    with pytest.raises(EndpointError) as info:
+    with pytest.raises(InputError) as info:
         update_endpoint(NOWHERE, "any", event_types=["NOPE"])
     assert info.value.field == "event_types"
 
 
 def test_an_error_can_be_built_with_field_and_message_by_name() -> None:
-    error = EndpointError(field="url", message="url 'x' is not a URL")
+    error = InputError(field="url", message="url 'x' is not a URL")
     assert error.field == "url" and str(error) == "url 'x' is not a URL"
-    missing = EndpointNotFound("e-1")
-    assert missing.field == "endpoint_id" and missing.endpoint_id == "e-1"
-    assert str(missing) == "no endpoint with id 'e-1'"
+    with pytest.raises(NotFound) as info:
+        get_endpoint(NOWHERE, "e-1", table=EndpointTable())
+    assert info.value.field == "endpoint_id" and str(info.value) == "no endpoint with id 'e-1'"
 
 
 # --- pure pieces -----------------------------------------------------------------------------
@@ -123,7 +118,7 @@ def test_reads_from_a_given_table_need_no_broker() -> None:
     table.load([("a1", endpoint("a1", BOT_A, created=2)), ("a0", endpoint("a0", BOT_A.upper())),
                 ("b", endpoint("b", BOT_B))])
     assert get_endpoint(NOWHERE, "a1", table=table).id == "a1"
-    with pytest.raises(EndpointNotFound) as info:
+    with pytest.raises(NotFound) as info:
         get_endpoint(NOWHERE, "zz", table=table)
     assert info.value.field == "endpoint_id" and "'zz'" in str(info.value)
     assert [e.id for e in list_endpoints(NOWHERE, bot_id=BOT_A.upper(), table=table)] == ["a0", "a1"]
@@ -176,9 +171,9 @@ def test_manage_an_endpoint_through_its_life(topics: Config) -> None:
         lambda: get_endpoint(topics, added.id), lambda: remove_endpoint(topics, added.id),
         lambda: set_endpoint_enabled(topics, added.id, True), lambda: rotate_secret(topics, added.id)]
     for call in calls:
-        with pytest.raises(EndpointNotFound) as info:
+        with pytest.raises(NotFound) as info:
             call()
-        assert info.value.endpoint_id == added.id and added.id in str(info.value)
+        assert info.value.field == "endpoint_id" and added.id in str(info.value)
     assert list_endpoints(topics) == []
 
 
@@ -195,7 +190,7 @@ def test_a_refused_destination_is_registered_with_a_warning_as_a_value(topics: C
 
 @pytest.mark.integration
 def test_without_the_topic_the_store_is_unavailable(config: Config) -> None:
-    with pytest.raises(EndpointsUnavailable) as info:
+    with pytest.raises(Unavailable) as info:
         list_endpoints(config)
     assert info.value.field is None
     assert f"{config.topic_prefix}.endpoints" in str(info.value)

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from gateway.config import Config
-from gateway.metrics import Metrics
-from gateway.topics import Topics
+from gateway.observability import Metrics
+from gateway.store import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "observability" / "grafana"

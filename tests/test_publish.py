@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.events import InvalidEvent
+from gateway.errors import InvalidEvent
 from gateway.publisher import Publisher
 
 from .conftest import DOCS, decode_all, read_topic, run_gateway

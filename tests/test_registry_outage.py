@@ -21,9 +21,9 @@ from confluent_kafka import Producer
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
-from gateway.topics import Topics
+from gateway.ops import new_endpoint
+from gateway.store import Topics, save_endpoint
 
 from .conftest import read_topic
 from .receiver import Receiver

@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from gateway.broker import Broker
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.dlq import plan_replay, read_replayed, send_replay
-from gateway.endpoints import register_endpoint
-from gateway.kafka_io import dead_letter_headers
-from gateway.records import DEAD_LETTER_SCHEMA, Attempt, DeadLetter, Delivery, Outcome
-from gateway.topics import Topics, create_topics
+from gateway.ops import plan_replay, read_replayed, register_endpoint, send_replay
+from gateway.records import DEAD_LETTER_SCHEMA, Attempt, DeadLetter, DeadLetterReason, Delivery, Outcome
+from gateway.store import Topics, create_topics, dead_letter_headers
+from gateway.streaming import Broker
 
 from .conftest import free_port
 
@@ -54,7 +52,7 @@ def write_dead_letters(config: Config, endpoint_id: str) -> None:
             occurred_at=now, payload="{}", endpoint_id=endpoint_id, attempt=4, due_at=now,
             attempts=(Attempt(at=now, tier="retry-3s", duration_ms=1.0, outcome=Outcome.HTTP_ERROR, status=503),),
         )
-        dead = DeadLetter(reason="retries_exhausted", detail="HTTP 503", dead_at=now,
+        dead = DeadLetter(reason=DeadLetterReason.RETRIES_EXHAUSTED, detail="HTTP 503", dead_at=now,
                           source_topic="t", source_partition=0, source_offset=i, delivery=delivery)
         producer.produce(topic, key=endpoint_id.encode(),
                          value=codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic=topic),

@@ -1,4 +1,4 @@
-"""Replay decisions without I/O (gateway.dlq.decide_replays), the dead-letter selectors and
+"""Replay decisions without I/O (gateway.ops.decide_replays), the dead-letter selectors and
 the errors that name their field, and how `gateway dlq replay` prints what the library
 returns."""
 
@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import gateway.cli
-import gateway.dlq
+import gateway.ops
 from gateway.cli import cli
-from gateway.dlq import (
+from gateway.errors import InputError
+from gateway.ops import (
     DeadLetterEntry,
-    DlqError,
     Filters,
     RefusalReason,
     ReplayReport,
@@ -24,7 +24,7 @@ from gateway.dlq import (
     parse_selector,
     parse_time,
 )
-from gateway.records import Attempt, DeadLetter, Delivery, Outcome
+from gateway.records import Attempt, DeadLetter, DeadLetterReason, Delivery, Outcome
 
 BOT = "6434515b-8541-4861-bb24-8acd6e77e8c4"
 KNOWN, GONE, OTHER = "e-known", "e-gone", "e-other"
@@ -39,7 +39,7 @@ def delivery(endpoint_id: str) -> Delivery:
 
 def entry(offset: int, carried: Delivery | None, *, reason: str = "retries_exhausted",
           readable: bool = True) -> DeadLetterEntry:
-    dead = DeadLetter(reason=reason, detail="x", dead_at=1, source_topic="t", source_partition=0,
+    dead = DeadLetter(reason=DeadLetterReason(reason), detail="x", dead_at=1, source_topic="t", source_partition=0,
                       source_offset=offset, delivery=carried) if readable else None
     return DeadLetterEntry("p.dlq", 0, offset, dead, error=None if readable else "bad magic byte")
 
@@ -96,20 +96,20 @@ def test_selectors() -> None:
     assert parse_selector(event_id) == Filters(event_id=event_id)
     assert parse_selector("2:17") == Filters(partition=2, from_offset=17, to_offset=17)
     for bad in ("2:", "x:1", "1:2:3", "not-an-id"):
-        with pytest.raises(DlqError) as info:
+        with pytest.raises(InputError) as info:
             parse_selector(bad)
         assert info.value.field == "selector" and repr(bad) in str(info.value)
 
 
 def test_dlq_errors_name_their_field_and_value() -> None:
-    with pytest.raises(DlqError) as info:
-        parse_rate("fast")
+    with pytest.raises(InputError) as info:
+        parse_rate("fast", field="rate")
     assert info.value.field == "rate" and "'fast'" in str(info.value)
-    with pytest.raises(DlqError) as info:
+    with pytest.raises(InputError) as info:
         parse_time("yesterday", field="since")
     assert info.value.field == "since" and "since 'yesterday'" in str(info.value)
-    with pytest.raises(DlqError) as info:
-        Filters(status="teapot")
+    with pytest.raises(InputError) as info:
+        Filters.parse(status="teapot")
     assert info.value.field == "status" and "'teapot'" in str(info.value)
 
 
@@ -121,8 +121,8 @@ def fake_replay(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """`dlq replay` against a plan and a report of the test's choosing."""
     monkeypatch.setattr(gateway.cli, "configure_logging", lambda *args, **kwargs: None)
     chosen: dict[str, Any] = {}
-    monkeypatch.setattr(gateway.dlq, "plan_replay", lambda config, filters, **kwargs: chosen["plan"])
-    monkeypatch.setattr(gateway.dlq, "send_replay", lambda config, plan, **kwargs: chosen["report"](plan))
+    monkeypatch.setattr(gateway.ops, "plan_replay", lambda config, filters, **kwargs: chosen["plan"])
+    monkeypatch.setattr(gateway.ops, "send_replay", lambda config, plan, **kwargs: chosen["report"](plan))
     return chosen
 
 

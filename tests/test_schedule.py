@@ -1,5 +1,5 @@
-"""Pure bookkeeping and decisions: commit positions (gateway.offsets), the retry schedule
-(gateway.retry), the endpoint table and endpoint validation (gateway.endpoints)."""
+"""Pure bookkeeping and decisions: commit positions (gateway.streaming), the retry schedule
+(gateway.delivery), the endpoint table (gateway.store) and endpoint validation (gateway.ops)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.endpoints import EndpointError, EndpointTable, new_endpoint
-from gateway.offsets import OffsetTracker
+from gateway.delivery import Delivered, GiveUp, Retry, is_due, next_step
+from gateway.errors import InputError
+from gateway.ops import new_endpoint
 from gateway.records import Attempt, DeadLetterReason, Endpoint, Outcome
-from gateway.retry import Delivered, GiveUp, Retry, is_due, next_step
 from gateway.signing import secret_key
-from gateway.topics import Tier, Topics
+from gateway.store import EndpointTable, Tier, Topics
+from gateway.streaming import OffsetTracker
 
 # --- OffsetTracker -------------------------------------------------------------------------
 
@@ -488,7 +489,7 @@ def test_event_types_are_upper_cased_and_deduplicated() -> None:
     ],
 )
 def test_bot_id_must_be_a_uuid(bot_id: str) -> None:
-    with pytest.raises(EndpointError, match="bot id") as info:
+    with pytest.raises(InputError, match="bot id") as info:
         new_endpoint(bot_id=bot_id, url="https://example.com/")
     assert repr(bot_id) in str(info.value)
 
@@ -505,14 +506,14 @@ def test_bot_id_must_be_a_uuid(bot_id: str) -> None:
     ],
 )
 def test_url_must_be_http_with_a_host(url: str) -> None:
-    with pytest.raises(EndpointError, match="http") as info:
+    with pytest.raises(InputError, match="http") as info:
         new_endpoint(bot_id=BOT_A, url=url)
     assert url in str(info.value)
 
 
 @pytest.mark.parametrize("url", ["https://user:pass@example.com/hook", "http://user@example.com/"])
 def test_url_must_not_carry_credentials(url: str) -> None:
-    with pytest.raises(EndpointError, match="credentials") as info:
+    with pytest.raises(InputError, match="credentials") as info:
         new_endpoint(bot_id=BOT_A, url=url)
     # The host is named so the user can find the URL; the credentials are not echoed.
     assert "example.com" in str(info.value)
@@ -527,7 +528,7 @@ def test_valid_urls_are_accepted(url: str) -> None:
 
 
 def test_unknown_event_type_is_refused_by_name() -> None:
-    with pytest.raises(EndpointError, match="event type") as info:
+    with pytest.raises(InputError, match="event type") as info:
         new_endpoint(bot_id=BOT_A, url="https://example.com/", event_types=["MESSAGE", "nope"])
     assert "'NOPE'" in str(info.value)
     assert "MESSAGE" in str(info.value)  # lists the known types
@@ -543,7 +544,7 @@ def test_unknown_event_type_is_refused_by_name() -> None:
     ],
 )
 def test_bad_secret_is_refused_without_showing_it(secret: str) -> None:
-    with pytest.raises(EndpointError, match="secret") as info:
+    with pytest.raises(InputError, match="secret") as info:
         new_endpoint(bot_id=BOT_A, url="https://example.com/", secret=secret)
     encoded = secret.removeprefix("whsec_")
     if encoded:

@@ -25,11 +25,12 @@ import pytest
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.endpoints import new_endpoint, save_endpoint
 from gateway.events import parse_event
+from gateway.ops import new_endpoint
 from gateway.publisher import Publisher
 from gateway.records import DeadLetter, Endpoint
 from gateway.signing import new_secret, secret_key
+from gateway.store import save_endpoint
 from gateway.verify import WebhookVerificationError, verify
 
 from .conftest import free_port, gateway_env, read_topic, run_gateway

@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from gateway.signing import InvalidSecret, new_secret, secret_key, sign, signature_header
+from gateway.errors import InvalidSecret
+from gateway.signing import new_secret, secret_key, sign, signature_header
 from gateway.verify import TOLERANCE_SECONDS, WebhookVerificationError, verify
 
 # The test vector of the Standard Webhooks specification.

@@ -13,10 +13,9 @@ import pytest
 
 from gateway.config import Config
 from gateway.events import EventType
-from gateway.listen import Behaviour, Listener, Received
+from gateway.ops import Behaviour, Listener, ProbeKind, Received, example_body, examples, send_tests
 from gateway.records import Endpoint, Outcome
-from gateway.testsend import ProbeKind, example_body, examples, send_tests
-from gateway.topics import Topics
+from gateway.store import Topics
 from gateway.verify import verify
 
 from .conftest import read_topic, run_gateway

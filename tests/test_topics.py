@@ -9,7 +9,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 
 from gateway.config import Config
-from gateway.topics import DAY_MS, Topics, plan_replication, topic_specs
+from gateway.store import DAY_MS, Topics, plan_replication, topic_specs
 
 from .conftest import run_gateway
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import trustme
 
-from gateway.destinations import BlockedDestination, DestinationPolicy
-from gateway.transport import MAX_HEAD_BYTES, Connection
+from gateway.delivery import MAX_HEAD_BYTES, Connection, DestinationPolicy
+from gateway.errors import BlockedDestination
 
 from .raw_server import Conn, Handler, RawServer, respond
 

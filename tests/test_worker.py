@@ -14,20 +14,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.capacity import Capacity, fair_room
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.consumer import ConsumerPump, Pause, Resume
-from gateway.dispatcher import BadRecord, Dispatcher, Job, Pending
-from gateway.endpoints import EndpointTable, new_endpoint
+from gateway.delivery import BadRecord, Delivered, Dispatcher, GiveUp, Job, Pending, Retry, decide
+from gateway.errors import RegistryUnavailable
 from gateway.events import parse_event
-from gateway.health import Health
-from gateway.metrics import Metrics
-from gateway.partitions import PartitionState
+from gateway.observability import Health, Metrics
+from gateway.ops import new_endpoint
 from gateway.records import Attempt, DeadLetter, DeadLetterReason, Delivery, DeliveryAttempt, Endpoint, Outcome
-from gateway.retry import Delivered, GiveUp, Retry, decide
-from gateway.topics import Topics
-from gateway.worker import TierWorker
+from gateway.store import EndpointTable, Topics
+from gateway.streaming import Capacity, ConsumerPump, PartitionState, Pause, Resume, TierWorker, fair_room
 
 from .fakes import FakeClock, FakeConsumer, FakeMessage, RecordingProducer, ScriptedSender
 
@@ -46,25 +42,25 @@ def job(offset: int, due_at: int = 0, *, pending: int | None = None, partition: 
 def test_a_due_record_runs_at_once_and_nothing_is_paused() -> None:
     clock = FakeClock()
     state = PartitionState(TOPIC, 0)
-    assert state.receive(job(0, clock.now_ms), clock.now_ms)
+    assert state.receive(job(0, clock.now_ms()), clock.now_ms())
     assert not state.pause_needed() and state.wake_at is None
 
 
 def test_a_record_not_due_holds_it_and_everything_after_it_in_order() -> None:
     clock = FakeClock()
     state = PartitionState(TOPIC, 0)
-    head_due = clock.now_ms + 1000
-    assert not state.receive(job(0, head_due), clock.now_ms)
+    head_due = clock.now_ms() + 1000
+    assert not state.receive(job(0, head_due), clock.now_ms())
     # Records behind the head are held even when due: their order is the schedule's.
-    assert not state.receive(job(1, clock.now_ms - 5), clock.now_ms)
-    assert not state.receive(job(2, head_due + 500), clock.now_ms)
+    assert not state.receive(job(1, clock.now_ms() - 5), clock.now_ms())
+    assert not state.receive(job(2, head_due + 500), clock.now_ms())
     assert state.pause_needed() and not state.pause_needed()  # asked once
     assert state.wake_at == head_due
-    assert state.release(clock.advance(999)) == []  # never a millisecond early
-    released = state.release(clock.advance(1))
+    assert state.release(clock.advance_ms(999)) == []  # never a millisecond early
+    released = state.release(clock.advance_ms(1))
     assert [j.offset for j in released] == [0, 1]
     assert state.wake_at == head_due + 500 and not state.resume_needed()
-    assert [j.offset for j in state.release(clock.advance(500))] == [2]
+    assert [j.offset for j in state.release(clock.advance_ms(500))] == [2]
     assert state.resume_needed() and not state.resume_needed()
     assert state.wake_at is None
 
@@ -72,34 +68,34 @@ def test_a_record_not_due_holds_it_and_everything_after_it_in_order() -> None:
 def test_held_records_keep_the_committable_position() -> None:
     clock = FakeClock()
     state = PartitionState(TOPIC, 0)
-    assert state.receive(job(10, 0), clock.now_ms)
-    assert not state.receive(job(11, clock.now_ms + 100), clock.now_ms)
+    assert state.receive(job(10, 0), clock.now_ms())
+    assert not state.receive(job(11, clock.now_ms() + 100), clock.now_ms())
     assert state.settle(10) == 11  # stops at the held one
     assert state.tracker.position == 11
-    (released,) = state.release(clock.advance(100))
+    (released,) = state.release(clock.advance_ms(100))
     assert state.settle(released.offset) == 12
 
 
 def test_a_pending_schema_holds_the_partition_until_the_schema_comes() -> None:
     clock = FakeClock()
     state = PartitionState(TOPIC, 0)
-    assert not state.receive(job(0, pending=7), clock.now_ms)
-    assert not state.receive(job(1, 0), clock.now_ms)
+    assert not state.receive(job(0, pending=7), clock.now_ms())
+    assert not state.receive(job(1, 0), clock.now_ms())
     assert state.pause_needed()
     assert state.wake_at is None  # no timer: the schema's arrival wakes it
-    assert state.release(clock.advance(10_000)) == []
+    assert state.release(clock.advance_ms(10_000)) == []
     assert state.pending_schemas() == {7}
     state.redecode(7, lambda j: job(j.offset, 0))
-    assert [j.offset for j in state.release(clock.now_ms)] == [0, 1]
+    assert [j.offset for j in state.release(clock.now_ms())] == [0, 1]
     assert state.resume_needed()
 
 
 def test_revoke_drops_what_is_held_and_nothing_settles_after_it() -> None:
     clock = FakeClock()
     state = PartitionState(TOPIC, 0)
-    assert state.receive(job(0, 0), clock.now_ms)
-    assert state.receive(job(1, 0), clock.now_ms)
-    assert not state.receive(job(2, clock.now_ms + 1000), clock.now_ms)
+    assert state.receive(job(0, 0), clock.now_ms())
+    assert state.receive(job(1, 0), clock.now_ms())
+    assert not state.receive(job(2, clock.now_ms() + 1000), clock.now_ms())
     assert state.settle(0) == 1
     assert state.drop_held() == 1
     assert state.revoke() == 1  # the final position: 1 was still in flight
@@ -124,14 +120,14 @@ def test_nothing_is_ever_released_before_it_is_due_and_order_is_kept(
     ran: list[Job] = []
     for offset, due in enumerate(sorted(dues)):  # a tier's records come in due order
         received = job(offset, due)
-        if state.receive(received, clock.now_ms):
-            assert received.due_at <= clock.now_ms
+        if state.receive(received, clock.now_ms()):
+            assert received.due_at <= clock.now_ms()
             ran.append(received)
     for step in steps:
-        for released in state.release(clock.advance(step)):
-            assert released.due_at <= clock.now_ms
+        for released in state.release(clock.advance_ms(step)):
+            assert released.due_at <= clock.now_ms()
             ran.append(released)
-    ran += state.release(clock.advance(10_000))
+    ran += state.release(clock.advance_ms(10_000))
     assert [j.offset for j in ran] == list(range(len(dues)))
 
 
@@ -224,7 +220,7 @@ def pump_with(consumer: FakeConsumer, capacity: Capacity) -> tuple[ConsumerPump,
     owner = Owner()
     pump = ConsumerPump(consumer, "events", capacity, owner, pause_after=0)  # pause at once
     owner.pump = pump
-    consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
+    pump.subscribe(["t"])
     return pump, owner
 
 
@@ -255,7 +251,7 @@ def test_the_pump_lists_the_watermarks_of_paused_partitions_for_the_lag_metric()
     pump = ConsumerPump(consumer, "events", capacity, owner, on_watermarks=listed.append, watermark_interval=0,
                          pause_after=0)
     owner.pump = pump
-    consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
+    pump.subscribe(["t"])
     consumer.rebalance([("t", 0), ("t", 1)])
     pump.run_once()
     assert listed == [] and consumer.listings == []  # nothing paused: the fetches tell
@@ -278,26 +274,62 @@ def test_the_pump_lists_the_watermarks_of_paused_partitions_for_the_lag_metric()
 def test_a_budget_full_for_a_moment_waits_for_room_without_pausing() -> None:
     """Fault: the pump paused the assignment at every full budget. librdkafka drops what it
     prefetched for a paused partition and fetches again ~0.9 s after the resume, so a busy
-    worker delivered 1,500 records a second instead of thousands (bench/run.py)."""
+    worker delivered 1,500 records a second instead of thousands (bench/run.py). On a
+    fake clock: records wait for room up to ``pause_after``, and only then is the
+    assignment paused (and polled)."""
     consumer = FakeConsumer()
     capacity = Capacity(2, ["events"])
     owner = Owner()
-    pump = ConsumerPump(consumer, "events", capacity, owner, pause_after=60.0, poll_timeout=0.01)
+    clock = FakeClock()
+    pump = ConsumerPump(consumer, "events", capacity, owner, pause_after=2.0, poll_timeout=0, clock=clock)
     owner.pump = pump
-    consumer.subscribe(["t"], on_assign=pump._on_assign, on_revoke=pump._on_revoke, on_lost=pump._on_lost)
+    pump.subscribe(["t"])
     consumer.rebalance([("t", 0)])
     consumer.add(*(FakeMessage("t", 0, i) for i in range(5)))
     pump.run_once()
     assert len(owner.accepted) == 2 and not pump.budget_paused
     polls = consumer.polls
-    pump.run_once()  # no room: waits for it, neither pausing nor fetching more
+    pump.run_once()  # no room: waits for it (the grace starts), neither pausing nor fetching more
     assert consumer.polls == polls and consumer.paused == set()
     capacity.give("events", 2)
+    clock.advance(1.0)
     pump.run_once()
-    assert len(owner.accepted) == 4 and consumer.paused == set()
-    pump.pause_after = 0.0  # the budget stays full past the grace: now it pauses and polls
+    assert len(owner.accepted) == 4 and consumer.paused == set()  # one still waits
+    clock.advance(0.999)
     pump.run_once()
-    assert pump.budget_paused and consumer.paused == {("t", 0)} and consumer.polls > polls
+    assert not pump.budget_paused and consumer.polls == polls
+    clock.advance(0.001)  # records waited 2 s for room: now it pauses the assignment and polls
+    pump.run_once()
+    assert pump.budget_paused and consumer.paused == {("t", 0)} and consumer.polls == polls + 1
+
+
+def test_paused_partitions_watermarks_are_listed_once_an_interval() -> None:
+    """The broker is asked for a paused partition's high watermark at most every
+    ``watermark_interval`` (each request may wait for the broker), on a fake clock."""
+    consumer = FakeConsumer()
+    capacity = Capacity(1, ["events"])
+    owner = Owner()
+    listed: list[dict[tuple[str, int], int]] = []
+    clock = FakeClock()
+    pump = ConsumerPump(consumer, "events", capacity, owner, on_watermarks=listed.append, watermark_interval=5.0,
+                         pause_after=0, poll_timeout=0, clock=clock)
+    owner.pump = pump
+    pump.subscribe(["t"])
+    consumer.rebalance([("t", 0)])
+    consumer.add(*(FakeMessage("t", 0, i) for i in range(3)))
+    clock.advance(5)
+    pump.run_once()
+    assert pump.budget_paused and listed == []  # paused in this round: listed from the next
+    clock.advance(5)
+    pump.run_once()
+    assert listed == [{("t", 0): 3}]
+    for _ in range(4):
+        clock.advance(1.2)  # 4.8 s in all: not yet
+        pump.run_once()
+    assert len(listed) == 1 and consumer.listings == [("t", 0)]
+    clock.advance(0.2)
+    pump.run_once()
+    assert len(listed) == 2
 
 
 def test_the_pump_keeps_polling_with_the_budget_full_and_the_assignment_paused() -> None:
@@ -402,41 +434,54 @@ class _Dispatcher:
         self.ran.append(job.offset)
 
 
-def _worker(consumer: FakeConsumer, dispatcher: _Dispatcher, loop: asyncio.AbstractEventLoop,
+def _worker(consumer: FakeConsumer, dispatcher: _Dispatcher, loop: asyncio.AbstractEventLoop, clock: FakeClock,
             **config: Any) -> TierWorker:
     cfg = Config(topic_prefix="t", retry_delays=(1,), shutdown_timeout=config.pop("shutdown_timeout", 2.0))
     tier = Topics.from_config(cfg).tiers[1]
     return TierWorker(tier, cfg, dispatcher, Capacity(100, [tier.name]), loop,  # type: ignore[arg-type]
                       metrics=Metrics([t.name for t in Topics.from_config(cfg).tiers]), health=Health(),
-                      consumer=consumer)
+                      consumer=consumer, clock=clock)
 
 
-async def _until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(predicate: Any) -> None:
+    """Until ``predicate`` holds: the worker's timers are on the fake clock, so this waits
+    only for the pump's thread to hand records over (milliseconds); the bound is a
+    safety net, not a timing."""
+    deadline = time.monotonic() + 30
     while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.001)
+
+
+async def _settle() -> None:
+    """Let the event loop run what is ready (no time passes on the fake clock)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 def test_the_worker_holds_a_retry_until_due_then_settles_in_order() -> None:
+    """A retry is run at its due time on the worker's clock, never a millisecond early, and
+    the records behind it wait with it; the partition is paused meanwhile, then resumed."""
     async def go() -> None:
         loop = asyncio.get_running_loop()
         consumer = FakeConsumer()
         dispatcher = _Dispatcher()
-        worker = _worker(consumer, dispatcher, loop)
+        clock = FakeClock()
+        worker = _worker(consumer, dispatcher, loop, clock)
         topic = "t.retry-1s"
-        due = int(time.time() * 1000) + 300
+        due = clock.now_ms() + 300_000  # five minutes, on the fake clock
         consumer.add(FakeMessage(topic, 0, 0, b"ok"), FakeMessage(topic, 0, 1, f"due:{due}".encode()),
                      FakeMessage(topic, 0, 2, b"ok"))
         worker.start()
         consumer.rebalance([(topic, 0)])  # (as if from within poll: the fake's lists are simple)
-        await _until(lambda: dispatcher.ran == [0])
-        await _until(lambda: (topic, 0) in consumer.paused)
-        assert dispatcher.ran == [0]  # 2 is due, but waits behind 1
+        await _until(lambda: dispatcher.ran == [0] and (topic, 0) in consumer.paused and clock.timers == 1)
+        clock.advance(299.999)
+        await _settle()
+        assert dispatcher.ran == [0]  # 2 is due, but waits behind 1; 1 is not due yet
+        clock.advance(0.001)
         await _until(lambda: dispatcher.ran == [0, 1, 2])
-        assert time.time() * 1000 >= due
-        await _until(lambda: consumer.stored.get((topic, 0)) == 3)
-        await _until(lambda: (topic, 0) not in consumer.paused)
+        assert clock.now_ms() >= due
+        await _until(lambda: consumer.stored.get((topic, 0)) == 3 and (topic, 0) not in consumer.paused)
         await worker.stop()
         assert consumer.closed
 
@@ -444,23 +489,94 @@ def test_the_worker_holds_a_retry_until_due_then_settles_in_order() -> None:
 
 
 def test_the_worker_hands_over_what_is_still_in_flight_after_the_shutdown_timeout() -> None:
+    """Stopping waits ``shutdown_timeout`` on the worker's clock for the records in flight,
+    then commits what settled and hands the rest over (the next owner repeats it)."""
     async def go() -> None:
         loop = asyncio.get_running_loop()
         consumer = FakeConsumer()
         dispatcher = _Dispatcher()
         dispatcher.gate = asyncio.Event()  # never set: the record stays in flight
-        worker = _worker(consumer, dispatcher, loop, shutdown_timeout=0.2)
+        clock = FakeClock()
+        worker = _worker(consumer, dispatcher, loop, clock, shutdown_timeout=30.0)
         topic = "t.retry-1s"
         consumer.add(FakeMessage(topic, 0, 0, b"ok"))
         worker.start()
         consumer.rebalance([(topic, 0)])
         await _until(lambda: worker.partitions.get((topic, 0)) is not None
                      and worker.partitions[(topic, 0)].tracker.unsettled == 1)
-        started = time.monotonic()
-        await worker.stop()
-        assert time.monotonic() - started >= 0.2
+        stopping = asyncio.ensure_future(worker.stop())
+        await _until(lambda: clock.timers == 1)  # releasing: waiting for the record in flight
+        clock.advance(29.999)
+        await _settle()
+        assert not stopping.done() and consumer.commits == 0
+        clock.advance(0.001)
+        await _until(stopping.done)
         assert (topic, 0) not in consumer.stored  # nothing settled: the next owner repeats it
         assert consumer.commits == 1
+
+    asyncio.run(go())
+
+
+class _Registry:
+    """Stands in for the codec's registry lookups: away for the first ``outages`` calls."""
+
+    def __init__(self, outages: int) -> None:
+        self.outages = outages
+        self.calls = 0
+
+    def fetch_schema(self, schema_id: int) -> None:
+        self.calls += 1
+        if self.calls <= self.outages:
+            raise RegistryUnavailable(f"registry away ({self.calls})")
+
+    @property
+    def answered(self) -> bool:
+        return self.calls > self.outages
+
+
+class _WaitingForSchemas(_Dispatcher):
+    """Records of b"pending" wait for schema 7 until the registry has answered."""
+
+    def __init__(self, registry: _Registry) -> None:
+        super().__init__()
+        self.codec = registry  # type: ignore[assignment]
+        self.registry = registry
+
+    def prepare(self, tier: Any, message: Any) -> Job:
+        if message.value() == b"pending" and not self.registry.answered:
+            return Job(message, Pending(7), 0)
+        return super().prepare(tier, message)
+
+
+def test_a_schema_lookup_is_retried_with_backoff_on_the_workers_clock() -> None:
+    """While the registry is away, the partition waits (paused) and the lookup is tried
+    again after 0.5 s, then 1 s, ... on the worker's clock; once answered, the records
+    are decoded again and run in order."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        consumer = FakeConsumer()
+        registry = _Registry(outages=2)
+        dispatcher = _WaitingForSchemas(registry)
+        clock = FakeClock()
+        worker = _worker(consumer, dispatcher, loop, clock)
+        topic = "t.retry-1s"
+        consumer.add(FakeMessage(topic, 0, 0, b"pending"), FakeMessage(topic, 0, 1, b"ok"))
+        worker.start()
+        consumer.rebalance([(topic, 0)])
+        await _until(lambda: registry.calls == 1 and clock.timers == 1)
+        assert dispatcher.ran == [] and (topic, 0) in consumer.paused
+        clock.advance(0.499)
+        await _settle()
+        assert registry.calls == 1
+        clock.advance(0.001)
+        await _until(lambda: registry.calls == 2 and clock.timers == 1)  # away again: next in 1 s
+        clock.advance(0.999)
+        await _settle()
+        assert registry.calls == 2 and dispatcher.ran == []
+        clock.advance(0.001)
+        await _until(lambda: dispatcher.ran == [0, 1])
+        await _until(lambda: consumer.stored.get((topic, 0)) == 2 and (topic, 0) not in consumer.paused)
+        await worker.stop()
 
     asyncio.run(go())
 
@@ -508,7 +624,7 @@ def test_a_fan_out_where_one_attempt_raises_tracks_the_others() -> None:
     assert set(written) == {"u.retry-1s", "u.dlq", "u.attempts"}
     history = [DeliveryAttempt.from_record(Codec().decode(v)[1]) for t, _, v, _ in producer.records
                if t == "u.attempts"]
-    assert sorted(h.next for h in history) == ["dead:internal_error", "delivered", "retry:retry-1s"]
+    assert sorted(str(h.next) for h in history) == ["dead:internal_error", "delivered", "retry:retry-1s"]
     retry = Delivery.from_record(written["u.retry-1s"])
     assert retry.endpoint_id == failing.id and retry.attempts[0].outcome is Outcome.HTTP_ERROR
     dead = DeadLetter.from_record(written["u.dlq"])
@@ -521,7 +637,7 @@ def test_a_fan_out_where_one_attempt_raises_tracks_the_others() -> None:
 def test_an_unusable_secret_dead_letters_that_endpoint_alone() -> None:
     """An endpoint record written straight to the topic with a secret that is not base64
     (the real sender raises InvalidSecret while signing)."""
-    from gateway.sender import Sender
+    from gateway.delivery import Sender
 
     good = new_endpoint(bot_id=BOT, url="http://127.0.0.1:9/hook")
     bad = Endpoint(id=str(uuid.uuid4()), bot_id=BOT, url="http://127.0.0.1:9/other",

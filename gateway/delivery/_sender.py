@@ -1,0 +1,335 @@
+"""The HTTP sender: one signed POST of one delivery, and how it ended.
+
+Each endpoint gets an :class:`~gateway.delivery.EndpointPool` (its connections up to
+its in-flight cap, the deliveries waiting for one, its rate limit and its circuit
+breaker). A delivery that finds its endpoint's share full, waits out the local wait, or
+would have to wait longer for its rate limit, is not an attempt: :meth:`Sender.send`
+returns a :class:`~gateway.delivery.Deferral` and the dispatcher puts it on a
+deferral topic. One whose endpoint's circuit is open spends its attempt without a request
+(``circuit_open``).
+
+How an exchange ends is decided here, once (:meth:`Sender.send`): a 2xx within the
+deadline is a success, any other status a failed attempt (a 3xx too: redirects are not
+followed), and each way of getting no answer has its outcome. Test sends go through the
+same code, their malformed requests signed as they ask (:class:`Signing`).
+
+Each request is built as bytes (the endpoint's request line and fixed headers once, the
+signed headers and body per request) and handed to :meth:`Connection.exchange`:
+``httpx.AsyncClient`` and its Request/Response objects cost more CPU than the exchange
+itself (``bench/http_clients.py`` measures the options).
+
+Every attempt is bounded by one overall deadline (``request_timeout``), connect to last
+byte, so a receiver that trickles bytes cannot hold a worker. At most
+``max_response_bytes`` of the body are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from ..config import Config
+from ..errors import BlockedDestination, SenderClosed
+from ..observability import Log
+from ..records import Attempt, CircuitState, DeferReason, Endpoint, Outcome, bounded
+from ..signing import secret_key, signature_header
+from ._destinations import DestinationPolicy
+from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral
+from ._pool import EndpointPool
+from ._transport import KEEPALIVE_EXPIRY, Connection, check_header
+
+__all__ = ["MAX_OPEN_SECONDS", "SNIPPET_CHARS", "Sender", "Signing", "parse_retry_after"]
+
+_log = logging.getLogger("gateway.sender")
+
+SNIPPET_CHARS = 512
+MAX_OPEN_SECONDS = 300.0
+"""Longest a circuit stays open between probes (it doubles from GATEWAY_CIRCUIT_OPEN)."""
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():  # "²".isdigit() is True too
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """How to sign one request other than as a delivery is: a test send's malformed
+    requests (a key that is not the endpoint's, a stale timestamp)."""
+
+    timestamp: int
+    """The ``webhook-timestamp`` sent (Unix seconds)."""
+    keys: tuple[bytes, ...]
+    """The HMAC keys to sign with."""
+
+
+class Sender:
+    """Sends deliveries to endpoints. One per process, used from its event loop."""
+
+    def __init__(self, config: Config, *, keepalive_expiry: float = KEEPALIVE_EXPIRY,
+                 on_circuit: Callable[[Endpoint, CircuitChange], None] | None = None,
+                 policy: DestinationPolicy | None = None) -> None:
+        self.config = config
+        self.on_circuit = on_circuit
+        """Told of every circuit transition (the runner writes them to the circuits topic)."""
+        self.keepalive_expiry = keepalive_expiry
+        # How often waits for a lane are checked: they end at most this late.
+        self._tick_every = min(0.25, config.request_timeout / 4)
+        self._ticker: asyncio.TimerHandle | None = None
+        self._next_reap = 0.0
+        self._closed = False
+        self._pools: dict[str, EndpointPool] = {}
+        self._keys: dict[str, bytes] = {}
+        self._retired: list[EndpointPool] = []
+        self.policy = policy or DestinationPolicy(
+            allow_private=config.allow_private_networks, allowed=config.allowed_networks
+        )
+        """The SSRF guard every connection of this sender goes through (closed with it)."""
+        self._ssl = httpx.create_ssl_context()  # one for every lane: building one costs ms
+
+    def _connection(self) -> Connection:
+        return Connection(self.policy, self._ssl, keepalive_expiry=self.keepalive_expiry)
+
+    def _tick(self) -> None:
+        """A few times a second: fail the waits for a lane that are up. Every
+        ``keepalive_expiry``: close connections idle that long (a server that keeps them
+        open forever would otherwise cost a socket each, up to ``endpoint_concurrency``
+        per endpoint ever sent to), and forget endpoints left with nothing open or in
+        flight (removed ones, quiet ones)."""
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.call_later(self._tick_every, self._tick)  # first: whatever happens below
+        now = loop.time()
+        for pool in self._pools.values():
+            if pool.waiting:
+                pool.expire(now)
+        for pool in self._retired:
+            pool.expire(now)
+        if now >= self._next_reap:
+            self._next_reap = now + self.keepalive_expiry
+            for endpoint_id, pool in list(self._pools.items()):
+                if pool.reap():
+                    del self._pools[endpoint_id]
+
+    @property
+    def known_endpoints(self) -> int:
+        """Endpoints this sender holds a pool for (the others were never sent to, or were
+        forgotten once nothing of theirs was open or in flight)."""
+        return len(self._pools)
+
+    def _new_pool(self, endpoint: Endpoint, old: EndpointPool | None) -> EndpointPool:
+        """The pool of an endpoint seen for the first time, or again after it was forgotten
+        or its URL changed. Raises ``httpx.InvalidURL``/``ValueError`` for an unusable URL."""
+        config = self.config
+        pool = EndpointPool(
+            endpoint.url, config.endpoint_concurrency, self._connection, queue_limit=config.endpoint_queue,
+            breaker=CircuitBreaker(config.circuit_failures, config.circuit_open_seconds, MAX_OPEN_SECONDS),
+        )
+        if old is not None:  # the URL changed: the old connections go
+            old.retire()
+            self._retired = [r for r in self._retired if not r.done] + [old]
+        self._pools[endpoint.id] = pool
+        if self._ticker is None:  # the first pool: from now on there are waits to bound
+            loop = asyncio.get_running_loop()
+            self._next_reap = loop.time() + self.keepalive_expiry
+            self._ticker = loop.call_later(self._tick_every, self._tick)
+        return pool
+
+    def _key(self, secret: str) -> bytes:
+        key = self._keys.get(secret)
+        if key is None:
+            key = self._keys[secret] = secret_key(secret)
+        return key
+
+    async def send(
+        self, endpoint: Endpoint, event_id: str, body: bytes, tier: str, *, log: Log = _log,
+        signing: Signing | None = None,
+    ) -> Attempt | Deferral:
+        """POST ``body`` to ``endpoint`` once, or say why the gateway's own limits put it
+        off (a :class:`~gateway.delivery.Deferral`: no request, no attempt spent).
+        Never raises for what the receiver does.
+
+        Raises :class:`~gateway.errors.SenderClosed` once :meth:`aclose` ran (the caller
+        leaves its record unsettled, for the next owner), and
+        :class:`~gateway.errors.InvalidSecret` for an endpoint record with an unusable
+        secret. ``log`` carries the caller's context (event and endpoint ids). ``signing``
+        replaces the endpoint's own signature (test sends only)."""
+        pool = self._pools.get(endpoint.id)
+        if pool is None or pool.url != endpoint.url:  # (aclose forgets every endpoint)
+            if self._closed:  # a connection made now would never be closed
+                raise SenderClosed("the sender is closed")
+            try:
+                pool = self._new_pool(endpoint, pool)
+            except (httpx.InvalidURL, ValueError) as exc:  # an endpoint record not written by the CLI
+                return _unsent(tier, Outcome.INVALID_ENDPOINT, f"invalid endpoint URL: {exc}")
+        pool.configure(endpoint, self.config.endpoint_concurrency)
+        loop = asyncio.get_running_loop()
+        admission = pool.breaker.admit(loop.time())
+        if admission is Admission.REJECT:
+            return self._circuit_open(pool, tier, loop.time())
+        probe = admission is Admission.PROBE
+        wait = self.config.endpoint_wait
+        if pool.full(wait):
+            return self._defer(pool, probe, DeferReason.SHARE,
+                               f"the endpoint's share of this process is full ({pool.limit} in flight, "
+                               f"{pool.waiting} waiting)")
+        if pool.bucket is not None:
+            delay = pool.bucket.reserve(loop.time(), wait)
+            if delay is None:
+                return self._defer(pool, probe, DeferReason.RATE,
+                                   f"its rate limit ({pool.bucket.rate:g}/s) allows no request within {wait:g} s")
+            if delay > 0:
+                pool.waiting += 1
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    pool.waiting -= 1
+        try:
+            lane = await pool.acquire(wait)
+        except TimeoutError:
+            return self._defer(pool, probe, DeferReason.BUSY,
+                               f"its {pool.limit} connections stayed busy for {wait:g} s")
+        if not probe and pool.breaker.admit(loop.time()) is not Admission.ALLOW:
+            # The circuit opened while this one waited for a connection.
+            pool.release(lane)
+            pool.breaker.withdraw_probe()
+            return self._circuit_open(pool, tier, loop.time())
+        try:
+            attempt = await self._exchange(pool, lane, endpoint, event_id, body, tier, signing)
+        except BaseException:
+            if probe:  # (an unusable secret, a cancellation): the next delivery probes
+                pool.breaker.withdraw_probe()
+            raise
+        if attempt.outcome.reached_network:
+            pool.served(attempt.duration_ms / 1000)
+        change = pool.breaker.record(attempt, loop.time(), probe=probe)
+        if change is not None:
+            self._circuit_changed(endpoint, change, log)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("attempt", extra={"outcome": attempt.outcome.value, "status": attempt.status,
+                                        "duration_ms": attempt.duration_ms, "probe": probe})
+        return attempt
+
+    def _defer(self, pool: EndpointPool, probe: bool, reason: DeferReason, detail: str) -> Deferral:
+        if probe:
+            pool.breaker.withdraw_probe()
+        return Deferral(reason, detail)
+
+    @staticmethod
+    def _circuit_open(pool: EndpointPool, tier: str, now: float) -> Attempt:
+        breaker = pool.breaker
+        return _unsent(tier, Outcome.CIRCUIT_OPEN,
+                       f"circuit open after {breaker.failures} consecutive failures; no request made "
+                       f"(next probe in {max(0.0, breaker.reopen_at - now):.0f} s)")
+
+    def _circuit_changed(self, endpoint: Endpoint, change: CircuitChange, log: Log) -> None:
+        if change.state is CircuitState.OPEN:
+            log.warning("circuit opened: deliveries spend their attempts without requests until a probe "
+                        "answers 2xx",
+                        extra={"failures": change.failures, "probe_in_s": round(change.reopen_in or 0, 1)})
+        else:
+            log.warning("circuit closed: the endpoint answered a probe with 2xx")
+        if self.on_circuit is not None:
+            self.on_circuit(endpoint, change)
+
+    def circuit_counts(self) -> dict[CircuitState, int]:
+        """Endpoints this process knows, by circuit state."""
+        counts = dict.fromkeys(CircuitState, 0)
+        for pool in self._pools.values():
+            counts[pool.breaker.state] += 1
+        return counts
+
+    async def _exchange(self, pool: EndpointPool, lane: Connection, endpoint: Endpoint, event_id: str,
+                        body: bytes, tier: str, signing: Signing | None) -> Attempt:
+        try:
+            started_at = time.time_ns() // 1_000_000
+            started = time.perf_counter()
+            if signing is None:
+                timestamp = int(time.time())
+                keys = tuple(self._key(s) for s in endpoint.secrets_at(started_at))
+            else:
+                timestamp, keys = signing.timestamp, signing.keys
+            outcome = Outcome.CONNECTION_ERROR
+            status: int | None = None
+            error: str | None = None
+            snippet: str | None = None
+            retry_after: float | None = None
+            try:
+                request = self._request(pool, keys, event_id, timestamp, body)
+                async with asyncio.timeout(self.config.request_timeout):
+                    answer = await lane.exchange(pool.parsed, request)
+                    try:
+                        status = answer.status
+                        if status in (429, 503):
+                            retry_after = parse_retry_after(answer.header(b"retry-after"))
+                        raw = await answer.read(self.config.max_response_bytes)
+                    finally:
+                        answer.close()
+                snippet = raw[:SNIPPET_CHARS * 4].decode("utf-8", errors="replace")[:SNIPPET_CHARS] or None
+                outcome = Outcome.SUCCESS if 200 <= status < 300 else Outcome.HTTP_ERROR
+                if 300 <= status < 400:
+                    error = f"redirect to {answer.header(b'location') or '?'} (not followed)"
+            except BlockedDestination as exc:
+                outcome, error = Outcome.BLOCKED, str(exc)
+            except TimeoutError:  # (with a status when the head came and the body did not)
+                outcome, error = Outcome.TIMEOUT, f"timeout after {self.config.request_timeout:g} s"
+            except httpx.ConnectError as exc:
+                error = f"connection error: {exc or type(exc).__name__}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            except OSError as exc:
+                error = f"connection error: {exc}"
+            duration_ms = (time.perf_counter() - started) * 1000
+        finally:
+            pool.release(lane)
+        return Attempt(
+            at=started_at, tier=tier, duration_ms=round(duration_ms, 3), outcome=outcome, status=status,
+            error=bounded(error), response_snippet=snippet, retry_after=retry_after,
+        )
+
+    @staticmethod
+    def _request(pool: EndpointPool, keys: tuple[bytes, ...], event_id: str, timestamp: int, body: bytes) -> bytes:
+        """The whole request in bytes: the endpoint's prefix, the signed headers, the body."""
+        webhook_id = event_id.encode()
+        check_header(b"webhook-id", webhook_id)  # a retry record's id comes from Kafka
+        return b"".join((
+            pool.prefix,
+            b"webhook-id: ", webhook_id,
+            b"\r\nwebhook-timestamp: ", str(timestamp).encode(),
+            b"\r\nwebhook-signature: ", signature_header(keys, event_id, timestamp, body).encode(),
+            b"\r\ncontent-length: ", str(len(body)).encode(),
+            b"\r\n\r\n", body,
+        ))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        every = [*self._pools.values(), *self._retired]
+        self._pools, self._retired = {}, []
+        for pool in every:  # a connection a running request makes from now on goes when it ends
+            pool.retire()
+        await asyncio.gather(*(pool.aclose() for pool in every), return_exceptions=True)
+        await self.policy.aclose()
+
+
+def _unsent(tier: str, outcome: Outcome, error: str) -> Attempt:
+    """A failed attempt that never reached the network."""
+    return Attempt.unsent(time.time_ns() // 1_000_000, tier, outcome, error)

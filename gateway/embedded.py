@@ -1,0 +1,75 @@
+"""``gateway up``: the embedded default, assembled in one process tree.
+
+The bundled in-memory broker on 127.0.0.1 (unless a Kafka is named: ``--bootstrap`` or
+``GATEWAY_BOOTSTRAP_SERVERS``), the topics, every tier's workers, ``/metrics``, and the
+management API on a thread (unless told not to). ``up`` has defaults of its own, under
+whatever the user sets: deliveries to loopback and private addresses are allowed (the
+demo receiver is on 127.0.0.1), and the bundled broker's topics get 3 partitions.
+
+Stop order: the workers drain and commit, then the API lets its tables go, then the
+broker stops. What ``up`` prints (the banner, the walk-through) is the command line's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import store, streaming
+from .api import ApiThread, Listening, start_thread
+from .config import Config, given_settings
+from .store import Tier
+
+__all__ = ["Started", "up"]
+
+
+@dataclass(frozen=True)
+class Started:
+    """What ``gateway up`` runs, once its workers are ready."""
+
+    config: Config
+    bundled_broker: bool
+    """The bundled in-memory broker (a restart forgets everything), not a Kafka of the user's."""
+    topics: tuple[str, ...]
+    tiers: tuple[Tier, ...]
+    api: Listening | None
+    """Where the API answers; None when it is off or its address was taken."""
+
+
+def up(
+    overrides: Mapping[str, Any],
+    *,
+    broker_port: int,
+    api: bool,
+    on_ready: Callable[[Started], None],
+    on_warning: Callable[[str], None],
+) -> None:
+    """Run everything until SIGTERM or SIGINT, then stop it in order. ``overrides`` are the
+    settings given as flags (parsed; None for those not given). Blocks."""
+    given = given_settings(overrides=overrides)
+    defaults: dict[str, Any] = {"allow_private_networks": True}
+    fixed: dict[str, Any] = {}
+    broker = None
+    if "bootstrap_servers" not in given:
+        broker = streaming.Broker(port=broker_port).start()
+        fixed["bootstrap_servers"] = broker.bootstrap
+        defaults["partitions"] = 3
+    thread: ApiThread | None = None
+    try:
+        config = Config.from_env(defaults=defaults, **{**overrides, **fixed})
+        created = store.create_topics(config)
+        observed = streaming.observe(config, port=config.metrics_port)
+        tiers = streaming.resolve_tiers(config, None)
+        listening = None
+        if api:
+            started = start_thread(config, on_address_taken=lambda why: on_warning(f"API not served: {why}"))
+            if started is not None:
+                thread, listening = started
+        ready = Started(config, broker is not None, tuple(s.topic for s in created), tuple(tiers), listening)
+        streaming.run(config, tiers, observed=observed, on_ready=lambda: on_ready(ready))
+    finally:
+        if thread is not None:
+            thread.stop()
+        if broker is not None:
+            broker.stop()

@@ -1,0 +1,319 @@
+"""The delivery history: reading the attempts topic to answer "what happened to event X,
+to endpoint Y, since T", successes included.
+
+Workers write one :class:`~gateway.records.DeliveryAttempt` per attempt (and per run of
+deferrals) to ``{prefix}.attempts``, keyed by endpoint id; this module only reads it.
+Kafka stays the only store:
+
+* :func:`read_history` reads the topic to its end once, filtering as it goes (``gateway
+  deliveries list``). Reading never joins a consumer group the workers use and stops at
+  the end each partition had when it was first reached.
+* :class:`HistoryIndex` keeps the newest ``capacity`` attempts in memory and follows the
+  topic (the HTTP API). Built at start from the whole topic, keeping the newest
+  ``capacity`` by attempt time; then every new record is appended and the oldest is
+  dropped once the index is full. :attr:`HistoryPage.complete_since` says how far back
+  an answer is complete.
+
+Filters (:class:`HistoryFilters`) are plain values judged without I/O; a refused input
+raises an :class:`~gateway.errors.InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Message
+
+from ..codec import Codec
+from ..config import Config
+from ..errors import DecodeError, InputError
+from ..records import DELIVERY_ATTEMPT_SCHEMA, DeliveryAttempt
+from ..store import Topics, read_to_end, reader_consumer
+from ._inputs import Cursor, RecordId, StatusSelector, check_range, iso, parse_time
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "HistoryEntry",
+    "HistoryFilters",
+    "HistoryIndex",
+    "HistoryPage",
+    "read_history",
+]
+
+log = logging.getLogger("gateway.history")
+
+DEFAULT_CAPACITY = 100_000
+"""Attempts the API's index keeps by default: about 65 MB of Python objects (measured with
+tracemalloc), up to about 120 MB when every attempt kept a full 512-character response."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One record of the attempts topic and where it sits."""
+
+    partition: int
+    offset: int
+    line: DeliveryAttempt
+
+    @property
+    def id(self) -> RecordId:
+        """``PARTITION:OFFSET``: unique within the topic."""
+        return RecordId(self.partition, self.offset)
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        """Newest last: attempt time, then place in the topic."""
+        return (self.line.attempt.at, self.partition, self.offset)
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as ``deliveries list --json`` and ``GET /v1/deliveries`` show it."""
+        line, attempt = self.line, self.line.attempt
+        return {
+            "id": str(self.id),
+            "eventId": line.event_id,
+            "eventType": line.event_type,
+            "botId": line.bot_id,
+            "endpointId": line.endpoint_id,
+            "occurredAt": iso(line.occurred_at),
+            "number": line.number,
+            "tier": attempt.tier,
+            "at": iso(attempt.at),
+            "durationMs": attempt.duration_ms,
+            "outcome": attempt.outcome.value,
+            "status": attempt.status,
+            "error": attempt.error,
+            "response": attempt.response_snippet,
+            "next": str(line.next),
+            "replayOf": line.replay_of,
+        }
+
+
+@dataclass(frozen=True)
+class HistoryFilters:
+    """Which attempts to show; empty fields select everything. Ids are compared as
+    given, bot ids case-insensitively; ``since``/``until`` bound the attempt's start (ms).
+    :meth:`parse` makes one from what a user typed."""
+
+    event_id: str | None = None
+    endpoint_id: str | None = None
+    bot_id: str | None = None
+    status: StatusSelector | None = None
+    since: int | None = None
+    until: int | None = None
+
+    def __post_init__(self) -> None:
+        check_range(self.since, self.until)
+
+    @classmethod
+    def parse(
+        cls, *, event_id: str | None = None, endpoint_id: str | None = None, bot_id: str | None = None,
+        status: str | None = None, since: str | None = None, until: str | None = None,
+    ) -> HistoryFilters:
+        """The filters as given by a user: the status as
+        :class:`~gateway.ops.StatusSelector` reads it, times as
+        :func:`~gateway.ops.parse_time` does. Refuses, naming the input."""
+        return cls(
+            event_id=event_id, endpoint_id=endpoint_id, bot_id=bot_id,
+            status=StatusSelector.parse(status) if status is not None else None,
+            since=parse_time(since, field="since") if since is not None else None,
+            until=parse_time(until, field="until") if until is not None else None,
+        )
+
+    def admits(self, line: DeliveryAttempt) -> bool:
+        if self.event_id is not None and line.event_id != self.event_id:
+            return False
+        if self.endpoint_id is not None and line.endpoint_id != self.endpoint_id:
+            return False
+        if self.bot_id is not None and line.bot_id.lower() != self.bot_id.lower():
+            return False
+        at = line.attempt.at
+        if self.since is not None and at < self.since:
+            return False
+        if self.until is not None and at > self.until:
+            return False
+        return self.status is None or self.status.admits(line.attempt)
+
+
+def _decode(codec: Codec, msg: Message) -> HistoryEntry | None:
+    """The entry a record holds, or None (logged) when it holds no readable attempt: the
+    history is a view, and one bad record must not hide the rest."""
+    try:
+        name, record = codec.decode(msg.value())
+        if name != DELIVERY_ATTEMPT_SCHEMA:
+            raise DecodeError(f"a {name} record, not a delivery attempt")
+        line = DeliveryAttempt.from_record(record)
+    except (DecodeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("attempt record unreadable, skipped",
+                    extra={"partition": msg.partition(), "offset": msg.offset(), "error": str(exc)})
+        return None
+    return HistoryEntry(int(msg.partition() or 0), int(msg.offset() or 0), line)
+
+
+def read_history(
+    config: Config, filters: HistoryFilters = HistoryFilters(), *, codec: Codec | None = None,
+    timeout: float = 30.0,
+) -> list[HistoryEntry]:
+    """Every attempt ``filters`` selects, read from the attempts topic to its end, newest
+    first. :class:`~gateway.errors.Unavailable` if the topic cannot be read."""
+    codec = codec or Codec(config.schema_registry_url)
+    consumer = reader_consumer(config, "history-reader")
+    found: list[HistoryEntry] = []
+    try:
+        for msg in read_to_end(consumer, config, Topics.from_config(config).attempts, timeout=timeout):
+            entry = _decode(codec, msg)
+            if entry is not None and filters.admits(entry.line):
+                found.append(entry)
+    finally:
+        consumer.close()
+    found.sort(key=lambda e: e.sort_key, reverse=True)
+    return found
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of an index query, newest first."""
+
+    entries: tuple[HistoryEntry, ...]
+    next_cursor: str | None
+    """Pass it back for the next (older) page; None on the last page."""
+    complete_since: int | None
+    """None when the index holds every attempt the topic held; else the time (ms) of the
+    oldest attempt it still holds: older attempts may exist that it no longer shows."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The page as ``GET /v1/deliveries`` answers it."""
+        return {"data": [e.to_json() for e in self.entries], "nextCursor": self.next_cursor,
+                "completeSince": iso(self.complete_since) if self.complete_since is not None else None}
+
+
+class HistoryIndex:
+    """The newest ``capacity`` attempts of the attempts topic, in memory, following it.
+
+    Written by its own thread, read by any: every change and every query's snapshot take
+    one lock. Entries are kept in arrival order (oldest first) with two secondary indexes,
+    by event id and by endpoint id, so the questions the API is asked most cost the
+    attempts of that event or endpoint, not the whole index. Dropping the oldest entry
+    drops it from the front of its event's and endpoint's deques too (they are in the same
+    order), so eviction costs O(1) (O(attempts of that event) for its list).
+
+    Measured: building from a topic of 100,000 attempts takes about 2 s on the bundled
+    broker and 3 s on Apache Kafka (``tests/test_history.py``), mostly Avro decoding; a
+    query scanning all of them, well under 100 ms.
+    """
+
+    def __init__(self, config: Config, *, capacity: int = DEFAULT_CAPACITY, codec: Codec | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"history capacity {capacity} must be at least 1")
+        self.config = config
+        self.capacity = capacity
+        self.topic = Topics.from_config(config).attempts
+        self.codec = codec or Codec(config.schema_registry_url)
+        self._lock = threading.Lock()
+        self._entries: deque[HistoryEntry] = deque()
+        # An event has a few attempts per endpoint: a list (a deque costs 600 bytes
+        # empty, 60 MB over 100,000 events). An endpoint may have them all: a deque.
+        self._by_event: dict[str, list[HistoryEntry]] = {}
+        self._by_endpoint: dict[str, deque[HistoryEntry]] = {}
+        self._dropped = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer = reader_consumer(config, "history-index")
+        self.build_seconds: float | None = None
+        """How long :meth:`start` took to read the topic and build the index."""
+
+    def start(self, *, timeout: float = 30.0, follow: bool = True) -> HistoryIndex:
+        """Read the topic to its end (keeping the newest ``capacity`` attempts), then
+        follow it on a thread. :class:`~gateway.errors.Unavailable` if the topic cannot be read."""
+        started = time.monotonic()
+        newest: list[tuple[tuple[int, int, int], HistoryEntry]] = []  # a min-heap by sort key
+        seen = 0
+        for msg in read_to_end(self._consumer, self.config, self.topic, timeout=timeout):
+            entry = _decode(self.codec, msg)
+            if entry is None:
+                continue
+            seen += 1
+            item = (entry.sort_key, entry)
+            if len(newest) < self.capacity:
+                heapq.heappush(newest, item)
+            else:
+                heapq.heappushpop(newest, item)
+        newest.sort(key=lambda item: item[0])
+        self._add((entry for _, entry in newest), dropped=seen > self.capacity)
+        self._consumer.resume(self._consumer.assignment())
+        self.build_seconds = time.monotonic() - started
+        log.info("delivery history loaded", extra={"attempts": len(self), "read": seen, "topic": self.topic,
+                                                   "seconds": round(self.build_seconds, 3)})
+        if follow:
+            self._thread = threading.Thread(target=self._follow, name="history", daemon=True)
+            self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            msg = self._consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            entry = _decode(self.codec, msg)
+            if entry is not None:
+                self._add((entry,))
+
+    def _add(self, entries: Iterable[HistoryEntry], *, dropped: bool = False) -> None:
+        with self._lock:
+            self._dropped |= dropped
+            for entry in entries:
+                self._entries.append(entry)
+                self._by_event.setdefault(entry.line.event_id, []).append(entry)
+                self._by_endpoint.setdefault(entry.line.endpoint_id, deque()).append(entry)
+                if len(self._entries) > self.capacity:
+                    self._evict()
+
+    def _evict(self) -> None:
+        old = self._entries.popleft()
+        self._dropped = True
+        attempts = self._by_event[old.line.event_id]
+        del attempts[0]
+        if not attempts:
+            del self._by_event[old.line.event_id]
+        group = self._by_endpoint[old.line.endpoint_id]
+        group.popleft()
+        if not group:
+            del self._by_endpoint[old.line.endpoint_id]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def query(self, filters: HistoryFilters = HistoryFilters(), *, limit: int = 100,
+              cursor: str | None = None) -> HistoryPage:
+        """The newest ``limit`` attempts ``filters`` selects, older than ``cursor``."""
+        if not 1 <= limit <= 1000:
+            raise InputError(f"limit {limit} is not between 1 and 1000", field="limit")
+        before = Cursor.decode(cursor, (int, int, int)) if cursor is not None else None
+        with self._lock:
+            if filters.event_id is not None:
+                candidates = list(self._by_event.get(filters.event_id, ()))
+            elif filters.endpoint_id is not None:
+                candidates = list(self._by_endpoint.get(filters.endpoint_id, ()))
+            else:
+                candidates = list(self._entries)
+            complete_since = self._entries[0].line.attempt.at if self._dropped else None
+        matched = [e for e in candidates
+                   if filters.admits(e.line) and (before is None or e.sort_key < before)]
+        page = heapq.nlargest(limit + 1, matched, key=lambda e: e.sort_key)
+        more = len(page) > limit
+        page = page[:limit]
+        return HistoryPage(tuple(page), Cursor.encode(page[-1].sort_key) if more else None, complete_since)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._consumer.close()
+

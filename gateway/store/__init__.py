@@ -1,0 +1,52 @@
+"""Kafka, the gateway's only store: its topics and what reads and writes them.
+
+Every other package sits above this one; it is where the delivery side and the streaming
+side meet Kafka, so neither has to import the other to name a topic or write a record.
+
+* ``_topics``: the one place that names topics, and the tiers workers consume.
+* ``_admin``: creating the topics with the settings each needs (``gateway topics create``).
+* ``_io``: the acknowledged producer; reading a topic to its end.
+* ``_headers``: the plain headers of retry, deferral and dead-letter records.
+* ``_registry``: the endpoint registry (the endpoints topic as a table every worker routes
+  by) and the circuits topic read back.
+
+The modules are private: import from ``gateway.store``.
+"""
+
+from ._admin import DAY_MS, TopicSpec, TopicsPlan, TopicStatus, create_topics, plan_replication, topic_specs
+from ._headers import Headers, dead_letter_headers, delivery_headers
+from ._io import AckedProducer, read_to_end, reader_consumer
+from ._registry import (
+    EndpointRegistry,
+    EndpointTable,
+    delete_endpoint,
+    load_circuits,
+    load_endpoints,
+    save_endpoint,
+)
+from ._topics import Tier, Topics, delay_label
+
+__all__ = [
+    "DAY_MS",
+    "AckedProducer",
+    "EndpointRegistry",
+    "EndpointTable",
+    "Headers",
+    "Tier",
+    "TopicSpec",
+    "TopicStatus",
+    "Topics",
+    "TopicsPlan",
+    "create_topics",
+    "dead_letter_headers",
+    "delay_label",
+    "delete_endpoint",
+    "delivery_headers",
+    "load_circuits",
+    "load_endpoints",
+    "plan_replication",
+    "read_to_end",
+    "reader_consumer",
+    "save_endpoint",
+    "topic_specs",
+]

@@ -1,0 +1,69 @@
+"""Records through Kafka, inside a process and across processes: the consumer side.
+
+* ``_consumer``: the consumer pump, the one thread that calls a tier's Kafka consumer;
+  the rebalance contract.
+* ``_worker``: a tier's worker on the event loop: its partitions, timers and tasks; the
+  offset contract.
+* ``_partitions``: pure: one partition's held records, its pause and its revoke.
+* ``_offsets``: pure: which offset of a partition may be committed.
+* ``_capacity``: the process's in-flight budget, shared fairly between tiers.
+* ``_statistics``: librdkafka's statistics: consumer lag, and a consumer out of its group.
+* ``_runner``: one process's workers: startup order, metrics, orderly shutdown.
+* ``_supervisor``: ``gateway run --workers N``: N worker processes, restarted when one dies.
+* ``_broker``: the bundled broker (Tansu) as a child process.
+
+The modules are private: import from ``gateway.streaming``.
+"""
+
+from ._broker import Broker, broker_binary, die_with_parent, port_in_use
+from ._capacity import Capacity, fair_room
+from ._consumer import BATCH, Command, ConsumerLike, ConsumerPump, Key, PartitionOwner, Pause, Resume
+from ._offsets import OffsetTracker
+from ._partitions import PartitionState
+from ._runner import CircuitReporter, Observed, metrics_for, observe, resolve_tiers, run, serve
+from ._statistics import (
+    GROUP_WARN_AFTER,
+    LAG_INTERVAL_MS,
+    ConsumerLag,
+    GroupWatch,
+    lag_from_stats,
+    read_statistics,
+)
+from ._supervisor import supervise
+from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings
+
+__all__ = [
+    "BATCH",
+    "GROUP_WARN_AFTER",
+    "LAG_INTERVAL_MS",
+    "SCHEMA_RETRY_MAX",
+    "Broker",
+    "Capacity",
+    "CircuitReporter",
+    "Command",
+    "ConsumerLag",
+    "ConsumerLike",
+    "ConsumerPump",
+    "GroupWatch",
+    "Key",
+    "Observed",
+    "OffsetTracker",
+    "PartitionOwner",
+    "PartitionState",
+    "Pause",
+    "Resume",
+    "TierWorker",
+    "broker_binary",
+    "consumer_settings",
+    "die_with_parent",
+    "fair_room",
+    "lag_from_stats",
+    "metrics_for",
+    "observe",
+    "port_in_use",
+    "read_statistics",
+    "resolve_tiers",
+    "run",
+    "serve",
+    "supervise",
+]

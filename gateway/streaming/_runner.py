@@ -1,0 +1,229 @@
+"""One gateway process: the endpoint table, the tier workers, the sender, the producer, and
+an orderly shutdown on SIGTERM or SIGINT.
+
+Start order matters: the endpoint table is loaded to the end of its topic before any
+worker subscribes, so no event is routed against a partial table. Stop order too: the
+workers drain and commit first, then the producer flushes, then the HTTP clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka.admin import AdminClient
+
+from ..codec import Codec
+from ..config import Config
+from ..delivery import CircuitChange, Dispatcher, Sender
+from ..errors import RegistryUnavailable, Unavailable
+from ..observability import ENDPOINTS_LOADED, Health, Metrics, assigned, serve_metrics
+from ..records import CIRCUIT_SCHEMA, Circuit, Endpoint
+from ..store import AckedProducer, EndpointRegistry, EndpointTable, Tier, Topics
+from ._capacity import Capacity
+from ._worker import TierWorker
+
+__all__ = ["CircuitReporter", "Observed", "metrics_for", "observe", "resolve_tiers", "run", "serve"]
+
+log = logging.getLogger("gateway.runner")
+
+
+def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
+    """The tiers named (``events``, ``retry-1m``, …; ``all`` or nothing for every tier)."""
+    topics = Topics.from_config(config)
+    if not names or list(names) == ["all"]:
+        return list(topics.worker_tiers)
+    return [topics.tier(name) for name in dict.fromkeys(names)]
+
+
+def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
+    topics = Topics.from_config(config)
+    wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints}
+    wanted |= {t.topic for t in topics.deferral_tiers}  # any worker may put a delivery off
+    if config.record_attempts:
+        wanted.add(topics.attempts)
+    schedule = [t.index for t in tiers if not t.deferral]
+    wanted |= {t.topic for t in topics.tiers if t.index > min(schedule, default=0)}
+    try:
+        existing = AdminClient(config.kafka_common()).list_topics(timeout=15).topics
+    except Exception as exc:
+        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc}") from None
+    missing = sorted(wanted - set(existing))
+    if missing:
+        raise Unavailable(
+            f"topics missing on {config.bootstrap_servers}: {', '.join(missing)}; "
+            "run `gateway topics create` with the same prefix and retry delays"
+        )
+
+
+class CircuitReporter:
+    """Writes every circuit breaker change of this process to the circuits topic (what
+    `endpoints list` shows). Reporting never holds up a delivery: each write is a task of
+    its own."""
+
+    def __init__(self, config: Config, codec: Codec, producer: AckedProducer) -> None:
+        self.topic = Topics.from_config(config).circuits
+        self.codec = codec
+        self.producer = producer
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def report(self, endpoint: Endpoint, change: CircuitChange) -> None:
+        now = time.time_ns() // 1_000_000
+        probe_at = now + int(change.reopen_in * 1000) if change.reopen_in is not None else None
+        circuit = Circuit(endpoint.id, change.state, change.failures, now, probe_at, self.worker)
+        value = self.codec.encode(CIRCUIT_SCHEMA, circuit.to_record(), topic=self.topic)
+        task = asyncio.get_running_loop().create_task(
+            self.producer.send(self.topic, endpoint.id.encode(), value, []))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def drain(self, grace: float) -> None:
+        """Let the writes under way finish (up to ``grace`` seconds): stopping."""
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=grace)
+
+
+async def _register_schemas(codec: Codec, stop: asyncio.Event) -> None:
+    """With a schema registry: register the schemas this process writes before it
+    delivers anything, retrying while the registry is away (the process is not ready
+    meanwhile), so that no write has to wait for the registry later."""
+    wait = 0.5
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(codec.register_schemas)
+            return
+        except RegistryUnavailable as exc:
+            log.warning("schema registry unavailable; not starting the workers yet",
+                        extra={"error": str(exc), "retry_in_s": wait})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            wait = min(wait * 2, 30.0)
+
+
+def metrics_for(config: Config, health: Health | None = None) -> Metrics:
+    """The metrics of a process of ``config``, every known series at zero."""
+    topics = Topics.from_config(config)
+    return Metrics([t.name for t in topics.tiers], deferrals=[t.name for t in topics.deferral_tiers],
+                   health=health)
+
+
+def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
+    def count(table: EndpointTable) -> None:
+        enabled, disabled = table.counts()
+        metrics.endpoints.labels("enabled").set(enabled)
+        metrics.endpoints.labels("disabled").set(disabled)
+
+    return count
+
+
+async def serve(
+    config: Config,
+    tiers: Sequence[Tier],
+    stop: asyncio.Event,
+    *,
+    metrics: Metrics | None = None,
+    health: Health | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run the workers of ``tiers`` until ``stop`` is set; then drain, commit and return.
+
+    ``metrics`` and ``health`` are what the process serves on its metrics port (made here
+    when not given)."""
+    loop = asyncio.get_running_loop()
+    health = health or Health()
+    metrics = metrics or metrics_for(config, health)
+    health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
+    await asyncio.to_thread(_check_topics, config, tiers)
+    codec = Codec(config.schema_registry_url)
+    await _register_schemas(codec, stop)
+    registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints(metrics))
+    await asyncio.to_thread(registry.start)
+    health.met(ENDPOINTS_LOADED)
+    producer = AckedProducer(config, loop)
+    circuits = CircuitReporter(config, codec, producer)
+    sender = Sender(config, on_circuit=circuits.report)
+    metrics.count_circuits(sender.circuit_counts)
+    dispatcher = Dispatcher(config, codec=codec, endpoints=registry.table, sender=sender,
+                            producer=producer, metrics=metrics)
+    capacity = Capacity(config.concurrency, [t.name for t in tiers])
+    workers = [TierWorker(tier, config, dispatcher, capacity, loop, metrics=metrics, health=health)
+               for tier in tiers]
+    for worker in workers:
+        worker.start()
+    log.info("workers started", extra={"tiers": ",".join(t.name for t in tiers),
+                                       "bootstrap": config.bootstrap_servers})
+    try:
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+    finally:
+        health.stopping()
+        log.info("stopping: draining in-flight deliveries",
+                 extra={"timeout_s": config.shutdown_timeout})
+        # Draining is bounded by shutdown_timeout; closing the consumers (leave the group,
+        # final commit) gets a little more. A broker that is gone cannot make us hang.
+        bound = config.shutdown_timeout + 10
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.stop() for w in workers)), bound)
+            await circuits.drain(5)
+            await asyncio.wait_for(asyncio.to_thread(producer.close), 15)
+        except TimeoutError:
+            raise Unavailable(
+                f"shutdown did not finish within {bound:g} s (is the broker reachable?); "
+                "uncommitted records will be delivered again after a restart"
+            ) from None
+        finally:
+            await sender.aclose()
+            registry.stop()
+        log.info("stopped")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a process reports about itself: its metrics and its health, served on its
+    metrics port."""
+
+    metrics: Metrics
+    health: Health
+
+
+def observe(config: Config, *, port: int | None) -> Observed:
+    """Make the process's metrics and health, and serve them on ``port`` (not served
+    when None). Raises :class:`~gateway.errors.Unavailable` naming the port when it cannot be bound."""
+    health = Health()
+    metrics = metrics_for(config, health)
+    if port is not None:
+        try:
+            serve_metrics(metrics, health, port)
+        except OSError as exc:
+            raise Unavailable(f"metrics port {port}: {exc.strerror or exc}; stop what listens there or "
+                              "choose another port (--metrics-port)") from None
+    return Observed(metrics, health)
+
+
+def run(
+    config: Config,
+    tiers: Sequence[Tier],
+    *,
+    observed: Observed | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down in order. Blocks."""
+    observed = observed or observe(config, port=None)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(config, tiers, stop, metrics=observed.metrics, health=observed.health, on_ready=on_ready)
+
+    asyncio.run(main())
