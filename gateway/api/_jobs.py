@@ -21,6 +21,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import Conflict
+from ..observability import bind
 from ..ops import ReplayPlan, ReplayProgress, ReplayReport, iso, send_replay
 
 __all__ = ["KEEP", "MAX_ITEMS", "MAX_REFUSALS", "JobState", "ReplayJob", "ReplayJobs", "SendReplay"]
@@ -154,11 +155,12 @@ class ReplayJobs:
 
     def _run(self, plan: ReplayPlan, rate: float | None) -> None:
         job_id = plan.replay_id
+        bound = bind(log, replay_id=job_id)
         try:
             report = self._send(self.config, plan, rate=rate,
                                 on_progress=lambda progress: self._update(job_id, progress=progress))
         except Exception as exc:  # the job reports it; the API process goes on
-            log.exception("replay job failed", extra={"replay_id": job_id})
+            bound.exception("replay job failed")
             self._update(job_id, state=JobState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
         else:
             final = ReplayProgress(total=len(plan.planned), sent=len(plan.planned), acknowledged=report.replayed,
@@ -166,8 +168,7 @@ class ReplayJobs:
             self._update(job_id, state=JobState.SUCCEEDED if report.ok else JobState.FAILED, report=report,
                          progress=final, finished_at=time.time(),
                          error=None if report.ok else (report.first_failure or report.first_unrecorded))
-            log.info("replay job finished", extra={"replay_id": job_id, "replayed": report.replayed,
-                                                   "failed": report.failed})
+            bound.info("replay job finished", extra={"replayed": report.replayed, "failed": report.failed})
         finally:
             with self._lock:
                 self._threads.pop(job_id, None)

@@ -212,12 +212,13 @@ class Dispatcher:
 
     async def _retry(self, tier: Tier, job: Job, delivery: Delivery) -> None:
         endpoint = self.endpoints.get(delivery.endpoint_id)
+        bound = bind(log, event_id=delivery.event_id, endpoint_id=delivery.endpoint_id, tier=tier.name)
         if endpoint is None:
             await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_REMOVED,
-                                    f"endpoint {delivery.endpoint_id} was removed", log)
+                                    f"endpoint {delivery.endpoint_id} was removed", bound)
         elif not endpoint.enabled:
             await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_DISABLED,
-                                    f"endpoint {delivery.endpoint_id} is disabled", log)
+                                    f"endpoint {delivery.endpoint_id} is disabled", bound)
         else:
             await self._attempt(self._schedule_tier(tier, delivery), job, delivery, endpoint,
                                 delivery.payload.encode())
@@ -360,16 +361,14 @@ class Dispatcher:
     async def _dead_letter(
         self, job: Job, delivery: Delivery, reason: DeadLetterReason, detail: str, log: Log
     ) -> None:
+        """``log`` carries the delivery's event and endpoint ids."""
         topic, partition, offset = _source(job)
         dead = DeadLetter(
             reason=reason, detail=detail, dead_at=self.clock.now_ms(), source_topic=topic,
             source_partition=partition, source_offset=offset, delivery=delivery,
         )
         await self._write_dead_letter(dead, delivery.endpoint_id.encode())
-        log.warning("delivery dead-lettered", extra={
-            "event_id": delivery.event_id, "endpoint_id": delivery.endpoint_id,
-            "reason": reason.value, "detail": detail,
-        })
+        log.warning("delivery dead-lettered", extra={"reason": reason.value, "detail": detail})
 
     async def _dead_letter_record(self, job: Job, reason: DeadLetterReason, detail: str) -> None:
         topic, partition, offset = _source(job)
