@@ -269,7 +269,9 @@ WORKER_SETTINGS = (
 
 @cli.command()
 @click.option("--tiers", default="all", show_default=True, metavar="NAMES",
-              help="Comma-separated tiers to run: events, retry-1m, … or all.")
+              help="Comma-separated tiers to run: events, retry-1m, deferred-5s, … or all. "
+                   "Every process also takes its share of the deliveries topic (the endpoints it "
+                   "makes the attempts of).")
 @click.option("--no-metrics", is_flag=True, help="Do not serve /metrics.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes in the group; worker i serves metrics on --metrics-port + i.")

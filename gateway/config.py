@@ -84,16 +84,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise ConfigError(f"{text!r} must be 0 or more")
-    return value
-
-
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -108,6 +98,16 @@ def _positive_float(text: str) -> float:
         raise ConfigError(f"{text!r} is not a number") from None
     if value <= 0:
         raise ConfigError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{text!r} is not between 0 and 1")
     return value
 
 
@@ -209,21 +209,22 @@ SETTINGS: tuple[Setting, ...] = (
             "own group under it."),
     Setting("metrics_port", "--metrics-port", _port, "Port of the /metrics endpoint."),
     Setting("concurrency", "--concurrency", _positive_int,
-            "Deliveries in flight per worker process, across all partitions."),
+            "Records in progress per worker process, across all partitions (the in-flight budget: "
+            "one endpoint alone may use all of it; while others wait, each gets its fair share)."),
     Setting("endpoint_concurrency", "--endpoint-concurrency", _positive_int,
             "Requests in flight to one endpoint at once."),
     Setting("request_timeout", "--request-timeout", _positive_float,
             "Seconds a webhook request may take, connect to last byte."),
-    Setting("endpoint_queue", "--endpoint-queue", _non_negative_int,
-            "Most deliveries that may wait in a process for an endpoint's busy connections (fewer "
-            "for a slow endpoint: what it serves within --endpoint-wait); with those in flight, "
-            "the endpoint's share of the process. More are deferred."),
     Setting("endpoint_wait", "--endpoint-wait", _positive_float,
-            "Seconds a delivery waits in a process for its endpoint's connections or rate limit "
-            "before it is deferred (no attempt spent)."),
+            "While others wait for room: the work an endpoint keeps waiting for its connections, in "
+            "seconds of its measured pace (beyond that and its fair share, deliveries are deferred, no "
+            "attempt spent); and the longest a delivery waits for its rate limit's slot."),
     Setting("circuit_failures", "--circuit-failures", _positive_int,
             "Consecutive failures (5xx, 408, 429, timeouts, refused connections) that open an "
             "endpoint's circuit."),
+    Setting("circuit_failure_rate", "--circuit-failure-rate", _fraction,
+            "Share of an endpoint's last 20 requests that, failed, opens its circuit too (0 turns "
+            "this rule off; consecutive failures open it either way)."),
     Setting("circuit_open_seconds", "--circuit-open", _positive_float,
             "Seconds an endpoint's circuit stays open before a probe (jittered; doubles after each "
             "failed probe, up to 5 minutes)."),
@@ -246,6 +247,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_poll_interval_ms", "--max-poll-interval-ms", _positive_int,
             "Longest gap between two polls before Kafka evicts a worker from its group; the "
             "worker polls on whatever it waits for."),
+    Setting("reader_check", "--reader-check", _positive_float,
+            "Seconds between two checks that some process reads each tier this one does not run."),
     Setting("fetch_wait_ms", "--fetch-wait-ms", _positive_int,
             "Longest a fetch waits for new records (latency when idle; Tansu always waits it out)."),
     Setting("record_attempts", "--record-attempts", _parse_bool,
@@ -311,9 +314,9 @@ class Config:
     concurrency: int = 1000
     endpoint_concurrency: int = 20
     request_timeout: float = 15.0
-    endpoint_queue: int = 250
     endpoint_wait: float = 1.0
     circuit_failures: int = 5
+    circuit_failure_rate: float = 0.5
     circuit_open_seconds: float = 10.0
     defer_delays: tuple[int, ...] = (5, 60, 600)
     defer_max_age: int = 3600
@@ -324,6 +327,7 @@ class Config:
     group_protocol: str = "classic"
     max_poll_interval_ms: int = 300_000
     fetch_wait_ms: int = 25
+    reader_check: float = 30.0
     record_attempts: bool = True
     attempts_retention: int = 7 * 86400
     """Seconds."""

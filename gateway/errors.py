@@ -27,12 +27,15 @@ it has a field. ``message`` says what was wrong, with the value, and what to do;
      ├── Stopping                         the process stopped under the work: it is left for
      │    │                               the next owner of its record
      │    └── SenderClosed                a send after the sender closed
+     ├── LocalLimit                       the gateway's own limit held the work back: no
+     │    │                               request made, the delivery is deferred
+     │    └── LookupQueued                a name lookup waits behind its domain's others
      └── Internal                         the gateway itself failed (a bug)             API 500
           └── EncodeError                 a record that does not fit its own schema
 
-Everything a user can do something about is one of the first five branches; ``Stopping``
-and ``Internal`` are the pipeline's own (the record stays unsettled, or is dead-lettered
-as ``internal_error``).
+Everything a user can do something about is one of the first five branches; ``Stopping``,
+``LocalLimit`` and ``Internal`` are the pipeline's own (the record stays unsettled, the
+delivery is deferred, or it is dead-lettered as ``internal_error``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ __all__ = [
     "Internal",
     "InvalidEvent",
     "InvalidSecret",
+    "LocalLimit",
+    "LookupQueued",
     "NotFound",
     "NotVisible",
     "PublishError",
@@ -155,6 +160,16 @@ class Stopping(GatewayError):
 
 class SenderClosed(Stopping):
     """A send after the HTTP sender closed: nothing was attempted."""
+
+
+class LocalLimit(GatewayError):
+    """The gateway's own limit held the work back: no request was made, and the delivery
+    is deferred (no attempt spent)."""
+
+
+class LookupQueued(LocalLimit):
+    """A name lookup waits behind the lookups of its registrable domain (the per-domain
+    cap), longer than a delivery may wait for it, or the domain's queue is full."""
 
 
 class Internal(GatewayError):

@@ -393,6 +393,12 @@ class DeferReason(StrEnum):
     """The endpoint's share of the process (in flight plus waiting) is full."""
     RATE = "rate_limit"
     """Its rate limit would not allow a request within the longest local wait."""
+    DNS = "dns_queue"
+    """Its name's lookup waited behind its domain's others (the per-domain cap on lookups)
+    for longer than a delivery may wait: a local wait, not an attempt."""
+    PROBE = "circuit_probe"
+    """A delivery's last attempt, refused by an open circuit, waits for the next probe
+    (the last attempt always makes a request)."""
 
 
 class CircuitState(StrEnum):

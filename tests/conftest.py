@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.store import create_topics
+from gateway.store import Topics, create_topics
 from gateway.streaming import Broker
 
 _prefixes = itertools.count(1)
@@ -113,9 +113,11 @@ def gateway_env(config: Config, **extra: str) -> dict[str, str]:
         GATEWAY_SESSION_TIMEOUT_MS=str(config.session_timeout_ms),
         GATEWAY_GROUP_PROTOCOL=config.group_protocol,
         GATEWAY_CIRCUIT_FAILURES=str(config.circuit_failures),
+        GATEWAY_CIRCUIT_FAILURE_RATE=str(config.circuit_failure_rate),
         GATEWAY_MAX_POLL_INTERVAL_MS=str(config.max_poll_interval_ms),
         GATEWAY_SHUTDOWN_TIMEOUT=str(config.shutdown_timeout),
         GATEWAY_REQUEST_TIMEOUT=str(config.request_timeout),
+        GATEWAY_READER_CHECK=str(config.reader_check),
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true" if config.allow_private_networks else "false",
         PYTHONUNBUFFERED="1",
     )
@@ -213,9 +215,9 @@ class WorkerProcess:
             env=gateway_env(self.config, GATEWAY_LOG_LEVEL="info"),
         )
         if wait_assigned:
-            tiers = len(self.config.retry_delays) + 1
-            if "--tiers" in self.args:
-                tiers = len(self.args[self.args.index("--tiers") + 1].split(","))
+            tiers = len(Topics.from_config(self.config).worker_tiers)
+            if "--tiers" in self.args:  # the tiers named, and the deliveries topic every process reads
+                tiers = len(set(self.args[self.args.index("--tiers") + 1].split(",")) | {"deliveries"})
             deadline = time.monotonic() + timeout
             while self.text().count("partitions assigned") < tiers:
                 if self.process.poll() is not None:

@@ -23,6 +23,7 @@ class FakeMessage:
     offset_: int
     value_: bytes | None = b""
     key_: bytes | None = b"k"
+    headers_: list[tuple[str, bytes]] = field(default_factory=list)
 
     def topic(self) -> str:
         return self.topic_
@@ -43,7 +44,7 @@ class FakeMessage:
         return None
 
     def headers(self) -> list[tuple[str, bytes]]:
-        return []
+        return self.headers_
 
 
 @dataclass
@@ -205,28 +206,36 @@ class RecordingProducer:
 
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes | None, bytes, Any]] = []
+        self.partitions: list[int | None] = []
         self.gate: asyncio.Event | None = None
 
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> None:
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any, *,
+                   partition: int | None = None) -> None:
         if self.gate is not None:
             await self.gate.wait()
         self.records.append((topic, key, value, headers))
+        self.partitions.append(partition)
 
 
 class ScriptedSender:
     """Stands in for the HTTP sender: answers each endpoint with a programmed status, or
     raises what it was told to."""
 
-    def __init__(self, answers: dict[str, int | BaseException]) -> None:
+    def __init__(self, answers: dict[str, int | BaseException | Deferral]) -> None:
         self.answers = answers
         self.sent: list[tuple[str, str]] = []
+        self.last: list[bool] = []
 
-    async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str, *, log: Any = None) -> Attempt:
+    async def send(self, endpoint: Endpoint, event_id: str, body: bytes, tier: str, *, log: Any = None,
+                   last: bool = False) -> Attempt | Deferral:
         self.sent.append((endpoint.id, event_id))
+        self.last.append(last)
         await asyncio.sleep(0)
         answer = self.answers[endpoint.id]
         if isinstance(answer, BaseException):
             raise answer
+        if isinstance(answer, Deferral):
+            return answer
         outcome = Outcome.SUCCESS if 200 <= answer < 300 else Outcome.HTTP_ERROR
         return Attempt(at=1_700_000_000_000, tier=tier, duration_ms=5.0, outcome=outcome, status=answer)
 

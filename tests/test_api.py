@@ -352,7 +352,7 @@ def test_test_sends_deliveries_and_replay_jobs_over_http(
         "CREATE_LEAD"
 
     # Real deliveries fail 4 times each (delays 1, 2, 3 s) and are dead-lettered.
-    worker_factory(topics.replace(circuit_failures=1000))  # every attempt reaches the 503s
+    worker_factory(topics.replace(circuit_failures=1000, circuit_failure_rate=0.0))  # every attempt reaches the 503s
     published = run_gateway(topics, "publish", str(EXAMPLES))
     ids = published.stdout.split()
     eventually(lambda: len(api.http.get("/v1/dead-letters", params={"endpointId": endpoint["id"]}).json()["data"])

@@ -238,7 +238,7 @@ def test_workers_option_runs_a_supervised_group(
     supervisor = worker_factory(topics, "--workers", "2", "--tiers", "events", wait_assigned=False)
     deadline = time.monotonic() + 30
     # Both processes joined the group: the partitions were split between them.
-    while supervisor.text().count("partitions assigned") < 2:
+    while supervisor.text().count('"partitions assigned" tier=events') < 2:
         assert time.monotonic() < deadline, supervisor.text()
         time.sleep(0.1)
     events = [dict(documented()[0], sessionId=str(uuid.uuid4())) for _ in range(200)]

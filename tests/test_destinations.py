@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
+import sys
 
 import pytest
 
@@ -68,19 +70,37 @@ def test_hostnames_are_judged_by_what_they_resolve_to() -> None:
         ("example.com", "example.com"), ("hooks.example.com", "example.com"),
         ("a.b.c.hooks.example.com", "example.com"), ("Hooks.EXAMPLE.com.", "example.com"),
         ("hang-7.slow.test", "slow.test"), ("xn--fa-hia.test", "xn--fa-hia.test"),
-        # Under a 2-letter country code with a 2-3 letter label before it: three labels.
+        # Under a country code's public suffixes: one label more than the suffix.
         ("bbc.co.uk", "bbc.co.uk"), ("www.bbc.co.uk", "bbc.co.uk"), ("api.shop.com.au", "shop.com.au"),
-        ("x.y.ne.jp", "y.ne.jp"),
-        # Otherwise two: a longer label, a 3-letter or generic top-level domain, digits.
-        ("hooks.example.de", "example.de"), ("a.b.example.io", "example.io"),
-        ("hooks.abc.com", "abc.com"), ("a.co.com", "co.com"), ("a.b1.uk", "b1.uk"), ("a.bb.u1", "bb.u1"),
-        # The approximation's known miss: a short name under a country code is split further.
-        ("hooks.abc.de", "hooks.abc.de"),
-        # Names of one or two labels, including ones the system resolver reads as addresses.
-        ("localhost", "localhost"), ("co.uk", "co.uk"), ("2130706433", "2130706433"), ("127.1", "127.1"),
+        ("x.y.ne.jp", "y.ne.jp"), ("hooks.example.de", "example.de"), ("hooks.abc.de", "abc.de"),
+        # One owner, one cap: a.abc.io and b.abc.io are one domain.
+        ("a.abc.io", "abc.io"), ("b.abc.io", "abc.io"), ("a.b.example.io", "example.io"), ("hooks.abc.com", "abc.com"),
+        # Tenants of a hosting suffix (the list's private section) each own their name.
+        ("t1.herokuapp.com", "t1.herokuapp.com"), ("hooks.t2.herokuapp.com", "t2.herokuapp.com"),
+        ("bucket.s3.amazonaws.com", "bucket.s3.amazonaws.com"), ("a.co.com", "a.co.com"),
+        # A public suffix, or a name with none, is its own domain.
+        ("co.uk", "co.uk"), ("s3.amazonaws.com", "s3.amazonaws.com"), ("localhost", "localhost"),
+        ("2130706433", "2130706433"), ("127.1", "127.1"),
         # IP literals (never resolved) are their own domain.
         ("10.1.2.3", "10.1.2.3"), ("[2001:db8::1]", "2001:db8::1"),
     ],
 )
-def test_the_registrable_domain_is_approximated_without_a_suffix_list(host: str, domain: str) -> None:
+def test_the_registrable_domain_is_read_from_the_public_suffix_list(host: str, domain: str) -> None:
+    """Fault: domains were grouped by their last labels, so ``a.abc.io`` and ``b.abc.io``
+    got a cap each while every tenant under ``*.amazonaws.com`` shared one."""
     assert registrable_domain(host) == domain
+
+
+def test_the_public_suffix_list_is_never_fetched() -> None:
+    """The list is the one installed with the package: loading it, in a fresh process
+    where every connection is refused, opens none."""
+    program = (
+        "import socket\n"
+        "def refuse(*a, **k): raise SystemExit('a connection was opened to read the public suffix list')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "from gateway.delivery import registrable_domain\n"
+        "print(registrable_domain('fresh.name.example.org'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "example.org", done.stderr

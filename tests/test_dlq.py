@@ -40,7 +40,7 @@ def test_dead_letters_listed_filtered_counted_and_replayed(
     a = register(topics, receiver.url("/a"))
     b = register(topics, receiver.url("/b"), events=("MESSAGE",))
     c = register(topics, receiver.url("/c"), events=("TICKET",))
-    worker_factory(topics.replace(circuit_failures=1000))  # every attempt reaches the 503s
+    worker_factory(topics.replace(circuit_failures=1000, circuit_failure_rate=0.0))  # every attempt reaches the 503s
     messages = [dict(documented()[0], messageId=str(uuid.uuid4())) for _ in range(30)]
     tickets = [dict(documented()[2], customerName=f"c{i}") for i in range(20)]
     ids = publish(topics, messages + tickets)

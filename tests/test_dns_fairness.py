@@ -28,11 +28,12 @@ from gateway.delivery import (
     LOOKUPS_PER_DOMAIN,
     RESOLVER_THREADS,
     Address,
+    Deferral,
     DestinationPolicy,
     Sender,
 )
-from gateway.errors import BlockedDestination
-from gateway.records import Attempt, Endpoint
+from gateway.errors import BlockedDestination, LookupQueued
+from gateway.records import Attempt, DeferReason, Endpoint
 from gateway.signing import new_secret
 
 from .fakes import attempted
@@ -134,7 +135,7 @@ def config() -> Config:
 class Sends:
     healthy: Attempt
     healthy_seconds: float
-    hanging: list[Attempt]
+    hanging: list[Attempt | Deferral]
 
 
 def hang_and_send_healthy(dns: Dns, hanging_hosts: list[str]) -> Sends:
@@ -156,7 +157,7 @@ def hang_and_send_healthy(dns: Dns, hanging_hosts: list[str]) -> Sends:
             healthy = attempted(await sender.send(endpoint(f"http://ok.fast.test:{port}/hook"), str(uuid.uuid4()),
                                              b"{}", "events"))
             seconds = time.perf_counter() - started
-            return Sends(healthy, seconds, [attempted(r) for r in await asyncio.gather(*hanging)])
+            return Sends(healthy, seconds, list(await asyncio.gather(*hanging)))
         finally:
             dns.release_all()
             await sender.aclose()
@@ -165,12 +166,19 @@ def hang_and_send_healthy(dns: Dns, hanging_hosts: list[str]) -> Sends:
         return asyncio.run(go(server.port))
 
 
-def assert_healthy_unharmed(outcome: Sends, hanging: int) -> None:
+def assert_healthy_unharmed(outcome: Sends, looked_up: int, queued: int) -> None:
+    """The healthy name is answered at once; of the hanging ones, those whose lookup ran
+    (on their domain's share of threads) time out as attempts, and those whose lookup
+    waited for its domain's turn past the wait are deferred: a local wait is not an
+    attempt."""
     healthy = outcome.healthy
     # Queued behind the hanging lookups, it would time out at the 1 s deadline.
     assert healthy.status == 204 and healthy.succeeded, healthy
     assert outcome.healthy_seconds < DEADLINE / 2, outcome.healthy_seconds
-    assert [a.error for a in outcome.hanging] == [f"timeout after {DEADLINE:g} s"] * hanging
+    attempts = [r for r in outcome.hanging if isinstance(r, Attempt)]
+    deferred = [r for r in outcome.hanging if isinstance(r, Deferral)]
+    assert [a.error for a in attempts] == [f"timeout after {DEADLINE:g} s"] * looked_up
+    assert [d.reason for d in deferred] == [DeferReason.DNS] * queued
 
 
 def test_thirty_two_hanging_names_on_one_domain_leave_a_healthy_name_its_lookup(dns: Dns) -> None:
@@ -178,7 +186,7 @@ def test_thirty_two_hanging_names_on_one_domain_leave_a_healthy_name_its_lookup(
     so every other endpoint's new connections timed out."""
     hosts = [f"hang-{i}.slow.test" for i in range(32)]
     outcome = hang_and_send_healthy(dns, hosts)
-    assert_healthy_unharmed(outcome, 32)
+    assert_healthy_unharmed(outcome, looked_up=LOOKUPS_PER_DOMAIN, queued=32 - LOOKUPS_PER_DOMAIN)
     assert dns.most_blocked == LOOKUPS_PER_DOMAIN  # 4 threads, not 32
     # The 28 that waited their turn (holding no thread) were looked up once released,
     # each once, though every send that asked had given up by then.
@@ -193,7 +201,7 @@ def test_hanging_names_over_eight_domains_leave_a_ninth_its_lookup(dns: Dns) -> 
     they hold 32 threads, half the pool."""
     hosts = [f"hang-{i}.slow{i % 8}.test" for i in range(32)]
     outcome = hang_and_send_healthy(dns, hosts)
-    assert_healthy_unharmed(outcome, 32)
+    assert_healthy_unharmed(outcome, looked_up=32, queued=0)
     assert dns.most_blocked == 32
 
 
@@ -205,7 +213,7 @@ def test_hanging_dns_on_fifteen_domains_leaves_a_healthy_name_a_thread(dns: Dns)
     domains = RESOLVER_THREADS // cap - 1
     hosts = [f"hang-{i}.slow{i % domains}.test" for i in range(domains * (cap + 2))]
     outcome = hang_and_send_healthy(dns, hosts)
-    assert_healthy_unharmed(outcome, len(hosts))
+    assert_healthy_unharmed(outcome, looked_up=domains * cap, queued=domains * 2)
     assert dns.most_blocked == domains * cap
 
 
@@ -267,9 +275,9 @@ def test_a_waiting_lookup_is_shared_and_each_request_keeps_its_own_deadline(dns:
 
 
 def test_the_names_waiting_per_domain_are_bounded(dns: Dns) -> None:
-    """Beyond DOMAIN_QUEUE_LIMIT distinct names waiting on one domain, a lookup fails at
-    once with a connection error (the attempt is retried later) instead of growing the
-    queue; a name already waiting is still shared, and other domains are unaffected."""
+    """Beyond DOMAIN_QUEUE_LIMIT distinct names waiting on one domain, a lookup is refused
+    at once (LookupQueued: the delivery is deferred, no attempt spent) instead of growing
+    the queue; a name already waiting is still shared, and other domains are unaffected."""
     cap, limit = LOOKUPS_PER_DOMAIN, DOMAIN_QUEUE_LIMIT
     hosts = [f"hang-{i}.slow.test" for i in range(cap + limit)]
 
@@ -278,11 +286,10 @@ def test_the_names_waiting_per_domain_are_bounded(dns: Dns) -> None:
         tasks = fill(policy, hosts)
         await until(lambda: dns.blocked == cap)
         started = time.perf_counter()
-        with pytest.raises(httpx.ConnectError) as refused:
+        with pytest.raises(LookupQueued) as refused:
             await policy.addresses("hang-one-too-many.slow.test", 80)
         assert time.perf_counter() - started < 0.1
-        assert str(refused.value).startswith(
-            "cannot resolve hang-one-too-many.slow.test: the resolver queue for slow.test is full")
+        assert str(refused.value).startswith("the resolver queue for slow.test is full")
         again = asyncio.create_task(policy.addresses(hosts[-1], 80))  # waiting already: shared
         assert await policy.addresses("ok.fast.test", 80) == [LOOPBACK_ADDRESS]
         assert not again.done()

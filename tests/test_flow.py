@@ -14,7 +14,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import Config
-from gateway.delivery import Admission, CircuitBreaker, Deferral, Sender, TokenBucket, breaker_verdict, deferral_rung
+from gateway.delivery import (
+    Admission,
+    CircuitBreaker,
+    Deferral,
+    ReturnSchedule,
+    Sender,
+    TokenBucket,
+    breaker_verdict,
+    deferral_rung,
+)
 from gateway.records import Attempt, CircuitState, DeferReason, Delivery, Endpoint, Outcome
 from gateway.signing import new_secret
 
@@ -72,6 +81,22 @@ def test_consecutive_failures_open_the_circuit_and_a_success_resets_the_count() 
     assert change is not None and change.state is CircuitState.OPEN and change.failures == 3
     assert change.reopen_in is not None and 5 <= change.reopen_in <= 15  # 10 s, jittered ±50%
     assert b.admit(5.1) is Admission.REJECT
+
+
+def test_an_endpoint_failing_half_its_requests_opens_the_circuit_too() -> None:
+    """Failing one request in two never makes five consecutive failures; over the last 20
+    requests, half failed opens the circuit as well (GATEWAY_CIRCUIT_FAILURE_RATE)."""
+    b = CircuitBreaker(5, open_for=10.0, max_open=60.0, failure_rate=0.5, window=20, rng=random.Random(1))
+    changes = [b.record(FAIL if n % 2 else OK, n) for n in range(19)]
+    assert changes == [None] * 19 and b.state is CircuitState.CLOSED  # 9 of 19: not yet
+    opened = b.record(FAIL, 19)  # 10 of the last 20
+    assert opened is not None and opened.state is CircuitState.OPEN and opened.failures == 1
+    assert opened.why == "10 of the last 20 requests failed"
+    quiet = CircuitBreaker(5, open_for=10.0, max_open=60.0, failure_rate=0.0, window=20)
+    assert [quiet.record(FAIL if n % 2 else OK, n) for n in range(100)] == [None] * 100
+    # One failure in three is under the rate: closed.
+    calm = CircuitBreaker(5, open_for=10.0, max_open=60.0, failure_rate=0.5, window=20)
+    assert all(calm.record(FAIL if n % 3 == 0 else OK, n) is None for n in range(200))
 
 
 def test_after_the_open_period_one_probe_goes_and_a_2xx_closes_the_circuit() -> None:
@@ -132,9 +157,36 @@ def test_probes_of_many_processes_spread_out() -> None:
 # -- the deferral ladder and the log ---------------------------------------------------------
 
 
-def test_a_delivery_deferred_again_and_again_climbs_the_ladder() -> None:
-    assert [deferral_rung(n, 3) for n in range(1, 12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
-    assert deferral_rung(5, 1) == 0
+def test_the_rung_is_chosen_by_the_expected_wait() -> None:
+    delays = [5, 60, 600]
+    assert [deferral_rung(w, delays) for w in (0.3, 4.9, 5, 59, 60, 599, 600, 4000)] == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert deferral_rung(1000, [5]) == 0
+
+
+def test_deferred_deliveries_come_back_paced_oldest_first_after_what_is_in_hand() -> None:
+    """Fault: deferred deliveries came back at fixed delays, as a wave the endpoint could
+    take one share of. Now the n-th deferred for an endpoint serving ``pace`` a second,
+    with ``in_hand`` already in flight or waiting, comes back (in_hand + n) / pace later,
+    with at most one slot of jitter, never before the one deferred before it."""
+    schedule = ReturnSchedule(random.Random(7))
+    waits = [schedule.slot(100.0, in_hand=50, pace=25.0) for _ in range(100)]
+    assert waits == sorted(waits)  # oldest first
+    for n, wait in enumerate(waits):
+        assert (50 + n) / 25 <= wait <= (50 + n + 1) / 25
+    # Later deferrals queue behind the earlier ones, whatever is in hand by then.
+    later = schedule.slot(101.0, in_hand=0, pace=25.0)
+    assert 101.0 + later >= 100.0 + waits[-1]
+
+
+@given(pace=st.floats(0.1, 10_000), in_hand=st.integers(0, 10_000), n=st.integers(1, 200),
+       seed=st.integers(0, 1000))
+def test_return_slots_never_bunch_up(pace: float, in_hand: int, n: int, seed: int) -> None:
+    """However many are deferred at once, they come back spread at the endpoint's pace: at
+    most about one per slot, so none is deferred again for a wave."""
+    schedule = ReturnSchedule(random.Random(seed))
+    waits = sorted(schedule.slot(0.0, in_hand, pace) for _ in range(n))
+    assert waits[0] >= in_hand / pace
+    assert waits[-1] - waits[0] >= (n - 2) / pace * 0.999
 
 
 def test_a_run_of_deferrals_keeps_one_line_and_spends_no_attempt() -> None:
@@ -168,35 +220,63 @@ def _config(**changes: object) -> Config:
     return Config(allow_private_networks=True, request_timeout=5.0).replace(**changes)
 
 
-def test_a_slow_endpoints_share_is_what_it_serves_within_the_wait() -> None:
-    """2 connections, 0.5 s answers, 1 s wait: about 4 may wait (what 2 connections serve
-    in 1 s); of 20 sent at once, the rest are deferred at once, never sent."""
-    def slow(conn: Conn, request: bytes) -> bool:
-        conn.wait(0.5)
-        return respond(204)(conn, request)
+def _slow(conn: Conn, request: bytes) -> bool:
+    conn.wait(0.2)
+    return respond(204)(conn, request)
 
-    async def go(url: str) -> tuple[list[Attempt | Deferral], float]:
-        sender = Sender(_config(endpoint_concurrency=2, endpoint_wait=1.0, endpoint_queue=100))
+
+def test_a_lone_endpoint_may_use_the_whole_budget_and_nothing_is_deferred() -> None:
+    """Fault: an endpoint's share was fixed (what it served within the wait, at most
+    GATEWAY_ENDPOINT_QUEUE), so a burst to one endpoint with nobody else waiting was
+    mostly deferred (40,553 deferrals for 30,000 events). Work-conserving now: while no
+    other work is short of room, a slow endpoint's burst waits for its connections."""
+    async def go(url: str) -> list[Attempt | Deferral]:
+        sender = Sender(_config(endpoint_concurrency=2, endpoint_wait=0.3), contended=lambda: False)
         target = endpoint(url)
         try:
-            # one first, so the pool knows the endpoint's pace
-            first = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
-            started = time.perf_counter()
-            rest = await asyncio.gather(*(sender.send(target, str(uuid.uuid4()), b"{}", "events")
-                                          for _ in range(20)))
-            return [first, *rest], time.perf_counter() - started
+            return list(await asyncio.gather(*(sender.send(target, str(uuid.uuid4()), b"{}", "events")
+                                               for _ in range(12))))
         finally:
             await sender.aclose()
 
-    with RawServer(slow) as server:
-        results, seconds = asyncio.run(go(server.url()))
+    with RawServer(_slow) as server:
+        results = asyncio.run(go(server.url()))
+        assert len(server.requests) == 12
+    assert all(isinstance(r, Attempt) and r.succeeded for r in results), results
+
+
+def test_while_others_wait_a_slow_endpoint_keeps_its_share_and_the_rest_come_back_paced() -> None:
+    """2 connections, 0.2 s answers (10 a second), a 0.3 s wait, a budget of 10: with
+    others short of room, the endpoint keeps what it serves within the wait or its fair
+    share (10 // 2 = 5, beside its 2 in flight: 3), whichever is more; the rest are
+    deferred at once, never sent, each to come back later than the one before."""
+    async def go(url: str) -> list[Attempt | Deferral]:
+        sender = Sender(_config(endpoint_concurrency=2, endpoint_wait=0.3, concurrency=10), contended=lambda: True)
+        target = endpoint(url)
+        try:
+            # one first, so the pool knows the endpoint's pace, and a tick judges shares
+            first = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
+            await asyncio.sleep(0.3)
+            assert sender.fair_share == 10 // 1  # nobody holds records: one share beside the waiting
+            rest = await asyncio.gather(*(sender.send(target, str(uuid.uuid4()), b"{}", "events")
+                                          for _ in range(20)))
+            return [first, *rest]
+        finally:
+            await sender.aclose()
+
+    with RawServer(_slow) as server:
+        results = asyncio.run(go(server.url()))
+        requests = len(server.requests)
     sent = [r for r in results if isinstance(r, Attempt)]
     deferred = [r for r in results if isinstance(r, Deferral)]
-    assert all(a.succeeded for a in sent)
-    assert 3 <= len(sent) <= 8 and len(deferred) == 21 - len(sent), (len(sent), len(deferred))
+    assert all(a.succeeded for a in sent) and requests == len(sent)
+    # 2 in flight and 10 - 2 = 8 waiting at most (its share), before the tick shrinks it
+    assert 4 <= len(sent) <= 11 and len(deferred) == 21 - len(sent), (len(sent), len(deferred))
     assert {d.reason for d in deferred} <= {DeferReason.SHARE, DeferReason.BUSY}
-    assert len(server.requests) == len(sent)
-    assert seconds < 4, seconds
+    shares = [d.after for d in deferred if d.reason is DeferReason.SHARE and d.after is not None]
+    assert len(shares) == sum(1 for d in deferred if d.reason is DeferReason.SHARE) > 0
+    assert shares == sorted(shares), shares  # oldest first
+    assert shares[0] >= 0.2  # behind what the endpoint has in hand
 
 
 def test_an_endpoints_rate_limit_and_max_in_flight_are_kept() -> None:
@@ -278,3 +358,94 @@ def test_a_probe_answered_2xx_closes_the_circuit() -> None:
         outcomes = asyncio.run(go(server.url()))
     assert outcomes == [Outcome.HTTP_ERROR, Outcome.HTTP_ERROR, Outcome.CIRCUIT_OPEN,
                         Outcome.SUCCESS, Outcome.SUCCESS, Outcome.SUCCESS]
+
+
+def test_an_open_circuit_defers_a_deliverys_last_attempt_until_the_next_probe() -> None:
+    """Fault: an open circuit spent every attempt without a request, the last one too, so
+    a delivery could be dead-lettered after the receiver had recovered without ever being
+    sent again. Now the last attempt always makes a request: refused by the circuit, it
+    is deferred (no attempt spent) until about when the next probe may go."""
+    async def go(url: str) -> list[Attempt | Deferral]:
+        sender = Sender(_config(circuit_failures=2, circuit_open_seconds=30.0))
+        target = endpoint(url)
+        try:
+            return [await sender.send(target, str(uuid.uuid4()), b"{}", "retry-15m", last=last)
+                    for last in (False, False, False, True)]
+        finally:
+            await sender.aclose()
+
+    with RawServer(respond(503)) as server:
+        results = asyncio.run(go(server.url()))
+        assert len(server.requests) == 2
+    failed, opened, refused, last = results
+    assert isinstance(failed, Attempt) and isinstance(opened, Attempt) and opened.status == 503
+    assert isinstance(refused, Attempt) and refused.outcome is Outcome.CIRCUIT_OPEN
+    assert isinstance(last, Deferral) and last.reason is DeferReason.PROBE
+    assert last.after is not None and 15 <= last.after <= 45  # the open period, jittered
+
+
+def test_a_delivery_refused_by_the_circuit_never_withdraws_another_deliverys_probe() -> None:
+    """Fault: a delivery admitted while the circuit was closed, finding it half-open with a
+    probe in flight once it had waited (here for its rate limit's slot), withdrew that
+    probe as if it were its own: the next delivery probed too, two at once. Now it is
+    refused and the probe stays the one in flight."""
+    answers = iter([503, 204, 204, 204])
+
+    def handler(conn: Conn, request: bytes) -> bool:
+        return respond(next(answers))(conn, request)
+
+    async def go(url: str) -> tuple[list[Attempt | Deferral], int]:
+        sender = Sender(_config(circuit_failures=1, circuit_open_seconds=0.05, endpoint_wait=5.0))
+        target = endpoint(url, rate_limit=1.0, max_in_flight=2)
+
+        def send() -> asyncio.Task[Attempt | Deferral]:
+            return asyncio.ensure_future(sender.send(target, str(uuid.uuid4()), b"{}", "events"))
+
+        try:
+            first, waiting = send(), send()  # the second waits a second for its slot
+            failed = await first
+            assert sender.circuit_counts()[CircuitState.OPEN] == 1
+            await asyncio.sleep(0.1)  # past the open period (0.05 s, at most +50%)
+            probe = send()  # half-open: this one probes (after its own slot, 2 s in)
+            refused = await waiting  # wakes 1 s in, finds the probe in flight
+            during = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
+            probed = await probe
+            return [failed, refused, during, probed], sender.circuit_counts()[CircuitState.CLOSED]
+        finally:
+            await sender.aclose()
+
+    with RawServer(handler) as server:
+        (failed, refused, during, probed), closed = asyncio.run(go(server.url()))
+        requests = len(server.requests)
+    assert isinstance(failed, Attempt) and failed.status == 503
+    assert isinstance(refused, Attempt) and refused.outcome is Outcome.CIRCUIT_OPEN
+    assert isinstance(during, Attempt) and during.outcome is Outcome.CIRCUIT_OPEN, during
+    assert isinstance(probed, Attempt) and probed.succeeded and closed == 1
+    assert requests == 2  # the failure and the one probe
+
+
+def test_a_removed_endpoint_is_forgotten_with_its_open_circuit_and_its_secrets() -> None:
+    """Fault: the sender remembered an endpoint whose circuit was open for as long as the
+    process ran, removed or not (its gauge stayed raised), and every signing secret it had
+    ever seen. Now a removed endpoint's pool, circuit and keys go at the next reap, and a
+    registered one with an open circuit is kept."""
+    registered: set[str] = set()
+
+    async def go(url: str) -> tuple[int, int, int, int]:
+        sender = Sender(_config(circuit_failures=1, circuit_open_seconds=60.0), keepalive_expiry=0.2,
+                        registered=registered.__contains__)
+        kept, removed = endpoint(url), endpoint(url)
+        registered.update((kept.id, removed.id))
+        try:
+            for target in (kept, removed):
+                assert isinstance(await sender.send(target, str(uuid.uuid4()), b"{}", "events"), Attempt)
+            opened = sender.circuit_counts()[CircuitState.OPEN]
+            registered.discard(removed.id)
+            await asyncio.sleep(0.7)  # past a reap (every keep-alive expiry, 0.2 s)
+            return opened, sender.circuit_counts()[CircuitState.OPEN], sender.known_endpoints, len(registered)
+        finally:
+            await sender.aclose()
+
+    with RawServer(respond(503)) as server:
+        opened, still_open, known, _ = asyncio.run(go(server.url()))
+    assert (opened, still_open, known) == (2, 1, 1)

@@ -177,7 +177,7 @@ def test_deliveries_list_shows_successes_retries_and_dead_letters(
     # /flaky fails each event's first two attempts, then takes it.
     receiver.respond("/flaky", lambda request, seen: 500 if sum(
         r.event_id == request.event_id for r in receiver.at("/flaky")) <= 2 else 200)
-    worker_factory(topics.replace(circuit_failures=1000))  # every retry reaches /flaky
+    worker_factory(topics.replace(circuit_failures=1000, circuit_failure_rate=0.0))  # every retry reaches /flaky
     published = run_gateway(topics, "publish", str(EXAMPLES))
     assert published.returncode == 0, published.stderr
     first, *_ = ids = published.stdout.split()

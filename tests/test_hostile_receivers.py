@@ -470,7 +470,8 @@ class _Producer:
     def __init__(self) -> None:
         self.records: list[tuple[str, Any]] = []
 
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any) -> None:
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any, *,
+                   partition: int | None = None) -> None:
         self.records.append((topic, Codec().decode(value)[1]))
 
 
@@ -798,16 +799,19 @@ def test_an_endpoint_moved_mid_request_gets_its_request_answered_once() -> None:
         assert sorted(r.split(b" ")[1] for r in server.requests) == [b"/a", b"/b"]
 
 
-def test_waiting_for_a_busy_endpoints_connection_is_bounded_and_no_attempt() -> None:
-    """One connection, each answer 0.8 s, a 1 s local wait: the second request waits
-    0.8 s and is sent; the third would wait 1.6 s, so after 1 s it is deferred, without a
-    request and without spending an attempt (its delivery goes to a deferral topic)."""
+def test_a_busy_endpoints_waiters_wait_alone_and_are_deferred_only_while_others_need_room() -> None:
+    """One connection, each answer 0.8 s. Nobody else waiting: four deliveries wait their
+    turn and are all sent (fairness costs nothing alone). Others short of room (a budget
+    of 2): once the endpoint's pace is measured (1.25 a second, so one waiter is what it
+    serves within the 1 s local wait), the youngest waiter beyond that is deferred,
+    without a request and without spending an attempt, and told when to come back."""
     def slow(conn: Conn, request: bytes) -> bool:
         conn.wait(0.8)
         return respond(204)(conn, request)
 
-    async def three(url: str) -> list[tuple[Attempt | Deferral, float]]:
-        sender = Sender(config(endpoint_concurrency=1, endpoint_wait=1.0))
+    async def four(url: str, contended: bool) -> list[tuple[Attempt | Deferral, float]]:
+        sender = Sender(config(endpoint_concurrency=1, endpoint_wait=1.0, concurrency=2),
+                        contended=lambda: contended)
         target = endpoint(url)
         started = time.perf_counter()
 
@@ -816,18 +820,23 @@ def test_waiting_for_a_busy_endpoints_connection_is_bounded_and_no_attempt() -> 
             return attempt, time.perf_counter() - started
 
         try:
-            return list(await asyncio.gather(one(), one(), one()))
+            return list(await asyncio.gather(one(), one(), one(), one()))
         finally:
             await sender.aclose()
 
     with RawServer(slow) as server:
-        (first, _), (second, _), (third, at) = asyncio.run(three(server.url()))
-        assert isinstance(first, Attempt) and isinstance(second, Attempt)
-        assert first.status == 204 and second.status == 204, (first, second)
-        assert third == Deferral(DeferReason.BUSY, "its 1 connections stayed busy for 1 s")
-        assert 0.9 <= at < 3.0, at
+        alone = asyncio.run(four(server.url(), contended=False))
+        assert [a.status for a, _ in alone if isinstance(a, Attempt)] == [204] * 4, alone
+        assert len(server.requests) == 4
+
+    with RawServer(slow) as server:
+        (first, _), (second, _), (third, _), (fourth, at) = asyncio.run(four(server.url(), contended=True))
+        assert [a.status for a in (first, second, third) if isinstance(a, Attempt)] == [204] * 3
+        assert isinstance(fourth, Deferral) and fourth.reason is DeferReason.BUSY, fourth
+        assert fourth.after is not None and fourth.after > 0
+        assert at < 3.0, at  # shed, not sent after the others (3.2 s)
         time.sleep(0.3)
-        assert len(server.requests) == 2
+        assert len(server.requests) == 3
 
 
 def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:
@@ -872,11 +881,10 @@ def test_a_lane_handed_to_a_waiter_that_is_cancelled_meanwhile_is_not_lost() -> 
     from gateway.delivery import EndpointPool
 
     async def go() -> None:
-        loop = asyncio.get_running_loop()
         lanes = EndpointPool("http://127.0.0.1:9/hook", 1,
                        lambda: Connection(DestinationPolicy(allow_private=True), ssl.create_default_context()))
-        lane = await lanes.acquire(5)
-        waiting = asyncio.create_task(lanes.acquire(5))
+        lane = await lanes.acquire()
+        waiting = asyncio.create_task(lanes.acquire())
         await asyncio.sleep(0)
         assert lanes.waiting == 1
         lanes.release(lane)  # handed to the waiter ...
@@ -885,12 +893,12 @@ def test_a_lane_handed_to_a_waiter_that_is_cancelled_meanwhile_is_not_lost() -> 
             await waiting
         assert (lanes.idle, lanes.busy, lanes.waiting) == ([lane], 0, 0)
 
-        lane = await lanes.acquire(5)
-        expiring = asyncio.create_task(lanes.acquire(0.0))
+        lane = await lanes.acquire()
+        shed = asyncio.create_task(lanes.acquire())
         await asyncio.sleep(0)
-        lanes.expire(loop.time())
+        assert lanes.shed(0) == 1
         with pytest.raises(TimeoutError):
-            await expiring
+            await shed
         lanes.release(lane)
         assert (lanes.idle, lanes.busy, lanes.waiting) == ([lane], 0, 0)
 

@@ -314,7 +314,7 @@ def test_a_worker_with_its_budget_full_longer_than_max_poll_interval_stays_in_it
     delivered = [r.event_id for r in receiver.at("/hook")]
     assert sorted(delivered) == sorted(ids), "repeated or missing: the worker left its group"
     log = worker.text()
-    assert log.count("partitions assigned") == 1 and "partitions released" not in log, log[-3000:]
+    assert log.count('"partitions assigned" tier=events') == 1 and "partitions released" not in log, log[-3000:]
     assert "poll interval" not in log.lower(), log[-3000:]
     assert worker.terminate() == 0
 

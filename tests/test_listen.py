@@ -147,7 +147,8 @@ def test_listen_verifies_the_pipelines_webhooks_and_fails_on_demand(
                                 "--secret", secret)
             assert added.returncode == 0, added.stderr
             assert "warning" not in added.stderr  # the tests' config allows loopback, like `gateway up`
-        worker_factory(topics.replace(circuit_failures=1000))  # every retry reaches the listener
+        # Every retry reaches the listener: its circuit never opens.
+        worker_factory(topics.replace(circuit_failures=1000, circuit_failure_rate=0.0))
         published = run_gateway(topics, "publish", str(EXAMPLES))
         assert published.returncode == 0, published.stderr
         ids = published.stdout.split()

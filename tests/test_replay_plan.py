@@ -5,6 +5,7 @@ returns."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -73,6 +74,17 @@ def test_each_dead_letter_is_planned_skipped_or_refused_with_its_reason() -> Non
     assert "undecodable" in undecodable.message and "not a delivery" in undecodable.message
     assert "bad magic byte" in unreadable.message
     assert GONE in gone.message and "no longer registered" in gone.message
+
+
+def test_a_replay_starts_the_deliverys_deferral_state_over() -> None:
+    """Fault: a replay kept ``deferrals`` and ``deferred_since``, so a ``deferral_expired``
+    dead letter, replayed, was past the age limit again at its first deferral and expired
+    at once."""
+    expired = replace(delivery(KNOWN), deferrals=40, deferred_since=1)
+    [planned] = decide_replays([entry(0, expired, reason="deferral_expired")], topic="t",
+                               known_endpoints={KNOWN}, now_ms=7_200_000).planned
+    assert (planned.delivery.deferrals, planned.delivery.deferred_since) == (0, None)
+    assert planned.delivery.attempts == expired.attempts  # the log is kept
 
 
 def test_a_replay_to_another_endpoint_goes_there_or_is_refused_as_unknown() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,12 +18,33 @@ from hypothesis import strategies as st
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.delivery import BadRecord, Delivered, Dispatcher, GiveUp, Job, Pending, Retry, decide
+from gateway.delivery import (
+    BadRecord,
+    Deferral,
+    Delivered,
+    Dispatcher,
+    GiveUp,
+    Job,
+    Ownership,
+    Pending,
+    Retry,
+    decide,
+    first_delivery,
+)
 from gateway.errors import RegistryUnavailable
 from gateway.events import parse_event
 from gateway.observability import Health, Metrics
 from gateway.ops import new_endpoint
-from gateway.records import Attempt, DeadLetter, DeadLetterReason, Delivery, DeliveryAttempt, Endpoint, Outcome
+from gateway.records import (
+    Attempt,
+    DeadLetter,
+    DeadLetterReason,
+    DeferReason,
+    Delivery,
+    DeliveryAttempt,
+    Endpoint,
+    Outcome,
+)
 from gateway.store import EndpointTable, Topics
 from gateway.streaming import Capacity, ConsumerPump, PartitionState, Pause, Resume, TierWorker, fair_room
 
@@ -63,6 +86,44 @@ def test_a_record_not_due_holds_it_and_everything_after_it_in_order() -> None:
     assert [j.offset for j in state.release(clock.advance_ms(500))] == [2]
     assert state.resume_needed() and not state.resume_needed()
     assert state.wake_at is None
+
+
+def test_a_rung_holds_each_record_until_its_own_due_time_and_lets_sooner_ones_pass() -> None:
+    """A deferral rung's records come back each when its endpoint can take it: one due
+    later does not hold back the ones behind it that are due sooner, and the partition is
+    not paused until the bound; commits still stop at the first record not settled."""
+    clock = FakeClock()
+    state = PartitionState.by_due_time(TOPIC, 0, hold_limit=4)
+    now = clock.now_ms()
+    assert not state.receive(job(0, now + 60_000), now)
+    assert not state.receive(job(1, now + 2_000), now)
+    assert state.receive(job(2, now - 1), now)  # due: runs at once, past the held ones
+    assert not state.receive(job(3, now + 2_000), now)
+    assert not state.pause_needed() and state.wake_at == now + 2_000
+    assert state.settle(2) is None  # 0 and 1 are held: the position stays
+    assert state.release(clock.advance_ms(1_999)) == []
+    assert [j.offset for j in state.release(clock.advance_ms(1))] == [1, 3]
+    assert state.settle(1) is None and state.settle(3) is None
+    assert state.wake_at == now + 60_000
+    for offset in range(4, 8):
+        state.receive(job(offset, now + 120_000), clock.now_ms())
+    assert state.pause_needed() and state.holding == 5  # at the bound: fetch no more
+    assert [j.offset for j in state.release(clock.advance_ms(58_000))] == [0]
+    assert state.settle(0) == 4 and not state.resume_needed()  # 4 held, more than half the bound
+    released = state.release(clock.advance_ms(60_000))
+    assert [j.offset for j in released] == [4, 5, 6, 7] and state.resume_needed()
+
+
+def test_a_rung_waits_behind_a_record_whose_schema_is_not_known_yet() -> None:
+    clock = FakeClock()
+    state = PartitionState.by_due_time(TOPIC, 0)
+    now = clock.now_ms()
+    assert not state.receive(job(0, pending=7), now)
+    assert not state.receive(job(1, now - 1), now)  # due, but behind the one waiting for a schema
+    assert state.pause_needed() and state.wake_at is None
+    state.redecode(7, lambda j: job(j.offset, now + 5_000))
+    assert [j.offset for j in state.release(now)] == [1]
+    assert state.wake_at == now + 5_000 and state.resume_needed()
 
 
 def test_held_records_keep_the_committable_position() -> None:
@@ -589,9 +650,9 @@ def _event_message(doc: dict[str, Any]) -> FakeMessage:
     return FakeMessage("u.events", 0, 3, value)
 
 
-def _dispatcher(endpoints: list[Endpoint], answers: dict[str, int | BaseException]) -> tuple[
-        Dispatcher, RecordingProducer, ScriptedSender, Metrics]:
-    cfg = Config(topic_prefix="u", retry_delays=(1, 2))
+def _dispatcher(endpoints: list[Endpoint], answers: dict[str, int | BaseException | Deferral], *,
+                clock: FakeClock | None = None) -> tuple[Dispatcher, RecordingProducer, ScriptedSender, Metrics]:
+    cfg = Config(topic_prefix="u", retry_delays=(1, 2), defer_max_age=3600)
     table = EndpointTable()
     for e in endpoints:
         table.apply(e.id, e)
@@ -599,7 +660,7 @@ def _dispatcher(endpoints: list[Endpoint], answers: dict[str, int | BaseExceptio
     sender = ScriptedSender(answers)
     metrics = Metrics([t.name for t in Topics.from_config(cfg).tiers])
     dispatcher = Dispatcher(cfg, codec=Codec(), endpoints=table, sender=sender,  # type: ignore[arg-type]
-                            producer=producer, metrics=metrics)
+                            producer=producer, metrics=metrics, clock=clock or FakeClock())
     return dispatcher, producer, sender, metrics
 
 
@@ -665,6 +726,133 @@ def test_an_unusable_secret_dead_letters_that_endpoint_alone() -> None:
     assert dead.reason == "internal_error" and dead.delivery is not None
     assert dead.delivery.endpoint_id == bad.id
     assert "!!!" not in dead.detail  # never the secret
+
+
+def _deferred_message(dispatcher: Dispatcher, delivery: Delivery) -> FakeMessage:
+    rung = dispatcher.topics.deferral_tiers[0]
+    value = Codec().encode("gateway.Delivery", delivery.to_record(), topic=rung.topic)
+    return FakeMessage(rung.topic, 0, 9, value)
+
+
+def test_a_deferred_delivery_past_the_age_limit_when_it_comes_due_is_dead_lettered_unsent() -> None:
+    """Fault: the age limit was checked only when a delivery was deferred again, so one that
+    came due past it was attempted anyway (or deferred once more and then expired). Now a
+    delivery back from a deferral rung past GATEWAY_DEFER_MAX_AGE is dead-lettered as
+    deferral_expired without a request; one within it is attempted."""
+    clock = FakeClock()
+    endpoint = new_endpoint(bot_id=BOT, url="https://a.example/hook")
+    dispatcher, producer, sender, _ = _dispatcher([endpoint], {endpoint.id: 204}, clock=clock)
+    rung = dispatcher.topics.deferral_tiers[0]
+    event = parse_event(DOC)
+    old = replace(first_delivery(event, endpoint, event.json_body()), deferrals=7,
+                  deferred_since=clock.now_ms() - 3600_001, due_at=clock.now_ms())
+    asyncio.run(dispatcher.run(rung, dispatcher.prepare(rung, _deferred_message(dispatcher, old))))
+    assert sender.sent == []
+    dead = [DeadLetter.from_record(Codec().decode(v)[1]) for t, _, v, _ in producer.records if t == "u.dlq"]
+    assert [d.reason for d in dead] == [DeadLetterReason.DEFERRAL_EXPIRED]
+    young = replace(old, deferred_since=clock.now_ms() - 3599_000)
+    asyncio.run(dispatcher.run(rung, dispatcher.prepare(rung, _deferred_message(dispatcher, young))))
+    assert [e for e, _ in sender.sent] == [endpoint.id]
+
+
+def _written(producer: RecordingProducer, topic: str) -> list[Delivery]:
+    return [Delivery.from_record(Codec().decode(v)[1]) for t, _, v, _ in producer.records if t == topic]
+
+
+def test_a_deferred_delivery_is_due_when_its_endpoint_can_take_it_on_the_rung_of_that_wait() -> None:
+    """Fault: a deferred delivery came back after a fixed delay chosen by how often it had
+    been deferred (three times 5 s, then 1 m, then 10 m), whatever its endpoint could take.
+    Now it is due when the sender says the endpoint can take it (``after``), on the rung
+    of that wait, and never later than the age limit."""
+    clock = FakeClock()
+    endpoint = new_endpoint(bot_id=BOT, url="https://a.example/hook")
+    for after, rung in ((0.01, "deferred-5s"), (42.0, "deferred-5s"), (61.0, "deferred-1m"),
+                        (5000.0, "deferred-10m")):
+        deferral = Deferral(DeferReason.SHARE, "full while others wait", after)
+        dispatcher, producer, _, _ = _dispatcher([endpoint], {endpoint.id: deferral}, clock=clock)
+        tier = dispatcher.tiers[0]
+        asyncio.run(dispatcher.run(tier, dispatcher.prepare(tier, _event_message(DOC))))
+        [deferred] = _written(producer, f"u.{rung}")
+        wait = min(max(after, 0.25), 3600.0)  # at least a round trip; at most the age limit
+        assert deferred.due_at == clock.now_ms() + math.ceil(wait * 1000), (after, rung)
+        assert deferred.attempt == 0 and deferred.deferrals == 1
+
+
+def test_only_a_deliverys_last_attempt_is_told_it_is_the_last() -> None:
+    """The sender defers the last attempt rather than spend it on an open circuit: the
+    dispatcher says which attempt is the last (the one made from the last retry tier)."""
+    endpoint = new_endpoint(bot_id=BOT, url="https://a.example/hook")
+    dispatcher, _, sender, _ = _dispatcher([endpoint], {endpoint.id: 503})
+    event = parse_event(DOC)
+    delivery = first_delivery(event, endpoint, event.json_body())
+    for tier in dispatcher.tiers:
+        message = FakeMessage(tier.topic, 0, 1, Codec().encode("gateway.Delivery", delivery.to_record(),
+                                                                  topic=tier.topic))
+        if tier.is_events:
+            message = _event_message(DOC)
+        asyncio.run(dispatcher.run(tier, dispatcher.prepare(tier, message)))
+    assert sender.last == [False, False, True]
+
+
+def test_a_process_attempts_the_endpoints_it_owns_and_forwards_the_others_to_their_owner() -> None:
+    """One process owns an endpoint for the whole gateway (the partition of the deliveries
+    topic that holds it): an event fanned out to an endpoint owned elsewhere is forwarded
+    there, to the endpoint's partition, for the events tier's attempt; one owned here is
+    attempted here. On the deliveries topic a record is always attempted, for the tier its
+    header names: the owner attempts it."""
+    mine, theirs = (replace(new_endpoint(bot_id=BOT, url=f"https://{n}.example/hook"), id=f"endpoint-{n}")
+                    for n in "ab")
+    dispatcher, producer, sender, metrics = _dispatcher([mine, theirs], {mine.id: 204, theirs.id: 204})
+    ownership = Ownership(12)
+    ownership.gained([ownership.partition_of(mine.id)])
+    ownership.learned()
+    assert not ownership.owns(theirs.id)  # (their ids fall on different partitions)
+    dispatcher.ownership = ownership
+    events = dispatcher.tiers[0]
+    asyncio.run(dispatcher.run(events, dispatcher.prepare(events, _event_message(DOC))))
+    assert [e for e, _ in sender.sent] == [mine.id]
+    [forwarded] = _written(producer, "u.deliveries")
+    assert forwarded.endpoint_id == theirs.id and forwarded.attempt == 0 and forwarded.attempts == ()
+    index = [t for t, *_ in producer.records].index("u.deliveries")
+    assert producer.partitions[index] == ownership.partition_of(theirs.id)
+    headers = dict(producer.records[index][3])
+    assert headers["schedule-tier"] == b"events" and metrics.forwarded._value.get() == 1
+
+    owner_tier = dispatcher.topics.deliveries_tier
+    value = Codec().encode("gateway.Delivery", forwarded.to_record(), topic=owner_tier.topic)
+    message = FakeMessage(owner_tier.topic, ownership.partition_of(theirs.id), 4, value,
+                          headers_=[("schedule-tier", b"retry-1s")])
+    job = dispatcher.prepare(owner_tier, message)
+    assert job.due_at == 0 and job.schedule == "retry-1s"
+    asyncio.run(dispatcher.run(owner_tier, job))
+    assert [e for e, _ in sender.sent] == [mine.id, theirs.id]  # attempted, owned or not
+    [line] = [DeliveryAttempt.from_record(Codec().decode(v)[1]) for t, _, v, _ in producer.records
+              if t == "u.attempts" and DeliveryAttempt.from_record(Codec().decode(v)[1]).endpoint_id == theirs.id]
+    assert line.attempt.tier == "retry-1s"
+
+
+def test_a_starting_process_waits_to_learn_what_it_owns_before_forwarding() -> None:
+    """Until the deliveries topic's partitions are first assigned, a process cannot tell
+    its endpoints from another's: an event waits for the assignment instead of being
+    forwarded (a process restarting on a backlog would forward what it is about to own)."""
+    endpoint = replace(new_endpoint(bot_id=BOT, url="https://a.example/hook"), id="endpoint-a")
+    dispatcher, producer, sender, _ = _dispatcher([endpoint], {endpoint.id: 204})
+    ownership = Ownership(12)
+    dispatcher.ownership = ownership
+    events = dispatcher.tiers[0]
+
+    async def go() -> None:
+        running = asyncio.create_task(dispatcher.run(events, dispatcher.prepare(events, _event_message(DOC))))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not running.done() and sender.sent == [] and producer.records == []
+        ownership.gained(range(12))
+        ownership.learned()
+        await running
+
+    asyncio.run(go())
+    assert [e for e, _ in sender.sent] == [endpoint.id]
+    assert _written(producer, "u.deliveries") == []
 
 
 def test_decide_sends_a_failure_on_and_a_410_disables() -> None:

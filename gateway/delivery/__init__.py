@@ -24,30 +24,38 @@ from ._destinations import (
     Network,
     registrable_domain,
 )
-from ._dispatcher import BadRecord, Dispatcher, Job, Pending, RecordWriter
+from ._dispatcher import MIN_DEFERRAL, SCHEDULE_HEADER, BadRecord, Dispatcher, Job, Pending, RecordWriter
 from ._flow import (
+    FAILURE_WINDOW,
     Admission,
     CircuitBreaker,
     CircuitChange,
     Deferral,
+    ReturnSchedule,
     TokenBucket,
     breaker_verdict,
     deferral_rung,
 )
-from ._pool import USER_AGENT, EndpointPool
+from ._pool import UNTIMED_SECONDS, USER_AGENT, EndpointPool
 from ._retry import Decision, Delivered, GiveUp, Retry, Step, decide, first_delivery, is_due, next_step
-from ._sender import MAX_OPEN_SECONDS, SNIPPET_CHARS, Sender, Signing, parse_retry_after
+from ._routing import Ownership
+from ._sender import MAX_OPEN_SECONDS, MIN_PROBE_WAIT, SNIPPET_CHARS, Sender, Signing, parse_retry_after
 from ._transport import KEEPALIVE_EXPIRY, MAX_HEAD_BYTES, Answer, Connection, check_header, destination, head, head_of
 
 __all__ = [
     "BLOCKED_PREFIX",
     "DOMAIN_QUEUE_LIMIT",
+    "FAILURE_WINDOW",
     "KEEPALIVE_EXPIRY",
     "LOOKUPS_PER_DOMAIN",
     "MAX_HEAD_BYTES",
     "MAX_OPEN_SECONDS",
+    "MIN_DEFERRAL",
+    "MIN_PROBE_WAIT",
     "RESOLVER_THREADS",
+    "SCHEDULE_HEADER",
     "SNIPPET_CHARS",
+    "UNTIMED_SECONDS",
     "USER_AGENT",
     "Address",
     "Admission",
@@ -65,9 +73,11 @@ __all__ = [
     "GiveUp",
     "Job",
     "Network",
+    "Ownership",
     "Pending",
     "RecordWriter",
     "Retry",
+    "ReturnSchedule",
     "Sender",
     "Signing",
     "Step",

@@ -40,11 +40,10 @@ How names are resolved, so that one tenant's DNS cannot starve another's:
   the system (hosts file and DNS only, not the other name services ``nsswitch.conf``
   may list).
 
-The registrable domain is approximated without the public-suffix list: the last two
-labels, or three under a 2-letter country code when the label before it has 2 or 3
-letters (``bbc.co.uk``). Tenants on one hosting suffix (``*.herokuapp.com``) share a cap,
-which is harmless unless that suffix's DNS hangs; a short name under a country code
-(``ab.de``) gets a cap per subdomain, as if it were ``co.uk``.
+The registrable domain comes from the public suffix list, as bundled (and kept up to
+date) by the ``publicsuffixlist`` package, read offline: ``a.abc.io`` and ``b.abc.io`` share
+one cap, while tenants of a hosting suffix (``t1.herokuapp.com``, ``x.s3.amazonaws.com``)
+each get their own.
 """
 
 from __future__ import annotations
@@ -62,8 +61,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from publicsuffixlist import PublicSuffixList
 
-from ..errors import BlockedDestination
+from ..errors import BlockedDestination, LookupQueued
 
 __all__ = [
     "BLOCKED_PREFIX",
@@ -102,9 +102,13 @@ class DestinationPolicy:
     ``resolver_threads`` bounds the lookups in flight at once (:data:`RESOLVER_THREADS`)."""
 
     def __init__(self, *, allow_private: bool = False, allowed: Iterable[Network] = (),
-                 resolver_threads: int = RESOLVER_THREADS) -> None:
+                 resolver_threads: int = RESOLVER_THREADS, queue_wait: float | None = None) -> None:
         self.allow_private = allow_private
         self.allowed = tuple(allowed)
+        self.queue_wait = queue_wait
+        """Longest a request waits for its lookup to start, behind its domain's others
+        (then :class:`~gateway.errors.LookupQueued`: a local wait is not an attempt);
+        None: as long as the caller's own deadline."""
         self._resolver = _Resolver(resolver_threads)
 
     def refusal(self, address: Address) -> str | None:
@@ -155,8 +159,10 @@ class DestinationPolicy:
         addresses: a name that resolves to a public address when checked and to
         127.0.0.1 a moment later (DNS rebinding) cannot slip through, because nothing
         resolves it again. Raises :class:`BlockedDestination` if any address is refused,
-        ``httpx.ConnectError`` if the name does not resolve, or if
-        :data:`DOMAIN_QUEUE_LIMIT` names of its domain wait for a lookup already.
+        ``httpx.ConnectError`` if the name does not resolve, and
+        :class:`~gateway.errors.LookupQueued` if :data:`DOMAIN_QUEUE_LIMIT` names of its
+        domain wait for a lookup already, or if its lookup did not start within
+        :attr:`queue_wait`.
         """
         addresses = await self._resolve(host, port)
         for address in addresses:
@@ -170,8 +176,20 @@ class DestinationPolicy:
             return [ipaddress.ip_address(host.strip("[]"))]
         except ValueError:
             pass
+        resolver = self._resolver
         try:
-            infos = await _answer(self._resolver.lookup(host, port))
+            lookup = resolver.lookup(host, port)
+            if self.queue_wait is not None and resolver.queued(host, port):
+                try:
+                    async with asyncio.timeout(self.queue_wait):
+                        infos = await _answer(lookup)
+                except TimeoutError:
+                    if not resolver.queued(host, port):  # its turn came just now
+                        raise
+                    raise LookupQueued(f"the lookup of {host} waits behind other names of "
+                                       f"{registrable_domain(host)} for longer than {self.queue_wait:g} s") from None
+            else:
+                infos = await _answer(lookup)
         except (OSError, UnicodeError) as exc:  # a name IDNA cannot encode is one too
             raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from exc
         seen: dict[Address, None] = {}
@@ -207,24 +225,27 @@ def embedded_ipv4(address: Address) -> tuple[ipaddress.IPv4Address, ...]:
     return ()
 
 
+@functools.cache
+def _suffixes() -> PublicSuffixList:
+    """The public suffix list bundled with the ``publicsuffixlist`` package (its ICANN
+    and private sections): read from the installed package, never fetched at run time.
+    Loaded when first needed, not at import."""
+    return PublicSuffixList()
+
+
 def registrable_domain(host: str) -> str:
-    """The domain whose owner controls the DNS of ``host``, approximated without the
-    public-suffix list: the last two labels (``hooks.example.com``: ``example.com``), or
-    the last three when the last is a 2-letter country code and the one before it has 2
-    or 3 letters (``api.bbc.co.uk``: ``bbc.co.uk``). In lower case, without a final dot;
-    a name of one or two labels is its own domain, and so is an IP literal."""
+    """The domain whose owner controls the DNS of ``host``: by the public suffix list,
+    the public suffix and one label more (``hooks.example.com``: ``example.com``;
+    ``api.bbc.co.uk``: ``bbc.co.uk``; ``t1.herokuapp.com``: itself, since every tenant of
+    a hosting suffix owns its name). In lower case, without a final dot; a name that is
+    itself a public suffix (or none: ``localhost``) is its own domain, and so is an IP
+    literal."""
     name = host.strip("[]").rstrip(".").lower()
     try:
         return str(ipaddress.ip_address(name))
     except ValueError:
         pass
-    labels = name.split(".")
-    under_country_code = len(labels) >= 3 and _letters(labels[-1], 2, 2) and _letters(labels[-2], 2, 3)
-    return ".".join(labels[-3:] if under_country_code else labels[-2:])
-
-
-def _letters(label: str, shortest: int, longest: int) -> bool:
-    return label.isascii() and label.isalpha() and shortest <= len(label) <= longest
+    return _suffixes().privatesuffix(name) or name
 
 
 def _getaddrinfo(host: str, port: int) -> list[Any]:
@@ -282,8 +303,8 @@ class _Resolver:
             domain = self._domains.setdefault(name, _Domain())
             if domain.running >= LOOKUPS_PER_DOMAIN:
                 if len(domain.waiting) >= DOMAIN_QUEUE_LIMIT:
-                    raise OSError(f"the resolver queue for {name} is full: {len(domain.waiting)} names wait for "
-                                  f"its {domain.running} lookups in flight (its DNS answers slowly or not at all)")
+                    raise LookupQueued(f"the resolver queue for {name} is full: {len(domain.waiting)} names wait for "
+                                       f"its {domain.running} lookups in flight (its DNS answers slowly or not at all)")
                 lookup = self._lookups[key] = concurrent.futures.Future()
                 domain.waiting.append(key)
                 return lookup
@@ -292,6 +313,13 @@ class _Resolver:
             executor = self._pool_for_one_more()
         self._start(executor, key, lookup, name)
         return lookup
+
+    def queued(self, host: str, port: int) -> bool:
+        """Whether the lookup of (``host``, ``port``) waits for its domain's turn (not yet
+        started on a thread)."""
+        with self._lock:
+            domain = self._domains.get(registrable_domain(host))
+            return domain is not None and (host, port) in domain.waiting
 
     def _pool_for_one_more(self) -> concurrent.futures.ThreadPoolExecutor:
         """The pool, counting one more lookup in flight (under the lock)."""

@@ -22,7 +22,9 @@ or the sender is closed (shutdown): then the record stays unsettled and is read 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -50,11 +52,21 @@ from ..records import (
 from ..store import EndpointTable, Headers, Tier, Topics, dead_letter_headers, delivery_headers
 from ._flow import Deferral, deferral_rung
 from ._retry import Decision, Delivered, GiveUp, Retry, decide, first_delivery
+from ._routing import Ownership
 from ._sender import Sender
 
-__all__ = ["BadRecord", "Dispatcher", "Job", "Pending", "RecordWriter"]
+__all__ = ["MIN_DEFERRAL", "SCHEDULE_HEADER", "BadRecord", "Dispatcher", "Job", "Pending", "RecordWriter"]
 
 log = logging.getLogger("gateway.dispatcher")
+
+SCHEDULE_HEADER = "schedule-tier"
+OWNERSHIP_WAIT = 30.0
+"""Longest a record waits, when a process starts, to learn which endpoints it owns
+(seconds); after it, records of endpoints not known to be owned here are forwarded."""
+"""The header naming, on the deliveries topic, whose attempt a forwarded delivery makes."""
+
+MIN_DEFERRAL = 0.25
+"""Shortest a deferred delivery stays away (seconds): a Kafka round trip is not free."""
 
 _EVENT_SCHEMAS = frozenset(SCHEMA_NAMES.values())
 _KEPT_BYTES = 64 * 1024
@@ -64,7 +76,8 @@ class RecordWriter(Protocol):
     """Where the dispatcher's records go: returns once the broker acknowledged one
     (:class:`~gateway.store.AckedProducer`)."""
 
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None: ...
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers, *,
+                   partition: int | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +103,9 @@ class Job:
     """The confluent_kafka Message."""
     content: Event | Delivery | BadRecord | Pending
     due_at: int
+    schedule: str | None = None
+    """On the deliveries topic: the tier whose attempt the delivery makes (its record's
+    ``schedule-tier`` header)."""
 
     @property
     def offset(self) -> int:
@@ -114,9 +130,13 @@ class Dispatcher:
         producer: RecordWriter,
         metrics: Metrics,
         clock: Clock = SYSTEM,
+        ownership: Ownership | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.ownership = ownership
+        """Which endpoints this process attempts itself (the others' deliveries go to their
+        owner); None: every one (no other process attempts)."""
         self.topics = Topics.from_config(config)
         self.tiers = self.topics.tiers
         self.codec = codec
@@ -157,6 +177,8 @@ class Dispatcher:
             if name != DELIVERY_SCHEMA:
                 raise DecodeError(f"a {name} record on a retry tier, not a delivery")
             delivery = Delivery.from_record(record)
+            if tier.owner:  # forwarded when due: due now, for the attempt its header names
+                return Job(message, delivery, 0, _header(message, SCHEDULE_HEADER))
             return Job(message, delivery, delivery.due_at)
         except SchemaPending as pending:
             return Job(message, Pending(pending.schema_id), 0)
@@ -200,11 +222,11 @@ class Dispatcher:
             return
         body = event.json_body()
         if len(targets) == 1:
-            await self._attempt(tier, job, event, targets[0], body)
+            await self._attempt_or_forward(tier, tier, job, event, targets[0], body)
             return
         # Every attempt is waited for, whatever another one does: the record is settled
         # only when all of them are.
-        results = await asyncio.gather(*(self._attempt(tier, job, event, e, body) for e in targets),
+        results = await asyncio.gather(*(self._attempt_or_forward(tier, tier, job, event, e, body) for e in targets),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -219,21 +241,55 @@ class Dispatcher:
         elif not endpoint.enabled:
             await self._dead_letter(job, delivery, DeadLetterReason.ENDPOINT_DISABLED,
                                     f"endpoint {delivery.endpoint_id} is disabled", bound)
+        elif tier.deferral and self._expired(delivery) is not None:
+            await self._expire(job, delivery, endpoint, self._schedule_tier(tier, job, delivery), bound)
         else:
-            await self._attempt(self._schedule_tier(tier, delivery), job, delivery, endpoint,
-                                delivery.payload.encode())
+            await self._attempt_or_forward(tier, self._schedule_tier(tier, job, delivery), job, delivery, endpoint,
+                                           delivery.payload.encode())
 
-    def _schedule_tier(self, tier: Tier, delivery: Delivery) -> Tier:
-        """Whose attempt a delivery makes: its tier's, or, back from a deferral rung, the
-        tier whose attempt was put off (its log's last entry says which)."""
-        if not tier.deferral:
+    def _schedule_tier(self, tier: Tier, job: Job, delivery: Delivery) -> Tier:
+        """Whose attempt a delivery makes: its tier's; on the deliveries topic, the tier its
+        record names; back from a deferral rung, the tier whose attempt was put off (its
+        log's last entry says which)."""
+        if not tier.routes:
             return tier
+        names = [job.schedule] if job.schedule is not None else []
         last = delivery.last_attempt
         if last is not None:
+            names.append(last.tier)
+        for name in names:
             for schedule in self.tiers:
-                if schedule.name == last.tier:
+                if schedule.name == name:
                     return schedule
         return self.tiers[min(delivery.attempt, len(self.tiers) - 1)]
+
+    async def _attempt_or_forward(self, tier: Tier, schedule: Tier, job: Job, source: Event | Delivery,
+                                  endpoint: Endpoint, body: bytes) -> None:
+        """Attempt here when this process owns the endpoint (records of the deliveries
+        topic always: their partition is this process's), else forward the delivery to
+        its owner."""
+        ownership = self.ownership
+        if not (tier.owner or ownership is None or ownership.known):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OWNERSHIP_WAIT):
+                    await ownership.wait_known()
+        if tier.owner or ownership is None or ownership.owns(endpoint.id):
+            await self._attempt(schedule, job, source, endpoint, body)
+        else:
+            await self._forward(schedule, job, source, endpoint, body)
+
+    async def _forward(self, schedule: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint,
+                       body: bytes) -> None:
+        """Send the delivery to the partition of the deliveries topic that owns its
+        endpoint, for the attempt of ``schedule``: not an attempt, no line in its log."""
+        assert self.ownership is not None
+        delivery = source if isinstance(source, Delivery) else first_delivery(source, endpoint, body)
+        topic = self.topics.deliveries
+        value = self.codec.encode(DELIVERY_SCHEMA, delivery.to_record(), topic=topic)
+        headers = [*delivery_headers(delivery, source=_source(job)), (SCHEDULE_HEADER, schedule.name.encode())]
+        await self.producer.send(topic, endpoint.id.encode(), value, headers,
+                                 partition=self.ownership.partition_of(endpoint.id))
+        self.metrics.forwarded.inc()
 
     async def _attempt(
         self, tier: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint, body: bytes
@@ -246,7 +302,8 @@ class Dispatcher:
         try:
             in_flight.inc()
             try:
-                attempt = await self.sender.send(endpoint, source.event_id, body, tier.name, log=bound)
+                attempt = await self.sender.send(endpoint, source.event_id, body, tier.name, log=bound,
+                                                 last=tier is self.tiers[-1])
             finally:
                 in_flight.dec()
             if isinstance(attempt, Deferral):
@@ -299,6 +356,28 @@ class Dispatcher:
             self._history(source, decision.endpoint, attempt, Next.dead(step.reason)),
         )
 
+    def _expired(self, delivery: Delivery) -> int | None:
+        """How long (ms) ``delivery`` has been deferred, when that is past the age limit
+        (GATEWAY_DEFER_MAX_AGE); None when it is not."""
+        if delivery.deferred_since is None:
+            return None
+        age = self.clock.now_ms() - delivery.deferred_since
+        return age if age > self.config.defer_max_age * 1000 else None
+
+    async def _expire(self, job: Job, delivery: Delivery, endpoint: Endpoint, tier: Tier, log: Log,
+                      last: str | None = None) -> None:
+        """Dead-letter a delivery deferred past the age limit (as ``deferral_expired``), with
+        no request made, and its line in the history."""
+        age = self._expired(delivery) or 0
+        entry = Attempt.unsent(self.clock.now_ms(), tier.name, Outcome.DEFERRED,
+                               f"deferred {delivery.deferrals} times over {age / 1000:.0f} s")
+        detail = (f"deferred {delivery.deferrals} times over {age / 1000:.0f} s, longer than "
+                  f"GATEWAY_DEFER_MAX_AGE ({self.config.defer_max_age} s)" + (f"; last: {last}" if last else ""))
+        await asyncio.gather(
+            self._dead_letter(job, delivery, DeadLetterReason.DEFERRAL_EXPIRED, detail, log),
+            self._history(delivery, endpoint, entry, Next.dead(DeadLetterReason.DEFERRAL_EXPIRED)),
+        )
+
     async def _defer(self, job: Job, tier: Tier, source: Event | Delivery, endpoint: Endpoint, body: bytes,
                      deferral: Deferral, log: Log) -> None:
         """The gateway's own limits put the delivery off: onto a deferral rung, its attempt
@@ -309,18 +388,19 @@ class Dispatcher:
         delivery = source if isinstance(source, Delivery) else first_delivery(source, endpoint, body)
         entry = Attempt(at=now, tier=tier.name, duration_ms=0.0, outcome=Outcome.DEFERRED,
                         error=f"deferred ({deferral.reason.value}): {deferral.detail}")
-        rungs = self.topics.deferral_tiers
-        rung = rungs[deferral_rung(delivery.deferrals + 1, len(rungs))]
-        deferred = delivery.deferred(entry, due_at=now + rung.delay * 1000)
+        wait = max(MIN_DEFERRAL, deferral.after if deferral.after is not None else MIN_DEFERRAL)
+        deferred = delivery.deferred(entry, due_at=now)
         assert deferred.deferred_since is not None
-        if now - deferred.deferred_since > self.config.defer_max_age * 1000:
-            detail = (f"deferred {deferred.deferrals} times over {(now - deferred.deferred_since) / 1000:.0f} s, "
-                      f"longer than GATEWAY_DEFER_MAX_AGE ({self.config.defer_max_age} s); last: {deferral.detail}")
-            await asyncio.gather(
-                self._dead_letter(job, deferred, DeadLetterReason.DEFERRAL_EXPIRED, detail, log),
-                self._history(source, endpoint, entry, Next.dead(DeadLetterReason.DEFERRAL_EXPIRED)),
-            )
+        if self._expired(deferred) is not None:
+            await self._expire(job, deferred, endpoint, tier, log, last=deferral.detail)
             return
+        # Back when the endpoint can take it, but no later than the age limit (it is then
+        # dead-lettered on time, not late).
+        left = (deferred.deferred_since + self.config.defer_max_age * 1000 - now) / 1000
+        wait = min(wait, max(left, 0.0))
+        rungs = self.topics.deferral_tiers
+        rung = rungs[deferral_rung(wait, [r.delay for r in rungs])]
+        deferred = replace(deferred, due_at=now + math.ceil(wait * 1000))
         value = self.codec.encode(DELIVERY_SCHEMA, deferred.to_record(), topic=rung.topic)
         await asyncio.gather(
             self.producer.send(rung.topic, deferred.endpoint_id.encode(), value,
@@ -393,6 +473,13 @@ class Dispatcher:
         value = self.codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic=self.topics.dlq)
         await self.producer.send(self.topics.dlq, key, value, dead_letter_headers(dead))
         self.metrics.dead_letters.labels(dead.reason.value).inc()
+
+
+def _header(message: Any, name: str) -> str | None:
+    for key, value in message.headers() or ():
+        if key == name and value is not None:
+            return bytes(value).decode(errors="replace")
+    return None
 
 
 def _source(job: Job) -> tuple[str, int, int]:

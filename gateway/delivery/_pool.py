@@ -1,44 +1,50 @@
 """Each endpoint's share of a process: its connections (the per-endpoint in-flight cap),
-the deliveries waiting for one, its rate limit and its circuit breaker.
+the deliveries waiting for one, its rate limit, its circuit breaker, and when the
+deliveries put off for it should come back.
 
 An :class:`EndpointPool` holds up to ``limit`` single-connection lanes
 (:class:`~gateway.delivery.Connection`, one keep-alive connection each): the
 endpoint's ``maxInFlight``, else ``GATEWAY_ENDPOINT_CONCURRENCY``. That is the cap on
-requests in flight to one endpoint from one process. Beyond it, a short queue of
-deliveries wait for a lane (``GATEWAY_ENDPOINT_QUEUE``, each for at most
-``GATEWAY_ENDPOINT_WAIT``; fewer for a slow endpoint: what it serves within the wait).
-So an endpoint's share of the process is bounded, however slow it is: :meth:`full` says
-when it is all in use, and the sender then defers the delivery (no attempt spent).
+requests in flight to one endpoint. Beyond it, deliveries wait for a lane, in order.
+
+How many may wait is work-conserving: while no other work is short of room in the
+process (the in-flight budget has room for every record fetched), an endpoint may have
+as many waiting as the budget holds, and none is deferred. When others are short of room
+(:meth:`full`, :meth:`shed`), an endpoint keeps what it serves within
+``GATEWAY_ENDPOINT_WAIT`` at its measured pace, or its fair share of the budget (the
+budget over the endpoints holding records, max-min), whichever is more; the rest of its
+waiters, the youngest first, are deferred (no attempt spent) and come back paced
+(:class:`~gateway.delivery.ReturnSchedule`), when the endpoint can take them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import deque
 from collections.abc import Callable
 
 import httpx
 
 from ..records import CircuitState, Endpoint
-from ._flow import CircuitBreaker, TokenBucket
+from ..signing import secret_key
+from ._flow import CircuitBreaker, ReturnSchedule, TokenBucket
 from ._transport import Connection, head_of
 
-__all__ = ["USER_AGENT", "EndpointPool"]
+__all__ = ["UNTIMED_SECONDS", "USER_AGENT", "EndpointPool"]
 
 USER_AGENT = "webhook-gateway/0.1"
+UNTIMED_SECONDS = 0.05
+"""What a request to an endpoint is taken to cost before one was timed (seconds)."""
 
 
 class EndpointPool:
     """One endpoint's lanes (single-connection, made as they are first needed), the
-    deliveries waiting for one, its rate limit and its circuit breaker.
-
-    Requests waiting for a lane queue in order. The wait is bounded without a timer per
-    request: :meth:`expire`, called a few times a second, fails the waiters whose time
-    is up (a timer per wait cost about 5% of a worker's CPU in a burst, where nearly
-    every request waits)."""
+    deliveries waiting for one, its rate limit, its circuit breaker and its return
+    schedule. Used from the event loop only."""
 
     def __init__(self, url: str, limit: int, make: Callable[[], Connection], *,
-                 queue_limit: int = 1_000_000, breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, rng: random.Random | None = None) -> None:
         self.url = url
         self.parsed = httpx.URL(url)  # parsed once, not per request
         # What every request to this endpoint starts with, up to the per-request headers.
@@ -48,33 +54,35 @@ class EndpointPool:
             (b"content-type", b"application/json"),
         ])[:-2]
         self.limit = limit
-        self.queue_limit = queue_limit
         self.service_seconds: float | None = None
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
         self.bucket: TokenBucket | None = None
+        self.returns = ReturnSchedule(rng)
+        """When the deliveries deferred for this endpoint come back."""
         self.make = make
         self.lanes: list[Connection] = []
         self.idle: list[Connection] = []
         """Most recently used last: reused first, so the others can expire."""
-        self._waiters: deque[tuple[asyncio.Future[Connection], float]] = deque()
-        """(future, loop time it expires), in the order they came."""
+        self._waiters: deque[asyncio.Future[Connection]] = deque()
+        """Waiting for a lane, oldest first."""
+        self._keys: tuple[tuple[str, ...], tuple[bytes, ...]] | None = None
         self.retired = False
         self.busy = 0
         self.waiting = 0
+        """Waiting for a lane or for the rate limit's slot."""
         self._closing: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, wait: float) -> Connection:
-        """An idle lane, a new one while under the limit, or the first to come free
-        within about ``wait`` seconds (else ``TimeoutError``, from :meth:`expire`)."""
+    async def acquire(self) -> Connection:
+        """An idle lane, a new one while under the limit, or the first to come free (else
+        ``TimeoutError`` when :meth:`shed` puts this waiter off)."""
         if self.idle:
             lane = self.idle.pop()
         elif len(self.lanes) < self.limit:
             lane = self.make()
             self.lanes.append(lane)
         else:
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[Connection] = loop.create_future()
-            self._waiters.append((waiter, loop.time() + wait))
+            waiter: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             self.waiting += 1
             try:
                 lane = await waiter
@@ -95,22 +103,62 @@ class EndpointPool:
             return
         self._hand_over(lane)
 
-    def full(self, wait: float) -> bool:
-        """No lane free or to be made, and as many waiting as the endpoint can serve within
-        ``wait`` seconds (at the pace its recent requests took), or the queue at its limit:
-        the endpoint's share of the process is all in use. A fast endpoint may queue a
-        whole burst; a slow one only what it will take before the wait is up."""
-        if self.idle or len(self.lanes) < self.limit:
+    @property
+    def in_hand(self) -> int:
+        """Deliveries this process holds for the endpoint: in flight or waiting."""
+        return self.busy + self.waiting
+
+    def pace(self) -> float:
+        """Deliveries a second the endpoint takes now: its lanes over the time its recent
+        requests took, or its rate limit when lower. Before any request was timed, an
+        optimistic guess (:data:`UNTIMED_SECONDS` a request)."""
+        service = UNTIMED_SECONDS if self.service_seconds is None else max(self.service_seconds, 1e-4)
+        pace = self.limit / service
+        return min(pace, self.bucket.rate) if self.bucket is not None else pace
+
+    def allowance(self, wait: float, fair_share: int) -> int:
+        """How many may wait while others are short of room: what the endpoint serves
+        within ``wait`` seconds, or what its fair share of the process leaves beside its
+        requests in flight, whichever is more."""
+        return max(int(self.pace() * wait), fair_share - self.busy, 0)
+
+    def full(self, wait: float, fair_share: int | None) -> bool:
+        """Whether a new delivery must be put off: no lane free or to be made, and others
+        short of room (``fair_share`` given) while this endpoint already has its
+        allowance waiting. Never while nobody else waits: a lone endpoint may use the
+        whole budget."""
+        if fair_share is None or self.idle or len(self.lanes) < self.limit:
             return False
-        room = self.queue_limit
-        if self.service_seconds is not None:
-            room = min(room, max(self.limit, int(self.limit * wait / max(self.service_seconds, 1e-4))))
-        return self.waiting >= room
+        return self.waiting >= self.allowance(wait, fair_share)
+
+    def shed(self, keep: int) -> int:
+        """Put off the youngest waiters beyond ``keep`` (they would wait longest; the
+        oldest are next for a lane); returns how many."""
+        shed = 0
+        while len(self._waiters) > keep:
+            waiter = self._waiters.pop()
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
+                shed += 1
+        return shed
 
     def served(self, seconds: float) -> None:
-        """A request took ``seconds``: the pace :meth:`full` expects (a moving average)."""
+        """A request took ``seconds``: the pace :meth:`pace` reads (a moving average)."""
         previous = self.service_seconds
         self.service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def return_after(self, now: float) -> float:
+        """Seconds until a delivery deferred now for this endpoint should come back: its
+        slot in the return schedule, after what the endpoint has in hand."""
+        return self.returns.slot(now, self.in_hand, self.pace())
+
+    def keys(self, endpoint: Endpoint, now_ms: int) -> tuple[bytes, ...]:
+        """The HMAC keys to sign with now (the current secret, and the previous one in its
+        grace), kept for as long as the secrets do not change: forgotten with the pool."""
+        secrets = endpoint.secrets_at(now_ms)
+        if self._keys is None or self._keys[0] != secrets:
+            self._keys = (secrets, tuple(secret_key(s) for s in secrets))
+        return self._keys[1]
 
     def configure(self, endpoint: Endpoint, default_limit: int) -> None:
         """Follow the endpoint record's limits (they may change while it is in use)."""
@@ -123,22 +171,14 @@ class EndpointPool:
 
     def _hand_over(self, lane: Connection) -> None:
         while self._waiters:
-            waiter, _ = self._waiters.popleft()
-            if not waiter.done():  # (a cancelled or expired one is skipped)
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # (a cancelled or shed one is skipped)
                 waiter.set_result(lane)
                 return
         if self.retired:  # the endpoint's URL changed meanwhile
             self._close_later(lane)
         else:
             self.idle.append(lane)
-
-    def expire(self, now: float) -> None:
-        """Fail the waiters whose wait is up (the oldest are first)."""
-        waiters = self._waiters
-        while waiters and waiters[0][1] <= now:
-            waiter, _ = waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(TimeoutError())
 
     def retire(self) -> None:
         """The endpoint moved to another URL: close the idle lanes now, and the busy ones
@@ -148,11 +188,12 @@ class EndpointPool:
         while self.idle:
             self._close_later(self.idle.pop())
 
-    def reap(self) -> bool:
-        """Close the lanes idle past their keep-alive expiry; True when none is left open
-        and none is in use or awaited (the endpoint can be forgotten)."""
+    def reap(self, *, registered: bool = True) -> bool:
+        """Close the lanes idle past their keep-alive expiry; True when the endpoint can be
+        forgotten: none is left open, in use or awaited, and its circuit is closed (an
+        endpoint no longer ``registered`` is forgotten with its circuit, whatever state)."""
         still_open = [lane for lane in self.lanes if not lane.close_if_idle()]
-        remembers = self.breaker.failures or self.breaker.state is not CircuitState.CLOSED
+        remembers = registered and (self.breaker.failures or self.breaker.state is not CircuitState.CLOSED)
         return not (still_open or self.busy or self.waiting or remembers)
 
     @property

@@ -35,22 +35,24 @@ from dataclasses import dataclass
 import httpx
 
 from ..config import Config
-from ..errors import BlockedDestination, SenderClosed
+from ..errors import BlockedDestination, LookupQueued, SenderClosed
 from ..observability import Log
 from ..records import Attempt, CircuitState, DeferReason, Endpoint, Outcome, bounded
-from ..signing import secret_key, signature_header
+from ..signing import signature_header
 from ._destinations import DestinationPolicy
 from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral
 from ._pool import EndpointPool
 from ._transport import KEEPALIVE_EXPIRY, Connection, check_header
 
-__all__ = ["MAX_OPEN_SECONDS", "SNIPPET_CHARS", "Sender", "Signing", "parse_retry_after"]
+__all__ = ["MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SNIPPET_CHARS", "Sender", "Signing", "parse_retry_after"]
 
 _log = logging.getLogger("gateway.sender")
 
 SNIPPET_CHARS = 512
 MAX_OPEN_SECONDS = 300.0
 """Longest a circuit stays open between probes (it doubles from GATEWAY_CIRCUIT_OPEN)."""
+MIN_PROBE_WAIT = 1.0
+"""Shortest a last attempt waits for a probe (seconds): the probe may be in flight now."""
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -85,21 +87,33 @@ class Sender:
 
     def __init__(self, config: Config, *, keepalive_expiry: float = KEEPALIVE_EXPIRY,
                  on_circuit: Callable[[Endpoint, CircuitChange], None] | None = None,
-                 policy: DestinationPolicy | None = None) -> None:
+                 policy: DestinationPolicy | None = None,
+                 contended: Callable[[], bool] | None = None,
+                 registered: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.on_circuit = on_circuit
         """Told of every circuit transition (the runner writes them to the circuits topic)."""
+        self.contended = contended
+        """Whether work of this process is short of room in its in-flight budget (records
+        fetched wait for room): only then do endpoints' shares shrink. None: never."""
+        self.registered = registered
+        """Whether an endpoint is still registered: a removed one is forgotten with its
+        circuit. None: every one is."""
         self.keepalive_expiry = keepalive_expiry
-        # How often waits for a lane are checked: they end at most this late.
+        # How often shares are judged and waiters shed: they wait at most this much more.
         self._tick_every = min(0.25, config.request_timeout / 4)
         self._ticker: asyncio.TimerHandle | None = None
         self._next_reap = 0.0
         self._closed = False
         self._pools: dict[str, EndpointPool] = {}
-        self._keys: dict[str, bytes] = {}
         self._retired: list[EndpointPool] = []
+        self.fair_share: int | None = None
+        """While others are short of room: the in-flight budget over the endpoints holding
+        records (and the records waiting to come in); None while nobody is."""
         self.policy = policy or DestinationPolicy(
-            allow_private=config.allow_private_networks, allowed=config.allowed_networks
+            allow_private=config.allow_private_networks, allowed=config.allowed_networks,
+            # Waiting for a lookup's turn is the gateway's own limit: deferred, not timed out.
+            queue_wait=min(config.endpoint_wait, config.request_timeout / 2),
         )
         """The SSRF guard every connection of this sender goes through (closed with it)."""
         self._ssl = httpx.create_ssl_context()  # one for every lane: building one costs ms
@@ -108,24 +122,39 @@ class Sender:
         return Connection(self.policy, self._ssl, keepalive_expiry=self.keepalive_expiry)
 
     def _tick(self) -> None:
-        """A few times a second: fail the waits for a lane that are up. Every
+        """A few times a second: judge the shares (:meth:`judge_shares`). Every
         ``keepalive_expiry``: close connections idle that long (a server that keeps them
         open forever would otherwise cost a socket each, up to ``endpoint_concurrency``
         per endpoint ever sent to), and forget endpoints left with nothing open or in
-        flight (removed ones, quiet ones)."""
+        flight (quiet ones, and removed ones whatever their circuit)."""
         loop = asyncio.get_running_loop()
         self._ticker = loop.call_later(self._tick_every, self._tick)  # first: whatever happens below
         now = loop.time()
-        for pool in self._pools.values():
-            if pool.waiting:
-                pool.expire(now)
-        for pool in self._retired:
-            pool.expire(now)
+        self.judge_shares()
         if now >= self._next_reap:
             self._next_reap = now + self.keepalive_expiry
+            registered = self.registered
             for endpoint_id, pool in list(self._pools.items()):
-                if pool.reap():
+                if pool.reap(registered=registered is None or registered(endpoint_id)):
                     del self._pools[endpoint_id]
+
+    def judge_shares(self) -> int:
+        """Work-conserving shares: while nobody is short of room, nothing is put off. While
+        someone is (:attr:`contended`), each endpoint keeps its allowance of waiters
+        (:meth:`EndpointPool.allowance`: what it serves within ``GATEWAY_ENDPOINT_WAIT``, or
+        its max-min fair share of the budget) and its youngest other waiters are put off,
+        to come back paced. Returns how many were put off."""
+        for pool in self._retired:  # their URL changed: they come back to the new one
+            pool.shed(0)
+        if self.contended is None or not self.contended():
+            self.fair_share = None
+            return 0
+        holding = sum(1 for pool in self._pools.values() if pool.in_hand)
+        # One share more than the endpoints holding records: the records waiting to come
+        # in may be another endpoint's.
+        self.fair_share = fair = self.config.concurrency // (holding + 1)
+        wait = self.config.endpoint_wait
+        return sum(pool.shed(pool.allowance(wait, fair)) for pool in self._pools.values() if pool.waiting)
 
     @property
     def known_endpoints(self) -> int:
@@ -138,8 +167,9 @@ class Sender:
         or its URL changed. Raises ``httpx.InvalidURL``/``ValueError`` for an unusable URL."""
         config = self.config
         pool = EndpointPool(
-            endpoint.url, config.endpoint_concurrency, self._connection, queue_limit=config.endpoint_queue,
-            breaker=CircuitBreaker(config.circuit_failures, config.circuit_open_seconds, MAX_OPEN_SECONDS),
+            endpoint.url, config.endpoint_concurrency, self._connection,
+            breaker=CircuitBreaker(config.circuit_failures, config.circuit_open_seconds, MAX_OPEN_SECONDS,
+                                   failure_rate=config.circuit_failure_rate),
         )
         if old is not None:  # the URL changed: the old connections go
             old.retire()
@@ -151,15 +181,9 @@ class Sender:
             self._ticker = loop.call_later(self._tick_every, self._tick)
         return pool
 
-    def _key(self, secret: str) -> bytes:
-        key = self._keys.get(secret)
-        if key is None:
-            key = self._keys[secret] = secret_key(secret)
-        return key
-
     async def send(
         self, endpoint: Endpoint, event_id: str, body: bytes, tier: str, *, log: Log = _log,
-        signing: Signing | None = None,
+        signing: Signing | None = None, last: bool = False,
     ) -> Attempt | Deferral:
         """POST ``body`` to ``endpoint`` once, or say why the gateway's own limits put it
         off (a :class:`~gateway.delivery.Deferral`: no request, no attempt spent).
@@ -169,7 +193,8 @@ class Sender:
         leaves its record unsettled, for the next owner), and
         :class:`~gateway.errors.InvalidSecret` for an endpoint record with an unusable
         secret. ``log`` carries the caller's context (event and endpoint ids). ``signing``
-        replaces the endpoint's own signature (test sends only)."""
+        replaces the endpoint's own signature (test sends only). ``last``: the delivery's
+        last attempt, which an open circuit defers rather than spends."""
         pool = self._pools.get(endpoint.id)
         if pool is None or pool.url != endpoint.url:  # (aclose forgets every endpoint)
             if self._closed:  # a connection made now would never be closed
@@ -182,43 +207,51 @@ class Sender:
         loop = asyncio.get_running_loop()
         admission = pool.breaker.admit(loop.time())
         if admission is Admission.REJECT:
-            return self._circuit_open(pool, tier, loop.time())
+            return self._rejected(pool, tier, loop.time(), last)
         probe = admission is Admission.PROBE
-        wait = self.config.endpoint_wait
-        if pool.full(wait):
-            return self._defer(pool, probe, DeferReason.SHARE,
-                               f"the endpoint's share of this process is full ({pool.limit} in flight, "
-                               f"{pool.waiting} waiting)")
-        if pool.bucket is not None:
-            delay = pool.bucket.reserve(loop.time(), wait)
-            if delay is None:
-                return self._defer(pool, probe, DeferReason.RATE,
-                                   f"its rate limit ({pool.bucket.rate:g}/s) allows no request within {wait:g} s")
-            if delay > 0:
-                pool.waiting += 1
-                try:
-                    await asyncio.sleep(delay)
-                finally:
-                    pool.waiting -= 1
+        recorded = False
         try:
-            lane = await pool.acquire(wait)
-        except TimeoutError:
-            return self._defer(pool, probe, DeferReason.BUSY,
-                               f"its {pool.limit} connections stayed busy for {wait:g} s")
-        if not probe and pool.breaker.admit(loop.time()) is not Admission.ALLOW:
-            # The circuit opened while this one waited for a connection.
-            pool.release(lane)
-            pool.breaker.withdraw_probe()
-            return self._circuit_open(pool, tier, loop.time())
-        try:
-            attempt = await self._exchange(pool, lane, endpoint, event_id, body, tier, signing)
-        except BaseException:
-            if probe:  # (an unusable secret, a cancellation): the next delivery probes
+            wait = self.config.endpoint_wait
+            if pool.full(wait, self.fair_share):
+                return Deferral(DeferReason.SHARE, f"the endpoint's share of this process is full while others wait "
+                                f"({pool.busy} in flight, {pool.waiting} waiting)", pool.return_after(loop.time()))
+            if pool.bucket is not None:
+                delay = pool.bucket.reserve(loop.time(), wait)
+                if delay is None:
+                    return Deferral(DeferReason.RATE,
+                                    f"its rate limit ({pool.bucket.rate:g}/s) allows no request within {wait:g} s",
+                                    pool.return_after(loop.time()))
+                if delay > 0:
+                    pool.waiting += 1
+                    try:
+                        await asyncio.sleep(delay)
+                    finally:
+                        pool.waiting -= 1
+            try:
+                lane = await pool.acquire()
+            except TimeoutError:  # shed: its share shrank while others wait
+                return Deferral(DeferReason.BUSY, f"its {pool.limit} connections are busy while others wait for "
+                                "room", pool.return_after(loop.time()))
+            if not probe:
+                # The circuit may have opened while this one waited. Asked again: this one
+                # goes on, or goes as the probe, or is refused; a probe in flight is another
+                # delivery's and is left alone.
+                again = pool.breaker.admit(loop.time())
+                if again is Admission.REJECT:
+                    pool.release(lane)
+                    return self._rejected(pool, tier, loop.time(), last)
+                probe = again is Admission.PROBE
+            try:
+                attempt = await self._exchange(pool, lane, endpoint, event_id, body, tier, signing)
+            except LookupQueued as exc:
+                return Deferral(DeferReason.DNS, str(exc), self.config.endpoint_wait)
+            if attempt.outcome.reached_network:
+                pool.served(attempt.duration_ms / 1000)
+            change = pool.breaker.record(attempt, loop.time(), probe=probe)
+            recorded = True
+        finally:
+            if probe and not recorded:  # deferred, cancelled, or an unusable secret: the next one probes
                 pool.breaker.withdraw_probe()
-            raise
-        if attempt.outcome.reached_network:
-            pool.served(attempt.duration_ms / 1000)
-        change = pool.breaker.record(attempt, loop.time(), probe=probe)
         if change is not None:
             self._circuit_changed(endpoint, change, log)
         if log.isEnabledFor(logging.DEBUG):
@@ -226,23 +259,25 @@ class Sender:
                                         "duration_ms": attempt.duration_ms, "probe": probe})
         return attempt
 
-    def _defer(self, pool: EndpointPool, probe: bool, reason: DeferReason, detail: str) -> Deferral:
-        if probe:
-            pool.breaker.withdraw_probe()
-        return Deferral(reason, detail)
-
     @staticmethod
-    def _circuit_open(pool: EndpointPool, tier: str, now: float) -> Attempt:
+    def _rejected(pool: EndpointPool, tier: str, now: float, last: bool) -> Attempt | Deferral:
+        """A delivery the open circuit refuses: it spends its attempt without a request
+        (``circuit_open``), unless it is the delivery's last: that one always makes a
+        request, so it waits for the next probe (a deferral, no attempt spent)."""
         breaker = pool.breaker
+        probe_in = max(0.0, breaker.reopen_at - now)
+        if last:
+            return Deferral(DeferReason.PROBE, f"its circuit is open: the last attempt waits for the next probe "
+                            f"(in {probe_in:.0f} s)", after=max(probe_in, MIN_PROBE_WAIT))
         return _unsent(tier, Outcome.CIRCUIT_OPEN,
-                       f"circuit open after {breaker.failures} consecutive failures; no request made "
-                       f"(next probe in {max(0.0, breaker.reopen_at - now):.0f} s)")
+                       f"circuit open ({breaker.why}); no request made "
+                       f"(next probe in {probe_in:.0f} s)")
 
     def _circuit_changed(self, endpoint: Endpoint, change: CircuitChange, log: Log) -> None:
         if change.state is CircuitState.OPEN:
             log.warning("circuit opened: deliveries spend their attempts without requests until a probe "
-                        "answers 2xx",
-                        extra={"failures": change.failures, "probe_in_s": round(change.reopen_in or 0, 1)})
+                        "answers 2xx", extra={"failures": change.failures, "why": change.why,
+                                              "probe_in_s": round(change.reopen_in or 0, 1)})
         else:
             log.warning("circuit closed: the endpoint answered a probe with 2xx")
         if self.on_circuit is not None:
@@ -262,7 +297,7 @@ class Sender:
             started = time.perf_counter()
             if signing is None:
                 timestamp = int(time.time())
-                keys = tuple(self._key(s) for s in endpoint.secrets_at(started_at))
+                keys = pool.keys(endpoint, started_at)
             else:
                 timestamp, keys = signing.timestamp, signing.keys
             outcome = Outcome.CONNECTION_ERROR

@@ -19,8 +19,11 @@ gateway_end_to_end_latency_seconds          histogram event_type
 gateway_deliveries_in_flight                gauge     tier
 gateway_in_flight_records                   gauge     tier
 gateway_consumer_lag_records                gauge     tier, topic, partition
+gateway_tier_readers                        gauge     tier (1: some process reads it, 0: none)
 gateway_deferred_total                      counter   reason (connections_busy, share_full,
-                                                      rate_limit)
+                                                      rate_limit, dns_queue, circuit_probe)
+gateway_deliveries_forwarded_total          counter
+
 gateway_circuit_breakers                    gauge     state (closed, open, half_open)
 gateway_schema_registry_errors_total        counter
 gateway_last_success_timestamp_seconds      gauge
@@ -188,6 +191,11 @@ class Metrics:
             "(else committed) offset. Includes retries held until due.",
             ["tier", "topic", "partition"], registry=registry,
         )
+        self.tier_readers = Gauge(
+            "gateway_tier_readers",
+            "1 when some process reads the tier's topic (this one, or a consumer group with members), "
+            "0 when none does: what is sent there waits.", ["tier"], registry=registry,
+        )
         self.schema_lookups_failed = Counter(
             "gateway_schema_registry_errors_total",
             "Schema lookups the registry did not answer (the partition waits and retries).",
@@ -198,7 +206,12 @@ class Metrics:
         self.deferred = Counter(
             "gateway_deferred_total",
             "Deliveries put off for the gateway's own limits (no attempt spent), by reason: "
-            "connections_busy, share_full, rate_limit.", ["reason"], registry=registry,
+            "connections_busy, share_full, rate_limit, dns_queue, circuit_probe.", ["reason"], registry=registry,
+        )
+        self.forwarded = Counter(
+            "gateway_deliveries_forwarded_total",
+            "Deliveries sent on to the process that owns their endpoint (not attempted here): its "
+            "partition of the deliveries topic.", registry=registry,
         )
         self.circuits = Gauge(
             "gateway_circuit_breakers", "Endpoints this process knows, by the state of its circuit "

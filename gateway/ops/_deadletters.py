@@ -7,7 +7,8 @@ nothing is committed, and reading stops at the end each partition had when it wa
 reached, so a tool never hangs on a topic the workers keep writing to.
 
 A replay sends each selected delivery back into the first retry tier, due now, with its
-attempt counter reset (it gets the whole schedule again), to the endpoint it failed for
+attempt counter and its deferrals reset (it gets the whole schedule and the whole
+deferral age limit again), to the endpoint it failed for
 (or the one named), never fanned out again. Each replayed dead letter is recorded on the
 compacted ``dlq-replays`` topic, keyed by its partition:offset, and the replayed record
 carries ``replay-id`` and ``replay-of`` headers; a later replay skips what was already
@@ -482,6 +483,7 @@ def decide_replays(
             continue
         planned.append(PlannedReplay(entry, replace(
             delivery, endpoint_id=target, attempt=0, due_at=now, replay_of=entry.coordinate,
+            deferrals=0, deferred_since=None,  # a fresh start: the age limit counts from now
         )))
     return ReplayPlan(
         replay_id=replay_id or str(uuid.uuid4()), topic=topic, selected=selected,

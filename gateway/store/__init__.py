@@ -24,7 +24,7 @@ from ._registry import (
     load_endpoints,
     save_endpoint,
 )
-from ._topics import Tier, Topics, delay_label
+from ._topics import Tier, Topics, delay_label, endpoint_partition
 
 __all__ = [
     "DAY_MS",
@@ -42,6 +42,7 @@ __all__ = [
     "delay_label",
     "delete_endpoint",
     "delivery_headers",
+    "endpoint_partition",
     "load_circuits",
     "load_endpoints",
     "plan_replication",

@@ -62,6 +62,8 @@ def topic_specs(config: Config, replication_factor: int) -> list[TopicSpec]:
         specs.append(TopicSpec(tier.topic, {"retention.ms": str(retention)},
                                f"retries due {delay_label(tier.delay)} after a failure: "
                                f"{retention // DAY_MS} days, far beyond the delay"))
+    specs.append(TopicSpec(topics.deliveries, {"retention.ms": str(week)},
+                           "deliveries on their way to their endpoint's owner: a week"))
     for tier in topics.deferral_tiers:
         retention = max(week, 10 * tier.delay * 1000, 10 * config.defer_max_age * 1000)
         specs.append(TopicSpec(tier.topic, {"retention.ms": str(retention)},

@@ -50,11 +50,13 @@ class AckedProducer:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
-        """Produce and wait for the broker's acknowledgement, retrying until it comes."""
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers, *,
+                   partition: int | None = None) -> None:
+        """Produce (to ``partition``, else where the key leads) and wait for the broker's
+        acknowledgement, retrying until it comes."""
         delay = 0.1
         while True:
-            error = await self._send_once(topic, key, value, headers)
+            error = await self._send_once(topic, key, value, headers, partition)
             if error is None:
                 return
             log.error("produce failed, retrying",
@@ -63,7 +65,7 @@ class AckedProducer:
             delay = min(delay * 2, 5.0)
 
     async def _send_once(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, partition: int | None
     ) -> KafkaError | None:
         loop = self._loop
         future: asyncio.Future[KafkaError | None] = loop.create_future()
@@ -73,8 +75,11 @@ class AckedProducer:
 
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers,
-                                       on_delivery=on_delivery)
+                if partition is None:
+                    self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                else:
+                    self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery,
+                                           partition=partition)
                 break
             except BufferError:
                 await asyncio.sleep(0.01)

@@ -7,12 +7,13 @@ gateway to new topics instead of mixing records written under another schedule.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import InputError
 
-__all__ = ["Tier", "Topics", "delay_label"]
+__all__ = ["Tier", "Topics", "delay_label", "endpoint_partition"]
 
 
 def delay_label(seconds: int) -> str:
@@ -24,10 +25,18 @@ def delay_label(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def endpoint_partition(endpoint_id: str, partitions: int) -> int:
+    """The partition of a topic keyed by endpoint that holds ``endpoint_id``'s records:
+    chosen by the gateway itself (CRC-32 of the id), not by a client's partitioner, so
+    every process and every client library agrees on it."""
+    return zlib.crc32(endpoint_id.encode()) % partitions
+
+
 @dataclass(frozen=True)
 class Tier:
     """A topic a worker consumes: a stage of the delivery schedule (the events topic,
-    index 0, no delay; a retry tier), or a rung of the deferral ladder."""
+    index 0, no delay; a retry tier), a rung of the deferral ladder, or the deliveries
+    topic (``owner``), whose consumers own the endpoints its partitions hold."""
 
     index: int
     """Schedule tiers: 0 for the events topic, 1.. for the retry tiers in order. Deferral
@@ -39,10 +48,18 @@ class Tier:
     """Seconds a record waits here: after the failure that sent it (retry tiers), after it
     was put off (deferral rungs); 0 for events."""
     deferral: bool = False
+    owner: bool = False
+    """The deliveries topic: keyed by endpoint, each partition consumed by one process,
+    the one that makes every attempt at the endpoints of that partition."""
 
     @property
     def is_events(self) -> bool:
-        return self.index == 0 and not self.deferral
+        return self.index == 0 and not self.deferral and not self.owner
+
+    @property
+    def routes(self) -> bool:
+        """Records here make the attempt of another tier (a rung's, the deliveries topic's)."""
+        return self.deferral or self.owner
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,16 @@ class Topics:
         return f"{self.prefix}.attempts"
 
     @property
+    def deliveries(self) -> str:
+        """Deliveries on their way to the process that owns their endpoint (keyed and
+        partitioned by endpoint id: :func:`endpoint_partition`)."""
+        return f"{self.prefix}.deliveries"
+
+    @property
+    def deliveries_tier(self) -> Tier:
+        return Tier(0, "deliveries", self.deliveries, 0, owner=True)
+
+    @property
     def tiers(self) -> tuple[Tier, ...]:
         """The events stage followed by one tier per retry delay."""
         tiers = [Tier(0, "events", self.events, 0)]
@@ -103,8 +130,9 @@ class Topics:
 
     @property
     def worker_tiers(self) -> tuple[Tier, ...]:
-        """Every topic a worker consumes (``--tiers all``): the schedule, then the deferrals."""
-        return (*self.tiers, *self.deferral_tiers)
+        """Every topic a worker consumes (``--tiers all``): the schedule, the deliveries
+        topic, then the deferrals."""
+        return (*self.tiers, self.deliveries_tier, *self.deferral_tiers)
 
     def tier(self, name: str) -> Tier:
         for tier in self.worker_tiers:

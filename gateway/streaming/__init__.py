@@ -19,7 +19,8 @@ from ._broker import Broker, broker_binary, die_with_parent, port_in_use
 from ._capacity import Capacity, fair_room
 from ._consumer import BATCH, Command, ConsumerLike, ConsumerPump, Key, PartitionOwner, Pause, Resume
 from ._offsets import OffsetTracker
-from ._partitions import PartitionState
+from ._partitions import HOLD_LIMIT, PartitionState
+from ._readers import TierReaders
 from ._runner import CircuitReporter, Observed, metrics_for, observe, resolve_tiers, run, serve
 from ._statistics import (
     GROUP_WARN_AFTER,
@@ -35,6 +36,7 @@ from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings
 __all__ = [
     "BATCH",
     "GROUP_WARN_AFTER",
+    "HOLD_LIMIT",
     "LAG_INTERVAL_MS",
     "SCHEMA_RETRY_MAX",
     "Broker",
@@ -52,6 +54,7 @@ __all__ = [
     "PartitionState",
     "Pause",
     "Resume",
+    "TierReaders",
     "TierWorker",
     "broker_binary",
     "consumer_settings",

@@ -88,3 +88,9 @@ class Capacity:
     def starved(self, tier: str) -> bool:
         with self._lock:
             return tier in self._starved
+
+    def contended(self) -> bool:
+        """Whether records fetched wait for room (a tier is starved): only then must
+        endpoints' shares of the budget shrink. Read without the lock: a moment's staleness
+        only delays a shrink by one judgement."""
+        return bool(self._starved)

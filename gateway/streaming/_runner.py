@@ -22,12 +22,13 @@ from confluent_kafka.admin import AdminClient
 
 from ..codec import Codec
 from ..config import Config
-from ..delivery import CircuitChange, Dispatcher, Sender
+from ..delivery import CircuitChange, Dispatcher, Ownership, Sender
 from ..errors import RegistryUnavailable, Unavailable
 from ..observability import ENDPOINTS_LOADED, Health, Metrics, assigned, serve_metrics
 from ..records import CIRCUIT_SCHEMA, Circuit, Endpoint
 from ..store import AckedProducer, EndpointRegistry, EndpointTable, Tier, Topics
 from ._capacity import Capacity
+from ._readers import TierReaders
 from ._worker import TierWorker
 
 __all__ = ["CircuitReporter", "Observed", "metrics_for", "observe", "resolve_tiers", "run", "serve"]
@@ -36,20 +37,27 @@ log = logging.getLogger("gateway.runner")
 
 
 def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
-    """The tiers named (``events``, ``retry-1m``, …; ``all`` or nothing for every tier)."""
+    """The tiers named (``events``, ``retry-1m``, …; ``all`` or nothing for every tier),
+    and the deliveries topic whatever the names: every process takes its share of the
+    endpoints to own (:class:`~gateway.delivery.Ownership`), or the deliveries
+    forwarded to the endpoints it would own would wait for another."""
     topics = Topics.from_config(config)
     if not names or list(names) == ["all"]:
         return list(topics.worker_tiers)
-    return [topics.tier(name) for name in dict.fromkeys(names)]
+    chosen = [topics.tier(name) for name in dict.fromkeys(names)]
+    owner = topics.deliveries_tier
+    return chosen if owner in chosen else [*chosen, owner]
 
 
-def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
+def _check_topics(config: Config, tiers: Sequence[Tier]) -> int:
+    """Refuse to start without the topics this process reads or may write; returns the
+    deliveries topic's partition count (what an endpoint's owner is derived from)."""
     topics = Topics.from_config(config)
-    wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints}
+    wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints, topics.deliveries}
     wanted |= {t.topic for t in topics.deferral_tiers}  # any worker may put a delivery off
     if config.record_attempts:
         wanted.add(topics.attempts)
-    schedule = [t.index for t in tiers if not t.deferral]
+    schedule = [t.index for t in tiers if not t.routes]
     wanted |= {t.topic for t in topics.tiers if t.index > min(schedule, default=0)}
     try:
         existing = AdminClient(config.kafka_common()).list_topics(timeout=15).topics
@@ -61,6 +69,7 @@ def _check_topics(config: Config, tiers: Sequence[Tier]) -> None:
             f"topics missing on {config.bootstrap_servers}: {', '.join(missing)}; "
             "run `gateway topics create` with the same prefix and retry delays"
         )
+    return len(existing[topics.deliveries].partitions)
 
 
 class CircuitReporter:
@@ -111,7 +120,8 @@ async def _register_schemas(codec: Codec, stop: asyncio.Event) -> None:
 def metrics_for(config: Config, health: Health | None = None) -> Metrics:
     """The metrics of a process of ``config``, every known series at zero."""
     topics = Topics.from_config(config)
-    return Metrics([t.name for t in topics.tiers], deferrals=[t.name for t in topics.deferral_tiers],
+    return Metrics([t.name for t in topics.tiers],
+                   deferrals=[topics.deliveries_tier.name, *(t.name for t in topics.deferral_tiers)],
                    health=health)
 
 
@@ -141,7 +151,7 @@ async def serve(
     health = health or Health()
     metrics = metrics or metrics_for(config, health)
     health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
-    await asyncio.to_thread(_check_topics, config, tiers)
+    partitions = await asyncio.to_thread(_check_topics, config, tiers)
     codec = Codec(config.schema_registry_url)
     await _register_schemas(codec, stop)
     registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints(metrics))
@@ -149,15 +159,21 @@ async def serve(
     health.met(ENDPOINTS_LOADED)
     producer = AckedProducer(config, loop)
     circuits = CircuitReporter(config, codec, producer)
-    sender = Sender(config, on_circuit=circuits.report)
-    metrics.count_circuits(sender.circuit_counts)
-    dispatcher = Dispatcher(config, codec=codec, endpoints=registry.table, sender=sender,
-                            producer=producer, metrics=metrics)
     capacity = Capacity(config.concurrency, [t.name for t in tiers])
-    workers = [TierWorker(tier, config, dispatcher, capacity, loop, metrics=metrics, health=health)
+    table = registry.table
+    sender = Sender(config, on_circuit=circuits.report, contended=capacity.contended,
+                    registered=lambda endpoint_id: table.get(endpoint_id) is not None)
+    metrics.count_circuits(sender.circuit_counts)
+    ownership = Ownership(partitions)
+    dispatcher = Dispatcher(config, codec=codec, endpoints=table, sender=sender,
+                            producer=producer, metrics=metrics, ownership=ownership)
+    workers = [TierWorker(tier, config, dispatcher, capacity, loop, metrics=metrics, health=health,
+                          ownership=ownership if tier.owner else None)
                for tier in tiers]
     for worker in workers:
         worker.start()
+    readers = TierReaders(config, tiers, metrics.tier_readers)
+    watching = loop.create_task(readers.watch(stop, config.reader_check))
     log.info("workers started", extra={"tiers": ",".join(t.name for t in tiers),
                                        "bootstrap": config.bootstrap_servers})
     try:
@@ -181,6 +197,7 @@ async def serve(
                 "uncommitted records will be delivered again after a restart"
             ) from None
         finally:
+            watching.cancel()
             await sender.aclose()
             registry.stop()
         log.info("stopped")

@@ -21,8 +21,11 @@ Rules this module keeps (see also ``_offsets`` and ``_partitions``):
 * An offset is stored for commit (``store_offsets``, committed by librdkafka's
   auto-commit every 250 ms and synchronously on revoke and close) only when every record
   up to it is settled.
-* Nothing is attempted before it is due: a held partition is paused, a timer fires when
-  its head is due, and it resumes once nothing is held.
+* Nothing is attempted before it is due. A retry tier's partition is held in order: it
+  is paused, a timer fires when its head is due, and it resumes once nothing is held. A
+  deferral rung's records are held each until its own due time (those due sooner go
+  first), up to a bound, the partition paused only at the bound; a timer fires at the
+  soonest due time (see ``_partitions``).
 * On revoke (rebalance or close), the partition stops taking records; held records are
   dropped (their offsets were never stored, so the next owner reads them); records in
   flight get up to ``shutdown_timeout`` to settle; then the settled position is stored
@@ -47,7 +50,7 @@ from confluent_kafka import Consumer
 
 from ..clock import SYSTEM, Clock, Timer
 from ..config import Config
-from ..delivery import Dispatcher, Job, Pending
+from ..delivery import Dispatcher, Job, Ownership, Pending
 from ..errors import DecodeError, RegistryUnavailable
 from ..observability import Health, Metrics, assigned, bind
 from ..store import Tier
@@ -107,10 +110,13 @@ class TierWorker:
         health: Health,
         consumer: ConsumerLike | None = None,
         clock: Clock = SYSTEM,
+        ownership: Ownership | None = None,
     ) -> None:
         self.tier = tier
         self.clock = clock
         """Due times (its wall clock) and every timer and wait of the worker and its pump."""
+        self.ownership = ownership
+        """The deliveries tier's worker: the endpoints this process owns follow its partitions."""
         self.log = bind(_log, tier=tier.name)
         self.config = config
         self.dispatcher = dispatcher
@@ -119,7 +125,8 @@ class TierWorker:
         self.health = health
         self.partitions: dict[Key, PartitionState] = {}
         self._tasks: dict[Key, set[asyncio.Task[None]]] = {}
-        self._timers: dict[Key, Timer] = {}
+        self._timers: dict[Key, tuple[int, Timer]] = {}
+        """The wake-up of each partition holding records: (when, in ms; its timer)."""
         self._schema_fetches: dict[int, asyncio.Task[None]] = {}
         self._done: asyncio.Future[None] = loop.create_future()
         self._lag = ConsumerLag(tier.name, metrics.consumer_lag)
@@ -154,10 +161,14 @@ class TierWorker:
     # -- PartitionOwner: called on the pump's thread -------------------------------------
 
     def assigned(self, partitions: list[Key]) -> None:
+        if self.ownership is not None:
+            self.ownership.gained(p for _, p in partitions)
         self._lag.assign(partitions)
         self.loop.call_soon_threadsafe(self._assign, partitions)
 
     def revoked(self, partitions: list[Key], *, lost: bool) -> None:
+        if self.ownership is not None:  # first: new deliveries of these endpoints go to their next owner
+            self.ownership.lost(p for _, p in partitions)
         self._lag.revoke(partitions)
         grace = 0.0 if lost else self.config.shutdown_timeout
         future = asyncio.run_coroutine_threadsafe(self._release(partitions, grace), self.loop)
@@ -176,8 +187,11 @@ class TierWorker:
 
     def _assign(self, keys: list[Key]) -> None:
         for key in keys:
-            self.partitions[key] = PartitionState(*key)
+            # A rung's deliveries come back each at its own time; a retry tier's in order.
+            self.partitions[key] = PartitionState.by_due_time(*key) if self.tier.deferral else PartitionState(*key)
             self._tasks[key] = set()
+        if self.ownership is not None:
+            self.ownership.learned()
         self.health.met(assigned(self.tier.name))
         self.log.info("partitions assigned", extra={"partitions": [p for _, p in keys]})
 
@@ -188,7 +202,7 @@ class TierWorker:
         for state in states:
             timer = self._timers.pop(state.key, None)
             if timer is not None:
-                timer.cancel()
+                timer[1].cancel()
             state.drop_held()
             tasks |= self._tasks.pop(state.key, set())
         if tasks and grace > 0:
@@ -232,14 +246,20 @@ class TierWorker:
         elif state.resume_needed():
             self.pump.send(Resume(*state.key))
         wake_at = state.wake_at
-        if wake_at is not None and state.key not in self._timers:
-            delay = max(0.0, (wake_at - self.clock.now_ms()) / 1000)
-            self._timers[state.key] = self.clock.call_later(delay, lambda: self._wake(state))
+        if wake_at is None:
+            return
+        timer = self._timers.get(state.key)
+        if timer is not None and timer[0] <= wake_at:
+            return
+        if timer is not None:  # a record due sooner came in (a deferral rung)
+            timer[1].cancel()
+        delay = max(0.0, (wake_at - self.clock.now_ms()) / 1000)
+        self._timers[state.key] = (wake_at, self.clock.call_later(delay, lambda: self._wake(state)))
 
     def _wake(self, state: PartitionState) -> None:
         timer = self._timers.pop(state.key, None)
         if timer is not None:
-            timer.cancel()  # (woken by its schema, not by the timer)
+            timer[1].cancel()  # (woken by its schema, not by the timer)
         if state.revoked:
             return
         for job in state.release(self.clock.now_ms()):
