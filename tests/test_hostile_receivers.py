@@ -802,9 +802,10 @@ def test_an_endpoint_moved_mid_request_gets_its_request_answered_once() -> None:
 def test_a_busy_endpoints_waiters_wait_alone_and_are_deferred_only_while_others_need_room() -> None:
     """One connection, each answer 0.8 s. Nobody else waiting: four deliveries wait their
     turn and are all sent (fairness costs nothing alone). Others short of room (a budget
-    of 2): once the endpoint's pace is measured (1.25 a second, so one waiter is what it
-    serves within the 1 s local wait), the youngest waiter beyond that is deferred,
-    without a request and without spending an attempt, and told when to come back."""
+    of 2, another endpoint at work): once the endpoint's pace is measured (1.25 a second,
+    so one waiter is what it serves within the 1 s local wait), the youngest waiter beyond
+    that is deferred, without a request and without spending an attempt, and told when to
+    come back."""
     def slow(conn: Conn, request: bytes) -> bool:
         conn.wait(0.8)
         return respond(204)(conn, request)
@@ -819,8 +820,13 @@ def test_a_busy_endpoints_waiters_wait_alone_and_are_deferred_only_while_others_
             attempt = await sender.send(target, str(uuid.uuid4()), b"{}", "events")
             return attempt, time.perf_counter() - started
 
+        async def one_other() -> tuple[Attempt | Deferral, float]:  # another endpoint at work
+            attempt = await sender.send(endpoint(url), str(uuid.uuid4()), b"{}", "events")
+            return attempt, time.perf_counter() - started
+
         try:
-            return list(await asyncio.gather(one(), one(), one(), one()))
+            others = [one_other()] if contended else []
+            return list(await asyncio.gather(one(), one(), one(), one(), *others))[:4]
         finally:
             await sender.aclose()
 
@@ -836,7 +842,7 @@ def test_a_busy_endpoints_waiters_wait_alone_and_are_deferred_only_while_others_
         assert fourth.after is not None and fourth.after > 0
         assert at < 3.0, at  # shed, not sent after the others (3.2 s)
         time.sleep(0.3)
-        assert len(server.requests) == 3
+        assert len(server.requests) == 3 + 1  # and the other endpoint's
 
 
 def test_idle_connections_are_closed_and_quiet_endpoints_forgotten() -> None:

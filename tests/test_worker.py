@@ -46,7 +46,16 @@ from gateway.records import (
     Outcome,
 )
 from gateway.store import EndpointTable, Topics
-from gateway.streaming import Capacity, ConsumerPump, PartitionState, Pause, Resume, TierWorker, fair_room
+from gateway.streaming import (
+    Capacity,
+    ConsumerPump,
+    PartitionState,
+    Pause,
+    Resume,
+    TierWorker,
+    fair_room,
+    in_turns,
+)
 
 from .fakes import FakeClock, FakeConsumer, FakeMessage, RecordingProducer, ScriptedSender
 
@@ -223,6 +232,20 @@ def test_capacity_gives_a_starved_tier_its_share_back() -> None:
     assert capacity.used("events") == 7
     capacity.give("events", 2)
     assert capacity.claim("events", 500) == 2  # nobody else is short: events may use it
+
+
+def test_capacity_says_at_once_when_records_start_waiting_for_room() -> None:
+    """Fault: shares shrank only at the sender's next tick (up to 250 ms), and a fast
+    bot's records waited that long behind a slow endpoint's burst at every full budget.
+    The runner judges shares when this fires."""
+    told: list[int] = []
+    capacity = Capacity(4, ["events"], on_contended=lambda: told.append(capacity.used()))
+    assert capacity.claim("events", 4) == 4 and told == []
+    assert capacity.claim("events", 2) == 0 and told == [4]  # room ran out: told once
+    assert capacity.claim("events", 2) == 0 and told == [4]  # still waiting: not again
+    capacity.give("events", 4)
+    assert capacity.claim("events", 2) == 2 and told == [4]
+    assert capacity.claim("events", 3) == 2 and told == [4, 4]  # waiting again
 
 
 def test_an_idle_tier_reserves_nothing() -> None:
@@ -435,6 +458,28 @@ def test_the_budget_resumes_everything_but_what_the_loop_paused() -> None:
     assert ("t", 1) not in consumer.paused
 
 
+def test_a_batch_is_taken_from_its_partitions_in_turns_each_in_its_own_order() -> None:
+    """Fault: librdkafka returns a partition's records together, and they were started in
+    that order: at a full budget on Apache Kafka a slow endpoint's backlog of hundreds was
+    started (and put off) before another bot's records of the same batch, which waited
+    100-300 ms behind that work on the event loop. Now the partitions take turns."""
+    slow = [FakeMessage("t", 0, o) for o in range(5)]
+    fast = [FakeMessage("t", 1, o) for o in range(2)]
+    other = [FakeMessage("u", 0, 7)]
+    turns = in_turns([*slow, *fast, *other])
+    assert [(m.topic(), m.partition(), m.offset()) for m in turns] == [
+        ("t", 0, 0), ("t", 1, 0), ("u", 0, 7), ("t", 0, 1), ("t", 1, 1), ("t", 0, 2), ("t", 0, 3), ("t", 0, 4)]
+    assert in_turns(slow) == slow
+
+    consumer = FakeConsumer()
+    capacity = Capacity(3, ["events"])
+    pump, owner = pump_with(consumer, capacity)
+    consumer.rebalance([("t", 0), ("t", 1)])
+    consumer.add(*slow, *fast)
+    pump.run_once()  # room for 3: the other partition's records are among them
+    assert [(m.partition(), m.offset()) for m in owner.accepted] == [(0, 0), (1, 0), (0, 1)]
+
+
 def test_records_waiting_for_room_are_dropped_when_their_partition_goes() -> None:
     consumer = FakeConsumer()
     capacity = Capacity(1, ["events"])
@@ -489,7 +534,7 @@ class _Dispatcher:
         due = int(value.split(b":")[1]) if value.startswith(b"due:") else 0
         return Job(message, BadRecord(DeadLetterReason.INVALID, "x"), due)
 
-    async def run(self, tier: Any, job: Job) -> None:
+    async def run(self, tier: Any, job: Job, *, free: Any = None) -> None:
         if self.gate is not None:
             await self.gate.wait()
         self.ran.append(job.offset)
@@ -497,11 +542,12 @@ class _Dispatcher:
 
 def _worker(consumer: FakeConsumer, dispatcher: _Dispatcher, loop: asyncio.AbstractEventLoop, clock: FakeClock,
             **config: Any) -> TierWorker:
-    cfg = Config(topic_prefix="t", retry_delays=(1,), shutdown_timeout=config.pop("shutdown_timeout", 2.0))
+    ownership = config.pop("ownership", None)
+    cfg = Config(topic_prefix="t", retry_delays=(1,), shutdown_timeout=config.pop("shutdown_timeout", 2.0), **config)
     tier = Topics.from_config(cfg).tiers[1]
     return TierWorker(tier, cfg, dispatcher, Capacity(100, [tier.name]), loop,  # type: ignore[arg-type]
                       metrics=Metrics([t.name for t in Topics.from_config(cfg).tiers]), health=Health(),
-                      consumer=consumer, clock=clock)
+                      consumer=consumer, clock=clock, ownership=ownership)
 
 
 async def _until(predicate: Any) -> None:
@@ -574,6 +620,44 @@ def test_the_worker_hands_over_what_is_still_in_flight_after_the_shutdown_timeou
         await _until(stopping.done)
         assert (topic, 0) not in consumer.stored  # nothing settled: the next owner repeats it
         assert consumer.commits == 1
+
+    asyncio.run(go())
+
+
+def test_a_rebalance_waits_less_than_a_session_and_an_owner_makes_no_attempt_after_it() -> None:
+    """Fault: releasing partitions in a rebalance waited up to ``shutdown_timeout`` (30 s)
+    for the records in flight. librdkafka sends no heartbeat while the revoke runs, so
+    past the session timeout (10 s) the process was evicted, its partitions went to
+    another, and it kept attempting at endpoints it no longer owned: three workers
+    sharing an endpoint limited to 20/s sent it 40/s for ~17 s (the bursts bench, Kafka).
+    A rebalance now waits at most half the session, and the owning tier's worker cancels
+    what is still running: the next owner repeats it, nothing makes a request after."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        consumer = FakeConsumer()
+        dispatcher = _Dispatcher()
+        dispatcher.gate = asyncio.Event()  # held until the test says: an attempt in flight
+        clock = FakeClock()
+        worker = _worker(consumer, dispatcher, loop, clock, shutdown_timeout=30.0, session_timeout_ms=10_000,
+                         ownership=Ownership(6))
+        topic = "t.retry-1s"
+        consumer.add(FakeMessage(topic, 0, 0, b"ok"))
+        worker.start()
+        consumer.rebalance([(topic, 0)])
+        await _until(lambda: worker.partitions.get((topic, 0)) is not None
+                     and worker.partitions[(topic, 0)].tracker.unsettled == 1)
+        revoking = asyncio.ensure_future(asyncio.to_thread(consumer.rebalance, []))  # (the pump's thread)
+        await _until(lambda: clock.timers == 1)  # releasing: waiting for the record in flight
+        clock.advance(4.999)
+        await _settle()
+        assert not revoking.done()
+        clock.advance(0.001)
+        await _until(revoking.done)
+        dispatcher.gate.set()
+        await _settle()
+        assert dispatcher.ran == []  # cancelled: no attempt after the partition went
+        assert (topic, 0) not in consumer.stored  # nothing settled: the next owner repeats it
+        await worker.stop()
 
     asyncio.run(go())
 
@@ -726,6 +810,33 @@ def test_an_unusable_secret_dead_letters_that_endpoint_alone() -> None:
     assert dead.reason == "internal_error" and dead.delivery is not None
     assert dead.delivery.endpoint_id == bad.id
     assert "!!!" not in dead.detail  # never the secret
+
+
+def test_a_put_off_delivery_gives_its_room_back_before_its_writes_are_acknowledged() -> None:
+    """Fault: a record put off kept its room in the budget until its deferral and its
+    history line were acknowledged. When a slow endpoint's burst was shed (hundreds at
+    once), a fast bot's records waited for those acknowledgements: its p99 rose from 55 to
+    240 ms in the fairness bench. Room now goes back when the delivery is put off; a
+    record fanned out to several endpoints keeps it until all its attempts are done."""
+    one = new_endpoint(bot_id=BOT, url="https://a.example/hook")
+    deferral = Deferral(DeferReason.SHARE, "full while others wait", 1.0)
+
+    async def freed_before_acks(endpoints: list[Endpoint]) -> bool:
+        dispatcher, producer, _, _ = _dispatcher(endpoints, {e.id: deferral for e in endpoints})
+        producer.gate = asyncio.Event()  # no acknowledgement until the test says
+        freed: list[bool] = []
+        tier = dispatcher.tiers[0]
+        running = asyncio.ensure_future(dispatcher.run(tier, dispatcher.prepare(tier, _event_message(DOC)),
+                                                       free=lambda: freed.append(True)))
+        await _settle()
+        early = bool(freed)
+        producer.gate.set()
+        await running
+        return early
+
+    assert asyncio.run(freed_before_acks([one]))
+    two = new_endpoint(bot_id=BOT, url="https://b.example/hook")
+    assert not asyncio.run(freed_before_acks([one, two]))
 
 
 def _deferred_message(dispatcher: Dispatcher, delivery: Delivery) -> FakeMessage:

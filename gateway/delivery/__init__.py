@@ -39,7 +39,15 @@ from ._flow import (
 from ._pool import UNTIMED_SECONDS, USER_AGENT, EndpointPool
 from ._retry import Decision, Delivered, GiveUp, Retry, Step, decide, first_delivery, is_due, next_step
 from ._routing import Ownership
-from ._sender import MAX_OPEN_SECONDS, MIN_PROBE_WAIT, SNIPPET_CHARS, Sender, Signing, parse_retry_after
+from ._sender import (
+    MAX_OPEN_SECONDS,
+    MIN_PROBE_WAIT,
+    SHED_SLICE,
+    SNIPPET_CHARS,
+    Sender,
+    Signing,
+    parse_retry_after,
+)
 from ._transport import KEEPALIVE_EXPIRY, MAX_HEAD_BYTES, Answer, Connection, check_header, destination, head, head_of
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "MIN_PROBE_WAIT",
     "RESOLVER_THREADS",
     "SCHEDULE_HEADER",
+    "SHED_SLICE",
     "SNIPPET_CHARS",
     "UNTIMED_SECONDS",
     "USER_AGENT",

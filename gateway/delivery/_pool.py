@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from collections import deque
 from collections.abc import Callable
 
@@ -69,6 +70,8 @@ class EndpointPool:
         self.retired = False
         self.busy = 0
         self.waiting = 0
+        self.answered_at = float("-inf")
+        """When (event-loop time) its last request ended."""
         """Waiting for a lane or for the rate limit's slot."""
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -119,7 +122,11 @@ class EndpointPool:
     def allowance(self, wait: float, fair_share: int) -> int:
         """How many may wait while others are short of room: what the endpoint serves
         within ``wait`` seconds, or what its fair share of the process leaves beside its
-        requests in flight, whichever is more."""
+        requests in flight, whichever is more. No limit before a request to it was timed:
+        nothing is put off on a guess of its pace (shares are judged the moment records
+        wait for room, which at a burst's start is before any answer came back)."""
+        if self.service_seconds is None:
+            return sys.maxsize
         return max(int(self.pace() * wait), fair_share - self.busy, 0)
 
     def full(self, wait: float, fair_share: int | None) -> bool:
@@ -131,11 +138,11 @@ class EndpointPool:
             return False
         return self.waiting >= self.allowance(wait, fair_share)
 
-    def shed(self, keep: int) -> int:
+    def shed(self, keep: int, most: int | None = None) -> int:
         """Put off the youngest waiters beyond ``keep`` (they would wait longest; the
-        oldest are next for a lane); returns how many."""
+        oldest are next for a lane), at most ``most`` of them; returns how many."""
         shed = 0
-        while len(self._waiters) > keep:
+        while len(self._waiters) > keep and (most is None or shed < most):
             waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_exception(TimeoutError())

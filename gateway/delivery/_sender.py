@@ -44,11 +44,16 @@ from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral
 from ._pool import EndpointPool
 from ._transport import KEEPALIVE_EXPIRY, Connection, check_header
 
-__all__ = ["MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SNIPPET_CHARS", "Sender", "Signing", "parse_retry_after"]
+__all__ = ["MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SHED_SLICE", "SNIPPET_CHARS", "Sender", "Signing",
+           "parse_retry_after"]
 
 _log = logging.getLogger("gateway.sender")
 
 SNIPPET_CHARS = 512
+SHED_SLICE = 64
+"""Most waiters put off at once; the rest a moment later, after what else is ready to run
+(the records of other endpoints among it): each put-off costs event-loop time (its
+deferral's writes), and a slow endpoint's excess can be hundreds."""
 MAX_OPEN_SECONDS = 300.0
 """Longest a circuit stays open between probes (it doubles from GATEWAY_CIRCUIT_OPEN)."""
 MIN_PROBE_WAIT = 1.0
@@ -110,6 +115,7 @@ class Sender:
         self.fair_share: int | None = None
         """While others are short of room: the in-flight budget over the endpoints holding
         records (and the records waiting to come in); None while nobody is."""
+        self._judging_again = False
         self.policy = policy or DestinationPolicy(
             allow_private=config.allow_private_networks, allowed=config.allowed_networks,
             # Waiting for a lookup's turn is the gateway's own limit: deferred, not timed out.
@@ -139,14 +145,16 @@ class Sender:
                     del self._pools[endpoint_id]
 
     def judge_shares(self) -> int:
-        """Work-conserving shares: while nobody is short of room, nothing is put off. While
-        someone is (:attr:`contended`), each endpoint keeps its allowance of waiters
+        """Work-conserving shares: while nobody else is short of room, nothing is put off.
+        While someone is (:meth:`_others_wait`), each endpoint keeps its allowance of waiters
         (:meth:`EndpointPool.allowance`: what it serves within ``GATEWAY_ENDPOINT_WAIT``, or
         its max-min fair share of the budget) and its youngest other waiters are put off,
-        to come back paced. Returns how many were put off."""
+        to come back paced. At most :data:`SHED_SLICE` are put off at once, the rest right
+        after what is ready to run. Returns how many were put off. Called a few times a
+        second, and at once when a consumer finds no room."""
         for pool in self._retired:  # their URL changed: they come back to the new one
             pool.shed(0)
-        if self.contended is None or not self.contended():
+        if not self._others_wait():
             self.fair_share = None
             return 0
         holding = sum(1 for pool in self._pools.values() if pool.in_hand)
@@ -154,7 +162,36 @@ class Sender:
         # in may be another endpoint's.
         self.fair_share = fair = self.config.concurrency // (holding + 1)
         wait = self.config.endpoint_wait
-        return sum(pool.shed(pool.allowance(wait, fair)) for pool in self._pools.values() if pool.waiting)
+        shed = 0
+        for pool in self._pools.values():
+            if pool.waiting and shed < SHED_SLICE:
+                shed += pool.shed(pool.allowance(wait, fair), SHED_SLICE - shed)
+        if shed >= SHED_SLICE and not self._judging_again:  # more to put off: after what is ready
+            self._judging_again = True
+            asyncio.get_running_loop().call_soon(self._judge_again)
+        return shed
+
+    def _others_wait(self) -> bool:
+        """Whether shares must shrink: records fetched wait for room (:attr:`contended`)
+        while more than one endpoint is at work (holding records, or answered within the
+        last second). Records waiting while one endpoint alone is at work are its own: a
+        lone endpoint's burst is never put off for a share. (Another bot's first records,
+        waiting in the same batch, get room in turn as the lone endpoint's requests end,
+        and once at work, shares shrink.)"""
+        if self.contended is None or not self.contended():
+            return False
+        now = asyncio.get_running_loop().time()
+        return sum(1 for pool in self._pools.values() if pool.in_hand or now - pool.answered_at < 1.0) > 1
+
+    def records_wait(self) -> None:
+        """Records fetched just started waiting for room: judge the shares now, not at the
+        next tick."""
+        self.judge_shares()
+
+    def _judge_again(self) -> None:
+        self._judging_again = False
+        if not self._closed:
+            self.judge_shares()
 
     @property
     def known_endpoints(self) -> int:
@@ -245,6 +282,7 @@ class Sender:
                 attempt = await self._exchange(pool, lane, endpoint, event_id, body, tier, signing)
             except LookupQueued as exc:
                 return Deferral(DeferReason.DNS, str(exc), self.config.endpoint_wait)
+            pool.answered_at = loop.time()
             if attempt.outcome.reached_network:
                 pool.served(attempt.duration_ms / 1000)
             change = pool.breaker.record(attempt, loop.time(), probe=probe)

@@ -17,7 +17,7 @@ The modules are private: import from ``gateway.streaming``.
 
 from ._broker import Broker, broker_binary, die_with_parent, port_in_use
 from ._capacity import Capacity, fair_room
-from ._consumer import BATCH, Command, ConsumerLike, ConsumerPump, Key, PartitionOwner, Pause, Resume
+from ._consumer import BATCH, Command, ConsumerLike, ConsumerPump, Key, PartitionOwner, Pause, Resume, in_turns
 from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
@@ -60,6 +60,7 @@ __all__ = [
     "consumer_settings",
     "die_with_parent",
     "fair_room",
+    "in_turns",
     "lag_from_stats",
     "metrics_for",
     "observe",

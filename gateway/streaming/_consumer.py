@@ -29,7 +29,8 @@ The rebalance contract (the owner's side is in ``gateway/streaming/_worker.py``)
   pause across revoke and re-assignment: one paused while its head was not due would
   come back silent), paused again if the budget is full, and announced to the owner.
 * On revocation, the owner releases the partitions (bounded: it waits for their records
-  in flight up to ``shutdown_timeout``), then the positions it stored meanwhile are
+  in flight up to half the session timeout in a rebalance, ``shutdown_timeout`` when
+  stopping), then the positions it stored meanwhile are
   stored and committed synchronously before the callback returns, so the next owner
   starts exactly after what was settled.
 * On loss (the session expired: another member may own them already), the owner drops
@@ -42,7 +43,8 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,12 +63,31 @@ __all__ = [
     "PartitionOwner",
     "Pause",
     "Resume",
+    "in_turns",
 ]
 
 _log = logging.getLogger("gateway.consumer")
 
 BATCH = 500
 """Most records handed to the event loop at once."""
+
+
+def in_turns(records: Sequence[Any]) -> list[Any]:
+    """A fetched batch taken one record from each partition in turn, each partition's own
+    order kept. librdkafka returns a partition's records together: a slow endpoint's
+    backlog of hundreds would otherwise be started (and put off) before another bot's
+    records fetched with it, which waited behind that work on the event loop."""
+    queues: dict[tuple[str, int], deque[Any]] = {}
+    for msg in records:
+        queues.setdefault((msg.topic(), msg.partition()), deque()).append(msg)
+    if len(queues) < 2:
+        return list(records)
+    turns: list[Any] = []
+    left = list(queues.values())
+    while left:
+        turns.extend(q.popleft() for q in left)
+        left = [q for q in left if q]
+    return turns
 
 WATERMARK_TIMEOUT = 0.5
 """Longest wait for the broker to list a paused partition's high watermark (seconds)."""
@@ -244,7 +265,7 @@ class ConsumerPump:
         batch = [first]
         if not self.budget_paused:
             batch += self.consumer.consume(BATCH - 1, 0)
-        for msg in batch:
+        for msg in in_turns(batch):
             error = msg.error()
             if error is None:
                 # (Records fetched before a pause may still come: they wait like the rest.)

@@ -59,7 +59,7 @@ from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Resume
 from ._partitions import PartitionState
 from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
 
-__all__ = ["SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings"]
+__all__ = ["SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "rebalance_grace"]
 
 _log = logging.getLogger("gateway.worker")
 
@@ -93,6 +93,17 @@ def consumer_settings(config: Config, tier: Tier) -> dict[str, Any]:
         session = config.session_timeout_ms
         settings |= {"session.timeout.ms": session, "heartbeat.interval.ms": max(100, session // 4)}
     return settings
+
+
+def rebalance_grace(config: Config) -> float:
+    """How long releasing partitions in a rebalance waits for their records in flight.
+    With the classic protocol librdkafka sends no heartbeat while the revoke runs, and a
+    process that takes longer than the session timeout is evicted: its partitions go to
+    another while it still works on them. So: half the session, at most the shutdown
+    timeout. With KIP-848 the broker allows the rebalance timeout (max.poll.interval.ms)."""
+    if config.group_protocol == "consumer":
+        return min(config.shutdown_timeout, config.max_poll_interval_ms / 2000)
+    return min(config.shutdown_timeout, config.session_timeout_ms / 2000)
 
 
 class TierWorker:
@@ -133,6 +144,7 @@ class TierWorker:
         self._group = GroupWatch(tier.name, clock=clock)
         self._in_flight = metrics.records_in_flight(tier.name)
         self._metrics = metrics
+        self._stopping = False
         if consumer is None:
             consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._statistics}))
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
@@ -146,6 +158,7 @@ class TierWorker:
 
     async def stop(self) -> None:
         """Stop taking records, let in-flight ones settle (bounded), commit, close."""
+        self._stopping = True
         self.pump.stop()
         await self._done
         for task in self._schema_fetches.values():
@@ -170,7 +183,7 @@ class TierWorker:
         if self.ownership is not None:  # first: new deliveries of these endpoints go to their next owner
             self.ownership.lost(p for _, p in partitions)
         self._lag.revoke(partitions)
-        grace = 0.0 if lost else self.config.shutdown_timeout
+        grace = 0.0 if lost else self.config.shutdown_timeout if self._stopping else rebalance_grace(self.config)
         future = asyncio.run_coroutine_threadsafe(self._release(partitions, grace), self.loop)
         future.result(grace + 5)
 
@@ -207,13 +220,19 @@ class TierWorker:
             tasks |= self._tasks.pop(state.key, set())
         if tasks and grace > 0:
             await self.clock.wait(tasks, grace)  # they keep settling meanwhile
+        running = [t for t in tasks if not t.done()]
+        if self.ownership is not None:
+            # The endpoints of these partitions are the next owner's: an attempt made from
+            # now on would break their limits (the record is the next owner's to repeat).
+            for task in running:
+                task.cancel()
         for state in states:
             position = state.revoke()  # what settles from now on is the next owner's to repeat
             if position is not None:
                 self.pump.store(state.topic, state.partition, position)
         self.log.info("partitions released", extra={
             "partitions": [s.partition for s in states],
-            "handed_over_in_flight": sum(1 for t in tasks if not t.done()),
+            "handed_over_in_flight": len(running), "cancelled": len(running) if self.ownership else 0,
         })
 
     def _accept(self, records: list[Any]) -> None:
@@ -276,15 +295,23 @@ class TierWorker:
     async def _run(self, state: PartitionState, job: Job) -> None:
         gauge = self._in_flight
         gauge.inc()
+        held = True
+
+        def free() -> None:  # its room goes back once: early (put off, only writes left) or at the end
+            nonlocal held
+            if held:
+                held = False
+                self.capacity.give(self.tier.name)
+
         try:
-            await self.dispatcher.run(self.tier, job)
+            await self.dispatcher.run(self.tier, job, free=free)
         except Exception:
             self.log.critical("record not settled: processing raised; commits of this partition "
                               "stop below it until a restart retries it", exc_info=True, extra={"offset": job.offset})
             return
         finally:
             gauge.dec()
-            self.capacity.give(self.tier.name)
+            free()
         position = state.settle(job.offset)
         if position is not None:
             self.pump.store(state.topic, state.partition, position)
