@@ -63,49 +63,66 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def make_events(n: int) -> list[Event]:
-    """n events cycling through the four documented types, 1,000 sessions."""
+def make_events(n: int, bot: str = BOT) -> list[Event]:
+    """n events of ``bot`` cycling through the four documented types, 1,000 sessions."""
     sessions = [str(uuid.uuid4()) for _ in range(1000)]
     shapes = [
-        lambda s: {"event": "MESSAGE", "botId": BOT, "sessionId": s, "role": "USER",
+        lambda s: {"event": "MESSAGE", "botId": bot, "sessionId": s, "role": "USER",
                    "message": "hi, I would like to know more about pricing", "messageId": str(uuid.uuid4())},
-        lambda s: {"event": "RATE_MESSAGE", "botId": BOT, "sessionId": s, "rating": 1,
+        lambda s: {"event": "RATE_MESSAGE", "botId": bot, "sessionId": s, "rating": 1,
                    "messageId": str(uuid.uuid4())},
         lambda s: {"event": "TICKET", "customerName": "jd", "customerEmail": "test@email.com",
-                   "customerMessage": "hello", "botId": BOT, "sessionId": s},
+                   "customerMessage": "hello", "botId": bot, "sessionId": s},
         lambda s: {"event": "CREATE_LEAD", "userId": str(uuid.uuid4()), "email": "jane@example.com",
-                   "intent": "pricing", "name": "Jane", "botId": BOT, "sessionId": s},
+                   "intent": "pricing", "name": "Jane", "botId": bot, "sessionId": s},
     ]
     return [parse_event(shapes[i % 4](sessions[i % 1000])) for i in range(n)]
 
 
 class ReceiverProcess:
-    def __init__(self, out: Path) -> None:
+    """bench/receiver.py in its own process; ``delays``: seconds before a path's answer."""
+
+    def __init__(self, out: Path, delays: dict[str, float] | None = None) -> None:
         self.port = free_port()
         self.out = out
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "receiver.py"), str(self.port), str(out)],
+            [sys.executable, str(HERE / "receiver.py"), str(self.port), str(out),
+             *(f"{path}={seconds}" for path, seconds in (delays or {}).items())],
             stdout=subprocess.PIPE, text=True,
         )
         _children.append(self.process)
         assert self.process.stdout is not None
         assert self.process.stdout.readline().strip() == "ready"
 
+    def url_of(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.url_of("/hook")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
+            return json.load(r)  # type: ignore[no-any-return]
 
     def count(self) -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
-            return int(json.load(r)["count"])
+        return int(self.stats()["count"])
 
-    def arrivals(self) -> dict[str, float]:
+    def unique(self, path: str | None = None) -> int:
+        stats = self.stats()
+        return int(stats["unique"] if path is None else stats["paths"].get(path, {}).get("unique", 0))
+
+    def requests(self) -> list[tuple[str, str, float, float]]:
+        """Stops the receiver; every request: path, event id, started, answered."""
         self.process.terminate()
         self.process.wait(30)
+        return [tuple(json.loads(line)) for line in self.out.read_text().splitlines()]  # type: ignore[misc]
+
+    def arrivals(self) -> dict[str, float]:
+        """Stops the receiver; when each event was first answered."""
         result: dict[str, float] = {}
-        for line in self.out.read_text().splitlines():
-            event_id, at = line.split()
-            result.setdefault(event_id, float(at))
+        for _, event_id, _, answered in self.requests():
+            result.setdefault(event_id, answered)
         return result
 
 
@@ -130,13 +147,19 @@ def worker_env(config: Config) -> dict[str, str]:
     return env
 
 
-def start_workers(config: Config, n: int, profile: Path | None = None) -> list[subprocess.Popen[bytes]]:
-    command = [sys.executable, "-m", "gateway", "run", "--tiers", "events", "--no-metrics"]
+def start_workers(config: Config, n: int, profile: Path | None = None,
+                  env: dict[str, str] | None = None, logs: Path | None = None) -> list[subprocess.Popen[bytes]]:
+    """``n`` `gateway run` processes; their output goes to ``logs``-0.log, … when given."""
+    command = [sys.executable, "-m", "gateway", "run", "--no-metrics"]
     if profile is not None:  # py-spy samples the worker from outside, 100 times a second
         spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
         command = [spy, "record", "--rate", "100", "--format", "raw", "--output", str(profile),
                    "--", *command]
-    workers = [subprocess.Popen(command, env=worker_env(config)) for _ in range(n)]
+    workers = []
+    for i in range(n):
+        output = None if logs is None else open(f"{logs}-{i}.log", "wb")  # noqa: SIM115 (the child's)
+        workers.append(subprocess.Popen(command, env=worker_env(config) | (env or {}), stdout=output,
+                                        stderr=subprocess.STDOUT if output else None))
     _children.extend(workers)
     return workers
 
