@@ -327,29 +327,6 @@ def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> N
     assert all(isinstance(r, Attempt) and r.succeeded for r in results if not isinstance(r, Deferral))
 
 
-def test_a_lone_endpoint_is_never_put_off_for_a_share_even_with_records_waiting() -> None:
-    """Fault: records waiting for room made every endpoint keep only what it serves within
-    GATEWAY_ENDPOINT_WAIT; alone with a burst, on a loaded machine (a measured pace below
-    its backlog), an endpoint had hundreds deferred though the records waiting were its
-    own. Shares now shrink only while more than one endpoint is at work."""
-    async def go(url: str) -> list[Attempt | Deferral]:
-        sender = Sender(_config(endpoint_concurrency=1, endpoint_wait=0.01, concurrency=10), contended=lambda: True)
-        target = endpoint(url)
-        try:
-            await sender.send(target, str(uuid.uuid4()), b"{}", "events")  # timed: 10 a second at most
-            sends = [asyncio.ensure_future(sender.send(target, str(uuid.uuid4()), b"{}", "events"))
-                     for _ in range(12)]
-            await asyncio.sleep(0.05)
-            assert sender.judge_shares() == 0 and sender.fair_share is None
-            return list(await asyncio.gather(*sends))
-        finally:
-            await sender.aclose()
-
-    with RawServer(_slow) as server:
-        results = asyncio.run(go(server.url()))
-    assert all(isinstance(r, Attempt) and r.succeeded for r in results), results
-
-
 def test_an_endpoints_rate_limit_and_max_in_flight_are_kept() -> None:
     async def go(url: str) -> tuple[list[Attempt | Deferral], float]:
         sender = Sender(_config(endpoint_wait=1.0))

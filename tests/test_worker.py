@@ -234,20 +234,6 @@ def test_capacity_gives_a_starved_tier_its_share_back() -> None:
     assert capacity.claim("events", 500) == 2  # nobody else is short: events may use it
 
 
-def test_capacity_says_at_once_when_records_start_waiting_for_room() -> None:
-    """Fault: shares shrank only at the sender's next tick (up to 250 ms), and a fast
-    bot's records waited that long behind a slow endpoint's burst at every full budget.
-    The runner judges shares when this fires."""
-    told: list[int] = []
-    capacity = Capacity(4, ["events"], on_contended=lambda: told.append(capacity.used()))
-    assert capacity.claim("events", 4) == 4 and told == []
-    assert capacity.claim("events", 2) == 0 and told == [4]  # room ran out: told once
-    assert capacity.claim("events", 2) == 0 and told == [4]  # still waiting: not again
-    capacity.give("events", 4)
-    assert capacity.claim("events", 2) == 2 and told == [4]
-    assert capacity.claim("events", 3) == 2 and told == [4, 4]  # waiting again
-
-
 def test_an_idle_tier_reserves_nothing() -> None:
     capacity = Capacity(8, ["events", "retry-1s", "retry-2s", "retry-3s"])
     assert capacity.claim("events", 8) == 8
@@ -534,7 +520,7 @@ class _Dispatcher:
         due = int(value.split(b":")[1]) if value.startswith(b"due:") else 0
         return Job(message, BadRecord(DeadLetterReason.INVALID, "x"), due)
 
-    async def run(self, tier: Any, job: Job, *, free: Any = None) -> None:
+    async def run(self, tier: Any, job: Job) -> None:
         if self.gate is not None:
             await self.gate.wait()
         self.ran.append(job.offset)
@@ -810,33 +796,6 @@ def test_an_unusable_secret_dead_letters_that_endpoint_alone() -> None:
     assert dead.reason == "internal_error" and dead.delivery is not None
     assert dead.delivery.endpoint_id == bad.id
     assert "!!!" not in dead.detail  # never the secret
-
-
-def test_a_put_off_delivery_gives_its_room_back_before_its_writes_are_acknowledged() -> None:
-    """Fault: a record put off kept its room in the budget until its deferral and its
-    history line were acknowledged. When a slow endpoint's burst was shed (hundreds at
-    once), a fast bot's records waited for those acknowledgements: its p99 rose from 55 to
-    240 ms in the fairness bench. Room now goes back when the delivery is put off; a
-    record fanned out to several endpoints keeps it until all its attempts are done."""
-    one = new_endpoint(bot_id=BOT, url="https://a.example/hook")
-    deferral = Deferral(DeferReason.SHARE, "full while others wait", 1.0)
-
-    async def freed_before_acks(endpoints: list[Endpoint]) -> bool:
-        dispatcher, producer, _, _ = _dispatcher(endpoints, {e.id: deferral for e in endpoints})
-        producer.gate = asyncio.Event()  # no acknowledgement until the test says
-        freed: list[bool] = []
-        tier = dispatcher.tiers[0]
-        running = asyncio.ensure_future(dispatcher.run(tier, dispatcher.prepare(tier, _event_message(DOC)),
-                                                       free=lambda: freed.append(True)))
-        await _settle()
-        early = bool(freed)
-        producer.gate.set()
-        await running
-        return early
-
-    assert asyncio.run(freed_before_acks([one]))
-    two = new_endpoint(bot_id=BOT, url="https://b.example/hook")
-    assert not asyncio.run(freed_before_acks([one, two]))
 
 
 def _deferred_message(dispatcher: Dispatcher, delivery: Delivery) -> FakeMessage:

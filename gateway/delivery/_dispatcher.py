@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -61,17 +60,13 @@ __all__ = ["MIN_DEFERRAL", "SCHEDULE_HEADER", "BadRecord", "Dispatcher", "Job", 
 log = logging.getLogger("gateway.dispatcher")
 
 SCHEDULE_HEADER = "schedule-tier"
-"""The header naming, on the deliveries topic, whose attempt a forwarded delivery makes."""
 OWNERSHIP_WAIT = 30.0
 """Longest a record waits, when a process starts, to learn which endpoints it owns
 (seconds); after it, records of endpoints not known to be owned here are forwarded."""
+"""The header naming, on the deliveries topic, whose attempt a forwarded delivery makes."""
 
 MIN_DEFERRAL = 0.25
 """Shortest a deferred delivery stays away (seconds): a Kafka round trip is not free."""
-
-
-def _keep() -> None:
-    """A record keeps its room in the in-flight budget until it settles."""
 
 _EVENT_SCHEMAS = frozenset(SCHEMA_NAMES.values())
 _KEPT_BYTES = 64 * 1024
@@ -200,18 +195,14 @@ class Dispatcher:
 
     # -- processing -----------------------------------------------------------------------
 
-    async def run(self, tier: Tier, job: Job, *, free: Callable[[], None] = _keep) -> None:
-        """Process a due, ready job to the end: delivered, forwarded or dead-lettered.
-
-        ``free`` gives the record's room in the in-flight budget back early: called when a
-        delivery was put off and only its writes remain (a wave of deferrals would
-        otherwise hold the room the records of other endpoints wait for)."""
+    async def run(self, tier: Tier, job: Job) -> None:
+        """Process a due, ready job to the end: delivered, forwarded or dead-lettered."""
         content = job.content
         try:
             if isinstance(content, Event):
-                await self._fan_out(tier, job, content, free)
+                await self._fan_out(tier, job, content)
             elif isinstance(content, Delivery):
-                await self._retry(tier, job, content, free)
+                await self._retry(tier, job, content)
             elif isinstance(content, BadRecord):
                 await self._dead_letter_record(job, content.reason, content.detail)
             else:
@@ -224,25 +215,24 @@ class Dispatcher:
             await self._dead_letter_record(job, DeadLetterReason.INTERNAL_ERROR,
                                            f"internal error while processing: {exc!r}")
 
-    async def _fan_out(self, tier: Tier, job: Job, event: Event, free: Callable[[], None]) -> None:
+    async def _fan_out(self, tier: Tier, job: Job, event: Event) -> None:
         targets = self.endpoints.for_event(event.bot_id, event.type.value)
         if not targets:
             self.metrics.events_without_endpoint.labels(event.type.value).inc()
             return
         body = event.json_body()
         if len(targets) == 1:
-            await self._attempt_or_forward(tier, tier, job, event, targets[0], body, free)
+            await self._attempt_or_forward(tier, tier, job, event, targets[0], body)
             return
         # Every attempt is waited for, whatever another one does: the record is settled
-        # only when all of them are, and keeps its room until then.
-        results = await asyncio.gather(*(self._attempt_or_forward(tier, tier, job, event, e, body, _keep)
-                                         for e in targets),
+        # only when all of them are.
+        results = await asyncio.gather(*(self._attempt_or_forward(tier, tier, job, event, e, body) for e in targets),
                                        return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _retry(self, tier: Tier, job: Job, delivery: Delivery, free: Callable[[], None]) -> None:
+    async def _retry(self, tier: Tier, job: Job, delivery: Delivery) -> None:
         endpoint = self.endpoints.get(delivery.endpoint_id)
         bound = bind(log, event_id=delivery.event_id, endpoint_id=delivery.endpoint_id, tier=tier.name)
         if endpoint is None:
@@ -255,7 +245,7 @@ class Dispatcher:
             await self._expire(job, delivery, endpoint, self._schedule_tier(tier, job, delivery), bound)
         else:
             await self._attempt_or_forward(tier, self._schedule_tier(tier, job, delivery), job, delivery, endpoint,
-                                           delivery.payload.encode(), free)
+                                           delivery.payload.encode())
 
     def _schedule_tier(self, tier: Tier, job: Job, delivery: Delivery) -> Tier:
         """Whose attempt a delivery makes: its tier's; on the deliveries topic, the tier its
@@ -274,7 +264,7 @@ class Dispatcher:
         return self.tiers[min(delivery.attempt, len(self.tiers) - 1)]
 
     async def _attempt_or_forward(self, tier: Tier, schedule: Tier, job: Job, source: Event | Delivery,
-                                  endpoint: Endpoint, body: bytes, free: Callable[[], None]) -> None:
+                                  endpoint: Endpoint, body: bytes) -> None:
         """Attempt here when this process owns the endpoint (records of the deliveries
         topic always: their partition is this process's), else forward the delivery to
         its owner."""
@@ -284,7 +274,7 @@ class Dispatcher:
                 async with asyncio.timeout(OWNERSHIP_WAIT):
                     await ownership.wait_known()
         if tier.owner or ownership is None or ownership.owns(endpoint.id):
-            await self._attempt(schedule, job, source, endpoint, body, free)
+            await self._attempt(schedule, job, source, endpoint, body)
         else:
             await self._forward(schedule, job, source, endpoint, body)
 
@@ -302,8 +292,7 @@ class Dispatcher:
         self.metrics.forwarded.inc()
 
     async def _attempt(
-        self, tier: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint, body: bytes,
-        free: Callable[[], None] = _keep,
+        self, tier: Tier, job: Job, source: Event | Delivery, endpoint: Endpoint, body: bytes
     ) -> None:
         """One attempt of ``source`` (an event's first, or a delivery's next) at
         ``endpoint``, and what follows it. Contained: a failure of the gateway's own
@@ -318,7 +307,6 @@ class Dispatcher:
             finally:
                 in_flight.dec()
             if isinstance(attempt, Deferral):
-                free()
                 await self._defer(job, tier, source, endpoint, body, attempt, bound)
                 return
             decision = decide(self.tiers, tier, source, endpoint, attempt, body)

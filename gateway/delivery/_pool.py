@@ -70,8 +70,6 @@ class EndpointPool:
         self.retired = False
         self.busy = 0
         self.waiting = 0
-        self.answered_at = float("-inf")
-        """When (event-loop time) its last request ended."""
         """Waiting for a lane or for the rate limit's slot."""
         self._closing: set[asyncio.Task[None]] = set()
 

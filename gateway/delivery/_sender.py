@@ -145,16 +145,16 @@ class Sender:
                     del self._pools[endpoint_id]
 
     def judge_shares(self) -> int:
-        """Work-conserving shares: while nobody else is short of room, nothing is put off.
-        While someone is (:meth:`_others_wait`), each endpoint keeps its allowance of waiters
+        """Work-conserving shares: while nobody is short of room, nothing is put off. While
+        someone is (:attr:`contended`), each endpoint keeps its allowance of waiters
         (:meth:`EndpointPool.allowance`: what it serves within ``GATEWAY_ENDPOINT_WAIT``, or
         its max-min fair share of the budget) and its youngest other waiters are put off,
         to come back paced. At most :data:`SHED_SLICE` are put off at once, the rest right
         after what is ready to run. Returns how many were put off. Called a few times a
-        second, and at once when a consumer finds no room."""
+        second."""
         for pool in self._retired:  # their URL changed: they come back to the new one
             pool.shed(0)
-        if not self._others_wait():
+        if self.contended is None or not self.contended():
             self.fair_share = None
             return 0
         holding = sum(1 for pool in self._pools.values() if pool.in_hand)
@@ -170,23 +170,6 @@ class Sender:
             self._judging_again = True
             asyncio.get_running_loop().call_soon(self._judge_again)
         return shed
-
-    def _others_wait(self) -> bool:
-        """Whether shares must shrink: records fetched wait for room (:attr:`contended`)
-        while more than one endpoint is at work (holding records, or answered within the
-        last second). Records waiting while one endpoint alone is at work are its own: a
-        lone endpoint's burst is never put off for a share. (Another bot's first records,
-        waiting in the same batch, get room in turn as the lone endpoint's requests end,
-        and once at work, shares shrink.)"""
-        if self.contended is None or not self.contended():
-            return False
-        now = asyncio.get_running_loop().time()
-        return sum(1 for pool in self._pools.values() if pool.in_hand or now - pool.answered_at < 1.0) > 1
-
-    def records_wait(self) -> None:
-        """Records fetched just started waiting for room: judge the shares now, not at the
-        next tick."""
-        self.judge_shares()
 
     def _judge_again(self) -> None:
         self._judging_again = False
@@ -282,7 +265,6 @@ class Sender:
                 attempt = await self._exchange(pool, lane, endpoint, event_id, body, tier, signing)
             except LookupQueued as exc:
                 return Deferral(DeferReason.DNS, str(exc), self.config.endpoint_wait)
-            pool.answered_at = loop.time()
             if attempt.outcome.reached_network:
                 pool.served(attempt.duration_ms / 1000)
             change = pool.breaker.record(attempt, loop.time(), probe=probe)

@@ -18,7 +18,7 @@ reserves nothing. The rule is :func:`fair_room`, pure.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping, Set
 
 __all__ = ["Capacity", "fair_room"]
 
@@ -40,16 +40,12 @@ class Capacity:
     """Records in flight in this process, bounded by ``limit`` and shared by ``tiers``.
     Safe to call from any thread."""
 
-    def __init__(self, limit: int, tiers: Iterable[str], *,
-                 on_contended: Callable[[], None] | None = None) -> None:
+    def __init__(self, limit: int, tiers: Iterable[str]) -> None:
         self.limit = limit
         self._used = dict.fromkeys(tiers, 0)
         self._starved: set[str] = set()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self.on_contended = on_contended
-        """Called (from the claiming thread, outside the lock) when records start waiting
-        for room: the moment shares must shrink, not at the next periodic judgement."""
 
     def claim(self, tier: str, wanted: int) -> int:
         """Take room for up to ``wanted`` records of ``tier``; returns how many it got.
@@ -57,15 +53,11 @@ class Capacity:
         with self._lock:
             granted = min(wanted, fair_room(self.limit, self._used, self._starved, tier))
             self._used[tier] += granted
-            began = False
             if granted < wanted:
-                began = not self._starved
                 self._starved.add(tier)
             else:
                 self._starved.discard(tier)
-        if began and self.on_contended is not None:
-            self.on_contended()
-        return granted
+            return granted
 
     def withdraw(self, tier: str) -> None:
         """``tier`` has nothing waiting any more (its records were revoked)."""

@@ -163,14 +163,6 @@ async def serve(
     table = registry.table
     sender = Sender(config, on_circuit=circuits.report, contended=capacity.contended,
                     registered=lambda endpoint_id: table.get(endpoint_id) is not None)
-
-    def judge_now() -> None:
-        # Shares shrink as soon as records wait for room, not up to a tick later: the
-        # records waiting may be another bot's, and every moment the budget stays full is theirs.
-        with contextlib.suppress(RuntimeError):  # the loop closed: the process is ending
-            loop.call_soon_threadsafe(sender.records_wait)
-
-    capacity.on_contended = judge_now
     metrics.count_circuits(sender.circuit_counts)
     ownership = Ownership(partitions)
     dispatcher = Dispatcher(config, codec=codec, endpoints=table, sender=sender,

@@ -295,23 +295,15 @@ class TierWorker:
     async def _run(self, state: PartitionState, job: Job) -> None:
         gauge = self._in_flight
         gauge.inc()
-        held = True
-
-        def free() -> None:  # its room goes back once: early (put off, only writes left) or at the end
-            nonlocal held
-            if held:
-                held = False
-                self.capacity.give(self.tier.name)
-
         try:
-            await self.dispatcher.run(self.tier, job, free=free)
+            await self.dispatcher.run(self.tier, job)
         except Exception:
             self.log.critical("record not settled: processing raised; commits of this partition "
                               "stop below it until a restart retries it", exc_info=True, extra={"offset": job.offset})
             return
         finally:
             gauge.dec()
-            free()
+            self.capacity.give(self.tier.name)
         position = state.settle(job.offset)
         if position is not None:
             self.pump.store(state.topic, state.partition, position)
