@@ -121,8 +121,7 @@ class EndpointPool:
         """How many may wait while others are short of room: what the endpoint serves
         within ``wait`` seconds, or what its fair share of the process leaves beside its
         requests in flight, whichever is more. No limit before a request to it was timed:
-        nothing is put off on a guess of its pace (shares are judged the moment records
-        wait for room, which at a burst's start is before any answer came back)."""
+        nothing is put off on a guess of its pace."""
         if self.service_seconds is None:
             return sys.maxsize
         return max(int(self.pace() * wait), fair_share - self.busy, 0)
