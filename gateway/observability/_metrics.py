@@ -196,6 +196,16 @@ class Metrics:
             "1 when some process reads the tier's topic (this one, or a consumer group with members), "
             "0 when none does: what is sent there waits.", ["tier"], registry=registry,
         )
+        self.out_of_group = Gauge(
+            "gateway_consumer_out_of_group_seconds",
+            "How long the tier's consumer has been out of its consumer group (0 while in it): a "
+            "consumer out of its group fetches nothing.", ["tier"], registry=registry,
+        )
+        self.consumers_replaced = Counter(
+            "gateway_consumer_replacements_total",
+            "Consumers closed and created anew because they stayed out of their group past the bound.",
+            ["tier"], registry=registry,
+        )
         self.schema_lookups_failed = Counter(
             "gateway_schema_registry_errors_total",
             "Schema lookups the registry did not answer (the partition waits and retries).",
@@ -252,12 +262,16 @@ class Metrics:
             self.delivery_seconds.labels(tier)
             self.deliveries_in_flight.labels(tier)
             self.in_flight_records.labels(tier)
+            self.out_of_group.labels(tier)
+            self.consumers_replaced.labels(tier)
             if index > 0:
                 self.retries_scheduled.labels(tier)
         for state in ("enabled", "disabled"):
             self.endpoints.labels(state)
         for name in deferrals:
             self.in_flight_records.labels(name)
+            self.out_of_group.labels(name)
+            self.consumers_replaced.labels(name)
         for defer_reason in DeferReason:
             self.deferred.labels(defer_reason.value)
         for circuit in _CIRCUIT_STATES:

@@ -62,10 +62,14 @@ class Broker:
     :meth:`start` / :meth:`stop`."""
 
     def __init__(
-        self, *, port: int = 9092, host: str = "127.0.0.1", log: Path | None = None
+        self, *, port: int = 9092, host: str = "127.0.0.1", log: Path | None = None,
+        advertised_port: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.advertised_port = advertised_port
+        """The port clients are told to connect to (a proxy in front of the broker); ``port``
+        when None."""
         self.log = log
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -86,12 +90,13 @@ class Broker:
                 "or choose another port (--port)"
             )
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.host}:{self.advertised_port or self.port}"
         env = {k: v for k, v in os.environ.items()
                if k not in {"LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE"}}
         if self.log is not None:
             self._log_file = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
         self._process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised,
              "--storage-engine", "memory://tansu/"],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file if self._log_file else subprocess.DEVNULL,
