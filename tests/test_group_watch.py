@@ -53,6 +53,38 @@ def test_a_consumer_out_of_its_group_longer_than_the_bound_is_named_once_and_aga
     assert watched(caplog)[-1] == ("consumer back in its group", {"join_state": None, "out_for_s": 95.1})
 
 
+def brokers(state: str) -> dict[str, Any]:
+    return {"brokers": {"127.0.0.1:9092/1": {"state": state, "nodeid": 1},
+                        "127.0.0.1:9092/bootstrap": {"state": "UP", "nodeid": -1}}}
+
+
+def test_a_consumer_is_stuck_only_out_of_its_group_past_the_bound_while_a_broker_answers() -> None:
+    """What makes the worker replace a tier's consumer: out of its group longer than the
+    bound while a broker connection is up. With every broker away a new consumer would not
+    do better, so it is not stuck; a renewed consumer counts from its renewal."""
+    clock = FakeClock()
+    watch = GroupWatch("events", clock=clock)
+    watch.update(stats("steady") | brokers("UP"))
+    clock.advance(100)
+    assert watch.out_for() == 0 and not watch.stuck(10)
+    watch.update(stats("wait-join") | brokers("UP"))
+    clock.advance(10)
+    assert watch.out_for() == 10 and not watch.stuck(10)
+    clock.advance(0.5)
+    assert watch.stuck(10)
+    watch.update(stats("wait-join") | brokers("DOWN"))  # (the bootstrap connection does not count)
+    assert not watch.stuck(10)
+    watch.update(stats("wait-join") | brokers("UP"))
+    watch.renewed()
+    assert watch.out_for() == 0
+    clock.advance(11)
+    assert watch.out_for() == 11 and not watch.stuck(10)  # no statistics of the new consumer yet
+    watch.update(stats("wait-join") | brokers("UP"))
+    assert watch.stuck(10)
+    watch.update(stats("steady") | brokers("UP"))
+    assert watch.out_for() == 0 and not watch.stuck(10)
+
+
 def test_rebalances_shorter_than_the_bound_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.consumer")
     clock = FakeClock()

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -51,6 +52,7 @@ from gateway.streaming import (
     ConsumerPump,
     PartitionState,
     Pause,
+    Renewal,
     Resume,
     TierWorker,
     fair_room,
@@ -501,6 +503,39 @@ def test_a_lost_partition_is_released_without_a_commit() -> None:
     consumer.rebalance([("t", 0)])
     consumer.callbacks["on_lost"](consumer, consumer.assignment())
     assert owner.revocations == [([("t", 0)], True)] and consumer.commits == 0
+
+
+def test_a_consumer_replaced_drops_its_partitions_as_lost_and_the_new_one_subscribes() -> None:
+    """The pump replaces a consumer its renewal says is stuck: what it held is released as
+    lost, settled positions go to the old consumer before its close (which commits them),
+    the new one subscribes to the same topics, and the old one's callbacks are ignored."""
+    stuck, fresh = FakeConsumer(), FakeConsumer()
+    due = [True]
+    made: list[FakeConsumer] = []
+
+    def create() -> FakeConsumer:
+        due[0] = False
+        made.append(fresh)
+        return fresh
+
+    owner = Owner()
+    pump = ConsumerPump(stuck, "events", Capacity(10, ["events"]), owner,
+                        renew=Renewal(due=lambda: due[0], create=create, close_timeout=5))
+    owner.pump = pump
+    pump.subscribe(["t"])
+    stuck.rebalance([("t", 0), ("t", 1)])
+    owner.store_on_revoke = {("t", 1): 4}
+    pump.run_once()
+    assert made == [fresh] and pump.consumer is fresh
+    assert owner.revocations == [([("t", 0), ("t", 1)], True)]
+    assert stuck.closed and stuck.stored == {("t", 1): 4}  # the close committed what was settled
+    assert "on_assign" in fresh.callbacks  # subscribed to the same topics, with the pump's callbacks
+    fresh.rebalance([("t", 0), ("t", 1), ("t", 2)])
+    assert owner.assigned_keys[-3:] == [("t", 0), ("t", 1), ("t", 2)]
+    stuck.callbacks["on_assign"](stuck, [TopicPartition("t", 5)])  # a late callback of the old one
+    assert ("t", 5) not in owner.assigned_keys and ("t", 5) not in pump.assigned
+    pump.run_once()
+    assert made == [fresh]  # not due again
 
 
 # -- TierWorker on a real event loop -------------------------------------------------------

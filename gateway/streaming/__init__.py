@@ -17,7 +17,18 @@ The modules are private: import from ``gateway.streaming``.
 
 from ._broker import Broker, broker_binary, die_with_parent, port_in_use
 from ._capacity import Capacity, fair_room
-from ._consumer import BATCH, Command, ConsumerLike, ConsumerPump, Key, PartitionOwner, Pause, Resume, in_turns
+from ._consumer import (
+    BATCH,
+    Command,
+    ConsumerLike,
+    ConsumerPump,
+    Key,
+    PartitionOwner,
+    Pause,
+    Renewal,
+    Resume,
+    in_turns,
+)
 from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
@@ -31,7 +42,7 @@ from ._statistics import (
     read_statistics,
 )
 from ._supervisor import supervise
-from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings
+from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, rejoin_bound
 
 __all__ = [
     "BATCH",
@@ -53,6 +64,7 @@ __all__ = [
     "PartitionOwner",
     "PartitionState",
     "Pause",
+    "Renewal",
     "Resume",
     "TierReaders",
     "TierWorker",
@@ -66,6 +78,7 @@ __all__ = [
     "observe",
     "port_in_use",
     "read_statistics",
+    "rejoin_bound",
     "resolve_tiers",
     "run",
     "serve",

@@ -51,7 +51,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from ..clock import SYSTEM, Clock
-from ..observability import bind
+from ..observability import BoundLogger, bind
 from ._capacity import Capacity
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "Key",
     "PartitionOwner",
     "Pause",
+    "Renewal",
     "Resume",
     "in_turns",
 ]
@@ -130,6 +131,17 @@ class ConsumerLike(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """When a pump replaces its consumer with a new one, and how."""
+
+    due: Callable[[], bool]
+    """Asked before every round, on the pump's thread."""
+    create: Callable[[], ConsumerLike]
+    close_timeout: float = 10.0
+    """How long the old consumer's close is waited for (it may hang on what is stuck)."""
+
+
 class PartitionOwner(Protocol):
     """What the pump tells the tier's worker. Every method is called on the pump's thread."""
 
@@ -163,8 +175,15 @@ class ConsumerPump:
         watermark_interval: float = 5.0,
         pause_after: float = 2.0,
         clock: Clock = SYSTEM,
+        renew: Renewal | None = None,
     ) -> None:
         self.consumer = consumer
+        self.renew = renew
+        """When to replace the consumer with a new one, and how (None: never)."""
+        self.topics: list[str] = []
+        self.assigned: set[Key] = set()
+        """The partitions the consumer was last given (its callbacks keep this)."""
+        self._replacing = False
         self.tier = tier
         self.clock = clock
         """Times ``pause_after`` and ``watermark_interval`` (its monotonic clock)."""
@@ -210,6 +229,7 @@ class ConsumerPump:
     def subscribe(self, topics: list[str]) -> None:
         """Subscribe the consumer, with the pump's rebalance callbacks (run by ``poll``, so
         on whichever thread calls :meth:`run_once`)."""
+        self.topics = topics
         self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
 
@@ -244,6 +264,8 @@ class ConsumerPump:
     def run_once(self) -> None:
         """One round: carry out the requests, hand over what the budget has room for,
         then poll (with the assignment paused while fetched records still wait)."""
+        if self.renew is not None and self.renew.due():
+            self.replace()
         self.serve()
         self._list_watermarks()
         if self._waiting:
@@ -351,13 +373,53 @@ class ConsumerPump:
         if again:
             self.consumer.resume(again)
 
+    def replace(self) -> None:
+        """Close the consumer (bounded) and go on with a new one in the same group.
+
+        For a consumer out of its group far longer than a rebalance takes while the cluster
+        answers: its partitions are long someone else's, so they are dropped as lost
+        (records in flight settle into nothing: their offsets are never stored, the next
+        owner repeats them). The old consumer's close commits what was settled before and
+        leaves the group; its callbacks no longer reach the pump. A close that hangs (its
+        coordinator connection is what is stuck) is left behind after ``close_timeout``."""
+        assert self.renew is not None
+        old, keys = self.consumer, sorted(self.assigned)
+        self.log.error("consumer replaced: out of its group too long while the cluster answers",
+                       extra={"partitions_dropped": [p for _, p in keys]})
+        if keys:
+            self.assigned.clear()
+            self._forget(keys)
+            try:
+                self.owner.revoked(keys, lost=True)
+            except Exception:
+                self.log.exception("releasing lost partitions failed")
+        self.serve()  # settled positions go to the old consumer, committed by its close
+        self.held.clear()
+        self._replacing = True  # (its callbacks, run by its close, are not the pump's business)
+        closing = threading.Thread(target=_close_quietly, args=(old, self.log), daemon=True,
+                                   name=f"consumer-{self.tier}-close")
+        closing.start()
+        closing.join(self.renew.close_timeout)
+        if closing.is_alive():
+            self.log.warning("old consumer still closing; left behind",
+                             extra={"close_timeout_s": self.renew.close_timeout})
+        self._replacing = False
+        self.consumer = self.renew.create()
+        self.subscribe(self.topics)
+
     # -- rebalance callbacks (run by poll, on this thread) -------------------------------
+    # A replaced consumer's callbacks (run by its close, on another thread) are ignored:
+    # what it held was dropped when it was replaced.
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer or self._replacing:
+            return
         consumer.resume(partitions)  # a pause kept from an earlier assignment would silence it
         if self.budget_paused:
             consumer.pause(partitions)
-        self.owner.assigned([(p.topic, p.partition) for p in partitions])
+        keys = [(p.topic, p.partition) for p in partitions]
+        self.assigned.update(keys)
+        self.owner.assigned(keys)
 
     def _forget(self, keys: list[Key]) -> None:
         """Partitions leave: what of them was fetched and still waits is the next
@@ -369,7 +431,10 @@ class ConsumerPump:
             self.capacity.withdraw(self.tier)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer or self._replacing:
+            return
         keys = [(p.topic, p.partition) for p in partitions]
+        self.assigned.difference_update(keys)
         self._forget(keys)
         try:
             self.owner.revoked(keys, lost=False)
@@ -383,9 +448,19 @@ class ConsumerPump:
                 self.log.error("commit on revoke failed", extra={"error": exc.args[0].str()})
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer or self._replacing:
+            return
         keys = [(p.topic, p.partition) for p in partitions]
+        self.assigned.difference_update(keys)
         self._forget(keys)
         try:
             self.owner.revoked(keys, lost=True)
         except Exception:
             self.log.exception("releasing lost partitions failed")
+
+
+def _close_quietly(consumer: ConsumerLike, log: BoundLogger) -> None:
+    try:
+        consumer.close()
+    except Exception:
+        log.exception("closing the replaced consumer failed")

@@ -159,9 +159,29 @@ class GroupWatch:
         self._log = bind(_group_log, tier=tier)
         self._out_since: float | None = None
         self.warned = False
+        self.brokers_up = False
+        """Whether the last statistics had a connection to some broker up: the cluster
+        answers, so staying out of the group is the consumer's own state."""
+
+    def out_for(self) -> float:
+        """Seconds the consumer has been out of its group (0 while in it)."""
+        since = self._out_since
+        return 0.0 if since is None else self._clock.monotonic() - since
+
+    def stuck(self, bound: float) -> bool:
+        """Out of its group longer than ``bound`` while the cluster answers."""
+        return self.brokers_up and self.out_for() > bound
+
+    def renewed(self) -> None:
+        """The consumer was replaced: the new one starts out of the group, from now."""
+        self._out_since, self.warned, self.brokers_up = self._clock.monotonic(), False, False
 
     def update(self, stats: Mapping[str, Any]) -> None:
         """Read one statistics document (``stats_cb``, on the consumer's thread)."""
+        brokers = stats.get("brokers")
+        if isinstance(brokers, dict):
+            self.brokers_up = any(isinstance(b, dict) and b.get("state") == "UP" and b.get("nodeid", -1) >= 0
+                                  for b in brokers.values())
         group = stats.get("cgrp")
         if not isinstance(group, dict) or "join_state" not in group:
             return

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, cast
 
 from confluent_kafka import Consumer
@@ -55,11 +56,11 @@ from ..errors import DecodeError, RegistryUnavailable
 from ..observability import Health, Metrics, assigned, bind
 from ..store import Tier
 from ._capacity import Capacity
-from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Resume
+from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Renewal, Resume
 from ._partitions import PartitionState
 from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
 
-__all__ = ["SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "rebalance_grace"]
+__all__ = ["SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "rebalance_grace", "rejoin_bound"]
 
 _log = logging.getLogger("gateway.worker")
 
@@ -106,6 +107,14 @@ def rebalance_grace(config: Config) -> float:
     return min(config.shutdown_timeout, config.session_timeout_ms / 2000)
 
 
+def rejoin_bound(config: Config) -> float:
+    """How long a tier's consumer may stay out of its group, while the cluster answers,
+    before it is replaced by a new one (seconds). A rebalance waits for the members up to
+    the rebalance timeout (``max.poll.interval.ms``) and notices a member gone within a
+    session; past both, and a session more, the consumer is not coming back by itself."""
+    return (config.max_poll_interval_ms + 2 * config.session_timeout_ms) / 1000
+
+
 class TierWorker:
     """Consumes one tier's topic in its consumer group and runs its records."""
 
@@ -142,14 +151,22 @@ class TierWorker:
         self._done: asyncio.Future[None] = loop.create_future()
         self._lag = ConsumerLag(tier.name, metrics.consumer_lag)
         self._group = GroupWatch(tier.name, clock=clock)
+        metrics.out_of_group.labels(tier.name).set_function(self._group.out_for)
+        self._generation = 0
+        """How many consumers this worker has made (a replaced one's statistics are ignored)."""
         self._in_flight = metrics.records_in_flight(tier.name)
         self._metrics = metrics
         self._stopping = False
+        renew = None
         if consumer is None:
-            consumer = cast(ConsumerLike, Consumer(consumer_settings(config, tier) | {"stats_cb": self._statistics}))
+            consumer = self._new_consumer()
+            bound = rejoin_bound(config)
+            renew = Renewal(due=lambda: not self._stopping and self._group.stuck(bound),
+                            create=self._replacement, close_timeout=min(config.shutdown_timeout, 5.0))
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
                                  watermark_interval=LAG_INTERVAL_MS / 1000,
-                                 pause_after=min(2.0, config.max_poll_interval_ms / 1000 / 4), clock=clock)
+                                 pause_after=min(2.0, config.max_poll_interval_ms / 1000 / 4), clock=clock,
+                                 renew=renew)
 
     # -- lifecycle (event loop) ----------------------------------------------------------
 
@@ -164,8 +181,28 @@ class TierWorker:
         for task in self._schema_fetches.values():
             task.cancel()
 
-    def _statistics(self, stats_json: str) -> None:
-        """librdkafka's statistics (``stats_cb``, called by poll on the pump's thread)."""
+    def _new_consumer(self) -> ConsumerLike:
+        """A consumer of the tier's group; its client id names the process and how many
+        consumers it has made (what the broker's logs show)."""
+        self._generation += 1
+        generation = self._generation
+        settings = consumer_settings(self.config, self.tier) | {
+            "client.id": f"{self.config.consumer_group}.{self.tier.name}-{os.getpid()}-{generation}",
+            "stats_cb": lambda stats: self._statistics(stats, generation),
+        }
+        return cast(ConsumerLike, Consumer(settings))
+
+    def _replacement(self) -> ConsumerLike:
+        """The next consumer, when the pump replaces one stuck out of its group."""
+        self._metrics.consumers_replaced.labels(self.tier.name).inc()
+        self._group.renewed()
+        return self._new_consumer()
+
+    def _statistics(self, stats_json: str, generation: int) -> None:
+        """librdkafka's statistics (``stats_cb``, called by poll on the pump's thread, or by
+        a replaced consumer's close: those are ignored)."""
+        if generation != self._generation:
+            return
         stats = read_statistics(stats_json, self.tier.name)
         if stats is not None:
             self._lag.update(stats)
