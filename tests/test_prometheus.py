@@ -1,6 +1,8 @@
 """A real Prometheus scraping a real gateway under load: every query of the Grafana
 dashboard and of the alert rules must return data, the alerts the load provokes must
-become active, and two worker processes must add up. Plus promtool's own checks.
+become active, what the operations panels show must move (a circuit open, deferrals onto
+a rung, history lines written), and two worker processes must add up. Plus promtool's
+own checks.
 
 Prometheus runs from Debian's ``prometheus`` package (``.ci/run`` installs it); without
 the binaries on PATH these tests skip.
@@ -27,10 +29,12 @@ import pytest
 import yaml
 
 from gateway.config import Config
+from gateway.ops import new_endpoint
+from gateway.store import save_endpoint
 
 from .conftest import free_port
 from .receiver import Receiver
-from .test_metrics import GatewayProcess, documented, publish, publish_undecodable, register
+from .test_metrics import BOT, GatewayProcess, documented, publish, publish_undecodable, register
 
 pytestmark = [
     pytest.mark.integration,
@@ -196,6 +200,9 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
     receiver.respond("/fail", lambda request, seen: 500)
     register(topics, receiver.url("/ok"))
     register(topics, receiver.url("/fail"), events=("TICKET",))  # 4 failed attempts each
+    # 5 MESSAGE events a second to an endpoint limited to 1 a second: the rest are deferred.
+    save_endpoint(topics, new_endpoint(bot_id=BOT, url=receiver.url("/limited"), event_types=("MESSAGE",),
+                                       rate_limit=1.0))
     port, dead_port = two_free_ports(), free_port()
     stop_load, published = threading.Event(), [0]
     loader = threading.Thread(target=_publish_loop, args=(topics, stop_load, published), daemon=True)
@@ -211,14 +218,17 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
         queries = dashboard_queries() | rule_queries()
         expected_alerts = {"GatewayDeadLetters", "GatewayDeliverySuccessRatioLow", "GatewayWorkerDown"}
         missing: dict[str, str] = {}
+        still: dict[str, str] = {}
         active: set[str] = set()
         for attempt in itertools.count():
             missing = {name: expr for name, expr in queries.items() if not prometheus.query(expr)}
+            still = {name: expr for name, expr in MOVING.items() if not _scalar(prometheus, expr) > 0}
             active = {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
-            if not missing and expected_alerts <= active:
+            if not missing and not still and expected_alerts <= active:
                 break
             assert time.monotonic() - started < 40, (
                 f"after {attempt} rounds, no data for {json.dumps(missing, indent=1)}; "
+                f"still at zero: {json.dumps(still, indent=1)}; "
                 f"active alerts {sorted(active)}\ngateway log:\n{gateway.text()[-1500:]}")
             time.sleep(1)
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
@@ -247,6 +257,14 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
             prometheus.stop()
         code = gateway.stop()
     assert code == 0, gateway.text()[-3000:]
+
+
+MOVING = {
+    "an open circuit's age": "max(gateway_circuit_oldest_open_seconds)",  # the failing endpoint's
+    "deferrals onto a rung": 'sum(gateway_deferred_total{reason="rate_limit", rung=~"deferred-.+"})',
+    "history lines written": 'sum(gateway_history_writes_total{result="written"})',
+}
+"""What the load must make more than 0 (a query of a series at 0 already returns data)."""
 
 
 def _publish_loop(config: Config, stop: threading.Event, published: list[int]) -> None:

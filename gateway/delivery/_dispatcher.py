@@ -384,7 +384,6 @@ class Dispatcher:
         count unchanged, a line in its log; or, deferred longer than the age limit, into
         the dead-letter topic."""
         now = self.clock.now_ms()
-        self.metrics.deferred.labels(deferral.reason.value).inc()
         delivery = source if isinstance(source, Delivery) else first_delivery(source, endpoint, body)
         entry = Attempt(at=now, tier=tier.name, duration_ms=0.0, outcome=Outcome.DEFERRED,
                         error=f"deferred ({deferral.reason.value}): {deferral.detail}")
@@ -400,6 +399,7 @@ class Dispatcher:
         wait = min(wait, max(left, 0.0))
         rungs = self.topics.deferral_tiers
         rung = rungs[deferral_rung(wait, [r.delay for r in rungs])]
+        self.metrics.deferral(deferral.reason.value, rung.name).inc()  # (one past the age limit is a dead letter)
         deferred = replace(deferred, due_at=now + math.ceil(wait * 1000))
         value = self.codec.encode(DELIVERY_SCHEMA, deferred.to_record(), topic=rung.topic)
         await asyncio.gather(
@@ -423,8 +423,17 @@ class Dispatcher:
             line = DeliveryAttempt(source.event_id, source.event_type, source.bot_id, endpoint.id,
                                    source.occurred_at, source.attempt + 1, attempt, next, source.replay_of)
         topic = self.topics.attempts
-        value = self.codec.encode(DELIVERY_ATTEMPT_SCHEMA, line.to_record(), topic=topic)
-        await self.producer.send(topic, endpoint.id.encode(), value, [])
+        waiting = self.metrics.history_waiting
+        waiting.inc()
+        try:
+            value = self.codec.encode(DELIVERY_ATTEMPT_SCHEMA, line.to_record(), topic=topic)
+            await self.producer.send(topic, endpoint.id.encode(), value, [])
+        except Exception:  # (not a cancellation: a revoke or a shutdown is no failure)
+            self.metrics.history_written("failed").inc()
+            raise
+        finally:
+            waiting.dec()
+        self.metrics.history_written("written").inc()
 
     async def _disable(self, endpoint: Endpoint, log: Log) -> None:
         """A 410 Gone says the receiver is gone for good: stop sending to it."""

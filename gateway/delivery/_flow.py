@@ -173,6 +173,9 @@ class CircuitBreaker:
         """The verdicts of the last ``window`` requests (True: failed), while closed."""
         self.state = CircuitState.CLOSED
         self.failures = 0
+        self.opened_at: float | None = None
+        """When the circuit last left closed (on the caller's clock); None while closed. A
+        failed probe opens it again but keeps this: it has been open since."""
         self._trips = 0
         self._reopen_at = 0.0
         self._probing = False
@@ -210,7 +213,7 @@ class CircuitBreaker:
             self.failures = 0
             if self.state is CircuitState.CLOSED:
                 return None
-            self.state, self._trips = CircuitState.CLOSED, 0
+            self.state, self._trips, self.opened_at = CircuitState.CLOSED, 0, None
             self._recent.clear()
             return CircuitChange(CircuitState.CLOSED, 0)
         self.failures += 1
@@ -219,6 +222,8 @@ class CircuitBreaker:
         if self.state is CircuitState.OPEN or (self.state is CircuitState.HALF_OPEN and not probe):
             return None  # (an attempt that was already on its way when the circuit opened)
         self._trips += 1
+        if self.opened_at is None:
+            self.opened_at = now
         base = min(self.max_open, self.open_for * 2 ** (self._trips - 1))
         delay = base * self._rng.uniform(0.5, 1.5)  # probes of many processes spread out
         self.state, self._reopen_at = CircuitState.OPEN, now + delay

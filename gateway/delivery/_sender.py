@@ -303,6 +303,14 @@ class Sender:
         if self.on_circuit is not None:
             self.on_circuit(endpoint, change)
 
+    def oldest_open_circuit(self, counts: Callable[[str], bool] | None = None) -> float:
+        """Seconds since the circuit open longest (of the endpoints ``counts`` admits, by
+        id; None: every one) opened, 0 when none is open. Safe from another thread (the
+        metrics scrape): the loop's clock is ``time.monotonic``."""
+        opened = [at for endpoint_id, pool in list(self._pools.items())
+                  if (at := pool.breaker.opened_at) is not None and (counts is None or counts(endpoint_id))]
+        return max(0.0, time.monotonic() - min(opened)) if opened else 0.0
+
     def circuit_counts(self) -> dict[CircuitState, int]:
         """Endpoints this process knows, by circuit state."""
         counts = dict.fromkeys(CircuitState, 0)

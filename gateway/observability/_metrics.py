@@ -20,11 +20,17 @@ gateway_deliveries_in_flight                gauge     tier
 gateway_in_flight_records                   gauge     tier
 gateway_consumer_lag_records                gauge     tier, topic, partition
 gateway_tier_readers                        gauge     tier (1: some process reads it, 0: none)
+gateway_consumer_out_of_group_seconds       gauge     tier (0 while in its group)
+gateway_consumer_replacements_total         counter   tier
 gateway_deferred_total                      counter   reason (connections_busy, share_full,
-                                                      rate_limit, dns_queue, circuit_probe)
+                                                      rate_limit, dns_queue, circuit_probe),
+                                                      rung (the deferral rung it went to)
 gateway_deliveries_forwarded_total          counter
 
 gateway_circuit_breakers                    gauge     state (closed, open, half_open)
+gateway_circuit_oldest_open_seconds         gauge
+gateway_history_writes_total                counter   result (written, failed)
+gateway_history_writes_waiting              gauge
 gateway_schema_registry_errors_total        counter
 gateway_last_success_timestamp_seconds      gauge
 gateway_endpoints                           gauge     state (enabled, disabled)
@@ -35,10 +41,11 @@ gateway_build_info                          info      version, python, librdkafk
 Labels are bounded: event type, tier (one per configured delay), outcome (one of
 :class:`~gateway.records.Outcome`), status class (``1xx`` … ``5xx``, ``other`` for a
 status outside 100-599, ``none`` without one or when the outcome is not the status's),
-dead-letter reason, and topic/partition of the partitions this process is assigned. No
-event ids, no endpoint ids, no URLs: per-endpoint detail lives in the logs and the
-dead-letter records. A :class:`Metrics` creates every known label combination at zero
-when it is made, so ``rate()`` and ``increase()`` see the first increment too.
+dead-letter reason, deferral reason and rung, history write result, and topic/partition
+of the partitions this process is assigned. No event ids, no endpoint ids, no URLs:
+per-endpoint detail lives in the logs and the dead-letter records. A :class:`Metrics`
+creates every known label combination at zero when it is made, so ``rate()`` and
+``increase()`` see the first increment too.
 
 Nothing happens at import: a :class:`Metrics` is an object with a registry of its own,
 made by the process that serves it (or by a test) and passed to what updates it.
@@ -123,13 +130,15 @@ class Metrics:
     known label combination of ``tiers`` (all tier names of the configuration, events
     first) created at zero: a counter that appears with the value 1 has no earlier
     sample, so ``increase()`` would miss the first dead letter of a process without it.
+    ``deferrals`` names the other tiers a process may run (the deliveries tier and the
+    deferral rungs), ``rungs`` the deferral rungs alone (the ``rung`` of a deferral).
 
     ``health`` feeds ``gateway_ready``. Children of labelled metrics used on the hot path
     are looked up once and kept (:meth:`attempt` and the rest): the lookup (building and
     hashing the label tuple under the metric's lock) costs more than the update.
     """
 
-    def __init__(self, tiers: Sequence[str], *, deferrals: Sequence[str] = (),
+    def __init__(self, tiers: Sequence[str], *, deferrals: Sequence[str] = (), rungs: Sequence[str] = (),
                  health: Health | None = None) -> None:
         # The *_created series double every counter and histogram and no dashboard reads
         # them. (A global switch of prometheus-client; flipping it again is harmless.)
@@ -215,8 +224,9 @@ class Metrics:
                                registry=registry)
         self.deferred = Counter(
             "gateway_deferred_total",
-            "Deliveries put off for the gateway's own limits (no attempt spent), by reason: "
-            "connections_busy, share_full, rate_limit, dns_queue, circuit_probe.", ["reason"], registry=registry,
+            "Deliveries put off for the gateway's own limits (no attempt spent), by reason "
+            "(connections_busy, share_full, rate_limit, dns_queue, circuit_probe) and by the deferral "
+            "rung they went to.", ["reason", "rung"], registry=registry,
         )
         self.forwarded = Counter(
             "gateway_deliveries_forwarded_total",
@@ -226,6 +236,22 @@ class Metrics:
         self.circuits = Gauge(
             "gateway_circuit_breakers", "Endpoints this process knows, by the state of its circuit "
             "breaker for them (closed, open, half_open).", ["state"], registry=registry,
+        )
+        self.oldest_open_circuit = Gauge(
+            "gateway_circuit_oldest_open_seconds",
+            "Seconds since the circuit of an enabled endpoint that has been open longest in this process "
+            "opened (half-open between probes counts as open; 0: none is open).", registry=registry,
+        )
+        self.history_writes = Counter(
+            "gateway_history_writes_total",
+            "Lines of the delivery history (the attempts topic) by result: written (acknowledged by the "
+            "broker) or failed (the write raised: the line is lost, its delivery dead-lettered as "
+            "internal_error).", ["result"], registry=registry,
+        )
+        self.history_waiting = Gauge(
+            "gateway_history_writes_waiting",
+            "Lines of the delivery history sent and not acknowledged yet (a write the broker refuses is "
+            "retried until it takes it, and the record it belongs to waits).", registry=registry,
         )
         self.last_success = Gauge(
             "gateway_last_success_timestamp_seconds", "Unix time of the last 2xx delivery (0: none yet).",
@@ -242,9 +268,9 @@ class Metrics:
             "librdkafka": confluent_kafka.libversion()[0],
         })
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._initialize(tiers, deferrals)
+        self._initialize(tiers, deferrals, rungs)
 
-    def _initialize(self, tiers: Sequence[str], deferrals: Sequence[str]) -> None:
+    def _initialize(self, tiers: Sequence[str], deferrals: Sequence[str], rungs: Sequence[str]) -> None:
         for event_type in (*(t.value for t in EventType), "undecodable", "invalid"):
             self.events_consumed.labels(event_type)
         for event_type in EventType:
@@ -273,7 +299,10 @@ class Metrics:
             self.out_of_group.labels(name)
             self.consumers_replaced.labels(name)
         for defer_reason in DeferReason:
-            self.deferred.labels(defer_reason.value)
+            for rung in rungs:
+                self.deferred.labels(defer_reason.value, rung)
+        for result in ("written", "failed"):
+            self.history_writes.labels(result)
         for circuit in _CIRCUIT_STATES:
             self.circuits.labels(circuit.value)
 
@@ -284,6 +313,11 @@ class Metrics:
 
         for circuit in _CIRCUIT_STATES:
             self.circuits.labels(circuit.value).set_function(reader(circuit))
+
+    def time_open_circuits(self, oldest: Callable[[], float]) -> None:
+        """Read the age of the oldest open circuit from ``oldest`` at each scrape (the
+        sender's)."""
+        self.oldest_open_circuit.set_function(oldest)
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (id(metric), *values)
@@ -313,6 +347,12 @@ class Metrics:
 
     def end_to_end(self, event_type: str) -> Any:
         return self._child(self.end_to_end_seconds, event_type)
+
+    def deferral(self, reason: str, rung: str) -> Any:
+        return self._child(self.deferred, reason, rung)
+
+    def history_written(self, result: str) -> Any:
+        return self._child(self.history_writes, result)
 
 
 # -- HTTP ------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def metrics_for(config: Config, health: Health | None = None) -> Metrics:
     topics = Topics.from_config(config)
     return Metrics([t.name for t in topics.tiers],
                    deferrals=[topics.deliveries_tier.name, *(t.name for t in topics.deferral_tiers)],
-                   health=health)
+                   rungs=[t.name for t in topics.deferral_tiers], health=health)
 
 
 def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
@@ -164,6 +164,9 @@ async def serve(
     sender = Sender(config, on_circuit=circuits.report, contended=capacity.contended,
                     registered=lambda endpoint_id: table.get(endpoint_id) is not None)
     metrics.count_circuits(sender.circuit_counts)
+    # A disabled endpoint's circuit stays open (nothing probes it): not one to alert on.
+    metrics.time_open_circuits(lambda: sender.oldest_open_circuit(
+        lambda endpoint_id: (endpoint := table.get(endpoint_id)) is not None and endpoint.enabled))
     ownership = Ownership(partitions)
     dispatcher = Dispatcher(config, codec=codec, endpoints=table, sender=sender,
                             producer=producer, metrics=metrics, ownership=ownership)

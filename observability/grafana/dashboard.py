@@ -5,66 +5,70 @@ this script's output, provisioned by docker-compose.
     python observability/grafana/dashboard.py --check  # exit 1 if the JSON is stale
 
 Edit the panels here, not in the JSON: tests/test_metrics_dashboard.py fails when the two
-disagree, checks the layout and every metric name, and tests/test_prometheus.py runs
-every query against a real Prometheus scraping a real gateway.
+disagree, loads the JSON back into the SDK's model, checks the layout and every metric
+name, and tests/test_prometheus.py runs every query against a real Prometheus scraping a
+real gateway.
+
+Built with Grafana's own typed builders (``grafana-foundation-sdk``, the release for the
+Grafana that docker-compose runs, 11.1): a panel option that Grafana does not have, or a
+value of the wrong type, is an error here rather than a panel that silently ignores it.
 
 The dashboard is the RED view: rate (events in, deliveries by outcome), errors (success
 ratio, failures by status class, retries, dead letters, decode errors), duration
 (delivery latency quantiles and heatmap, end-to-end latency), then saturation (consumer
-lag, in flight). Queries ``sum()`` over every worker process; gauges that each process
-reports alike (endpoints, last success) use ``max()``.
+lag, in flight). Below it, the operations view, one row per thing an alert of
+``prometheus/alerts.yml`` watches: deferrals and the backlogs held on the retry tiers and
+deferral rungs, the consumers (readers, time out of the group, replacements), the
+circuit breakers, the delivery history's writes. Queries ``sum()`` over every worker
+process; gauges that each process reports alike (endpoints, last success) use ``max()``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import heatmap, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders.dashboard import Dashboard, Row, ThresholdsConfig
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import heatmap as heatmap_model
+from grafana_foundation_sdk.models import prometheus as prometheus_model
 
 __all__ = ["DATASOURCE", "JOB", "OUTPUT", "dashboard", "render"]
 
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "webhook-gateway.json"
-DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="prometheus")
 """The datasource provisioned by provisioning/datasources/prometheus.yml."""
 JOB = "webhook-gateway"
 """The scrape job of the gateway's workers in prometheus/prometheus.yml."""
 
 RATE = "$__rate_interval"
 ATTEMPTS = "gateway_delivery_attempts_total"
+HELD = 'gateway_consumer_lag_records{tier=~"deferred-.*|retry-.*"}'
+"""What GatewayHeldBacklogGrowing watches: deliveries held on the retry tiers and rungs."""
+
+Panel = timeseries.Panel | stat.Panel | heatmap.Panel
 
 
-@dataclass(frozen=True)
-class Query:
-    expr: str
-    legend: str = ""
+def q(expr: str, legend: str = "") -> prometheus.Dataquery:
+    """A range query of the provisioned Prometheus (its refId is set by its panel)."""
+    return (prometheus.Dataquery().expr(expr).legend_format(legend or "__auto").range()
+            .datasource(DATASOURCE))
 
 
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    kind: str  # "timeseries", "stat" or "heatmap"
-    queries: tuple[Query, ...]
-    unit: str = "short"
-    description: str = ""
-    width: int = 12
-    height: int = 8
-    options: dict[str, Any] = field(default_factory=dict)
-    defaults: dict[str, Any] = field(default_factory=dict)
-
-
-def q(expr: str, legend: str = "") -> Query:
-    return Query(expr, legend)
-
-
-def quantiles(metric: str, by: str = "") -> tuple[Query, ...]:
+def quantiles(metric: str, by: str = "") -> list[prometheus.Dataquery]:
     labels = f"le, {by}" if by else "le"
-    return tuple(
+    return [
         q(f"histogram_quantile({p}, sum by ({labels}) (rate({metric}_bucket[{RATE}])))",
           f"p{round(p * 100)}" + (f" {{{{{by}}}}}" if by else ""))
         for p in (0.5, 0.95, 0.99)
-    )
+    ]
 
 
 def ratio(selector: str = "", by: str = "") -> str:
@@ -74,170 +78,208 @@ def ratio(selector: str = "", by: str = "") -> str:
     return f"sum{grouping} (rate({success}[{RATE}])) / sum{grouping} (rate({total}[{RATE}]))"
 
 
-ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
-    ("Overview", (
-        Panel("Events in", "stat", (q(f"sum(rate(gateway_events_consumed_total[{RATE}]))"),),
-              unit="ops", width=4, height=4,
-              description="Records read from the events topic per second, all workers."),
-        Panel("Deliveries", "stat", (q(f"sum(rate({ATTEMPTS}[{RATE}]))"),), unit="reqps",
-              width=4, height=4, description="HTTP attempts per second, every tier."),
-        Panel("Success ratio", "stat", (q(ratio()),), unit="percentunit", width=4, height=4,
-              description="Share of attempts answered 2xx.",
-              defaults={"thresholds": {"mode": "absolute", "steps": [
-                  {"color": "red", "value": None}, {"color": "orange", "value": 0.9},
-                  {"color": "green", "value": 0.95}]}}),
-        Panel("Dead letters (1h)", "stat", (q("sum(increase(gateway_dead_letters_total[1h]))"),),
-              width=4, height=4, description="Records written to the dead-letter topic in the last hour.",
-              defaults={"thresholds": {"mode": "absolute", "steps": [
-                  {"color": "green", "value": None}, {"color": "red", "value": 1}]}}),
-        Panel("Since last success", "stat",
-              (q("time() - max(gateway_last_success_timestamp_seconds > 0)"),), unit="s",
-              width=4, height=4, description="Time since any worker got a 2xx (no data: none yet)."),
-        Panel("Workers", "stat", (q(f'sum(up{{job="{JOB}"}})', "up"), q("sum(gateway_ready)", "ready")),
-              width=4, height=4,
-              description="Worker processes Prometheus scrapes, and how many answer /readyz with 200."),
-    )),
-    ("Rate", (
-        Panel("Events in per second by type", "timeseries",
-              (q(f"sum by (event_type) (rate(gateway_events_consumed_total[{RATE}]))", "{{event_type}}"),),
-              unit="ops",
-              description="undecodable and invalid are records that were dead-lettered at once."),
-        Panel("Deliveries per second by outcome", "timeseries",
-              (q(f"sum by (outcome) (rate({ATTEMPTS}[{RATE}]))", "{{outcome}}"),), unit="reqps"),
-        Panel("Success ratio", "timeseries",
-              (q(ratio(), "all tiers"), q(ratio(by="tier"), "{{tier}}")), unit="percentunit",
-              description="Share of attempts answered 2xx, overall and per tier.",
-              defaults={"min": 0, "max": 1}),
-        Panel("Failed attempts by outcome and status class", "timeseries",
-              (q(f'sum by (outcome, status_class) (rate({ATTEMPTS}{{outcome!="success"}}[{RATE}]))',
-                 "{{outcome}} {{status_class}}"),), unit="reqps"),
-    )),
-    ("Errors", (
-        Panel("Retries scheduled per tier", "timeseries",
-              (q(f"sum by (tier) (rate(gateway_retries_scheduled_total[{RATE}]))", "{{tier}}"),),
+def thresholds(*steps: tuple[float | None, str]) -> ThresholdsConfig:
+    """Absolute thresholds: (from value, colour) steps, the first from None (-∞)."""
+    return ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps(
+        [model.Threshold(value=value, color=color) for value, color in steps])
+
+
+def _targets(panel: Panel, queries: list[prometheus.Dataquery]) -> None:
+    for i, query in enumerate(queries):
+        panel.with_target(query.ref_id(chr(ord("A") + i)))
+
+
+def graph(title: str, *queries: prometheus.Dataquery, unit: str = "short",
+          description: str = "", width: int = 12, height: int = 8, bound: float | None = None,
+          low: float | None = None, high: float | None = None) -> timeseries.Panel:
+    """A time series panel; ``bound``: a red line where an alert's threshold is."""
+    panel = (
+        timeseries.Panel().title(title).datasource(DATASOURCE).unit(unit).span(width).height(height)
+        .draw_style(common.GraphDrawStyle.LINE).line_width(1).fill_opacity(10)
+        .show_points(common.VisibilityMode.NEVER).span_nulls(False)
+        .legend(common_builders.VizLegendOptions().display_mode(common.LegendDisplayMode.LIST)
+                .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+        .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI)
+                 .sort(common.SortOrder.DESCENDING))
+    )
+    if description:
+        panel.description(description)
+    if bound is not None:
+        panel.thresholds(thresholds((None, "green"), (bound, "red"))).thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.LINE))
+    if low is not None:
+        panel.min(low)
+    if high is not None:
+        panel.max(high)
+    _targets(panel, list(queries))
+    return panel
+
+
+def single(title: str, *queries: prometheus.Dataquery, unit: str = "short", description: str = "",
+           width: int = 4, height: int = 4,
+           steps: tuple[tuple[float | None, str], ...] = ((None, "green"),)) -> stat.Panel:
+    """A stat panel of the last value."""
+    panel = (
+        stat.Panel().title(title).datasource(DATASOURCE).unit(unit).span(width).height(height)
+        .thresholds(thresholds(*steps))
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(common.BigValueColorMode.VALUE).graph_mode(common.BigValueGraphMode.AREA)
+        .justify_mode(common.BigValueJustifyMode.AUTO).orientation(common.VizOrientation.AUTO)
+        .text_mode(common.BigValueTextMode.AUTO)
+    )
+    if description:
+        panel.description(description)
+    _targets(panel, list(queries))
+    return panel
+
+
+def cells(title: str, query: prometheus.Dataquery, *, unit: str, width: int = 12,
+          height: int = 8) -> heatmap.Panel:
+    """A heatmap of a histogram's buckets, as Prometheus gives them (no calculation)."""
+    panel = (
+        heatmap.Panel().title(title).datasource(DATASOURCE).unit(unit).span(width).height(height)
+        .calculate(False).cell_gap(1)
+        .y_axis(heatmap.YAxisConfig().axis_placement(common.AxisPlacement.LEFT).unit(unit))
+        .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.AUTO))
+        .color(heatmap.HeatmapColorOptions().mode(heatmap_model.HeatmapColorMode.SCHEME).scheme("Oranges")
+               .scale(heatmap_model.HeatmapColorScale.EXPONENTIAL).exponent(0.5).steps(64).reverse(False))
+        .mode(common.TooltipDisplayMode.SINGLE).hide_y_histogram().show_legend()
+        # Grafana's own default, spelled out: without it the JSON has no field config of the
+        # panel's own, and reading it back into the SDK's model adds an empty one.
+        .hide_from(common_builders.HideSeriesConfig().legend(False).tooltip(False).viz(False))
+    )
+    _targets(panel, [query.format(prometheus_model.PromQueryFormat.HEATMAP)])
+    return panel
+
+
+def rows() -> Iterator[tuple[str, list[Panel]]]:
+    """Each row's title and panels, left to right; each line of a row is 24 wide."""
+    yield "Overview", [
+        single("Events in", q(f"sum(rate(gateway_events_consumed_total[{RATE}]))"), unit="ops",
+               description="Records read from the events topic per second, all workers."),
+        single("Deliveries", q(f"sum(rate({ATTEMPTS}[{RATE}]))"), unit="reqps",
+               description="HTTP attempts per second, every tier."),
+        single("Success ratio", q(ratio()), unit="percentunit", description="Share of attempts answered 2xx.",
+               steps=((None, "red"), (0.9, "orange"), (0.95, "green"))),
+        single("Dead letters (1h)", q("sum(increase(gateway_dead_letters_total[1h]))"),
+               description="Records written to the dead-letter topic in the last hour.",
+               steps=((None, "green"), (1, "red"))),
+        single("Since last success", q("time() - max(gateway_last_success_timestamp_seconds > 0)"), unit="s",
+               description="Time since any worker got a 2xx (no data: none yet)."),
+        single("Workers", q(f'sum(up{{job="{JOB}"}})', "up"), q("sum(gateway_ready)", "ready"),
+               description="Worker processes Prometheus scrapes, and how many answer /readyz with 200."),
+    ]
+    yield "Rate", [
+        graph("Events in per second by type",
+              q(f"sum by (event_type) (rate(gateway_events_consumed_total[{RATE}]))", "{{event_type}}"),
+              unit="ops", description="undecodable and invalid are records that were dead-lettered at once."),
+        graph("Deliveries per second by outcome", q(f"sum by (outcome) (rate({ATTEMPTS}[{RATE}]))", "{{outcome}}"),
+              unit="reqps"),
+        graph("Success ratio", q(ratio(), "all tiers"), q(ratio(by="tier"), "{{tier}}"), unit="percentunit",
+              description="Share of attempts answered 2xx, overall and per tier.", low=0, high=1),
+        graph("Failed attempts by outcome and status class",
+              q(f'sum by (outcome, status_class) (rate({ATTEMPTS}{{outcome!="success"}}[{RATE}]))',
+                "{{outcome}} {{status_class}}"), unit="reqps"),
+    ]
+    yield "Errors", [
+        graph("Retries scheduled per tier", q(f"sum by (tier) (rate(gateway_retries_scheduled_total[{RATE}]))",
+                                              "{{tier}}"),
               unit="ops", description="Deliveries sent on to a retry tier (the tier named)."),
-        Panel("Dead letters per reason", "timeseries",
-              (q(f"60 * sum by (reason) (rate(gateway_dead_letters_total[{RATE}]))", "{{reason}}"),),
+        graph("Dead letters per reason",
+              q(f"60 * sum by (reason) (rate(gateway_dead_letters_total[{RATE}]))", "{{reason}}"),
               unit="opm", description="Dead letters per minute; inspect with `gateway dlq list`."),
-        Panel("Decode errors", "timeseries",
-              (q(f"sum by (tier, reason) (rate(gateway_decode_errors_total[{RATE}]))",
-                 "{{tier}} {{reason}}"),), unit="ops",
-              description="Records that could not be decoded or validated (dead-lettered with their bytes)."),
-        Panel("Endpoints", "timeseries",
-              (q('max(gateway_endpoints{state="enabled"})', "enabled"),
-               q("sum(max by (state) (gateway_endpoints))", "known")),
+        graph("Decode errors", q(f"sum by (tier, reason) (rate(gateway_decode_errors_total[{RATE}]))",
+                                 "{{tier}} {{reason}}"),
+              unit="ops", description="Records that could not be decoded or validated "
+              "(dead-lettered with their bytes)."),
+        graph("Endpoints", q('max(gateway_endpoints{state="enabled"})', "enabled"),
+              q("sum(max by (state) (gateway_endpoints))", "known"),
               description="Registered endpoints (every worker reads the same table: max)."),
-    )),
-    ("Duration", (
-        Panel("Delivery latency", "timeseries", quantiles("gateway_delivery_duration_seconds"),
-              unit="s", description="One HTTP attempt, connect to last byte."),
-        Panel("Delivery latency heatmap", "heatmap",
-              (q(f"sum by (le) (increase(gateway_delivery_duration_seconds_bucket[{RATE}]))", "{{le}}"),),
-              unit="s"),
-        Panel("End-to-end latency", "timeseries", quantiles("gateway_end_to_end_latency_seconds"),
-              unit="s", description="From the event's occurrence to its 2xx, across retries: "
-              "steps at 1m, 6m and 21m are deliveries that needed the 1st, 2nd or 3rd retry."),
-        Panel("End-to-end latency p95 by event type", "timeseries",
-              (q(f"histogram_quantile(0.95, sum by (le, event_type) "
-                 f"(rate(gateway_end_to_end_latency_seconds_bucket[{RATE}])))", "{{event_type}}"),),
-              unit="s"),
-    )),
-    ("Saturation", (
-        Panel("Consumer lag by topic", "timeseries",
-              (q("sum by (topic) (gateway_consumer_lag_records)", "{{topic}}"),),
-              description="Records not settled yet (high watermark minus stored offset). "
-              "Retry tiers hold records until due, so their lag is normal up to a delay's worth."),
-        Panel("In flight", "timeseries",
-              (q("sum by (tier) (gateway_deliveries_in_flight)", "deliveries {{tier}}"),
-               q("sum(gateway_in_flight_records)", "records")),
+    ]
+    yield "Duration", [
+        graph("Delivery latency", *quantiles("gateway_delivery_duration_seconds"), unit="s",
+              description="One HTTP attempt, connect to last byte."),
+        cells("Delivery latency heatmap",
+              q(f"sum by (le) (increase(gateway_delivery_duration_seconds_bucket[{RATE}]))", "{{le}}"), unit="s"),
+        graph("End-to-end latency", *quantiles("gateway_end_to_end_latency_seconds"), unit="s",
+              description="From the event's occurrence to its 2xx, across retries: steps at 1m, 6m and 21m "
+              "are deliveries that needed the 1st, 2nd or 3rd retry."),
+        graph("End-to-end latency p95 by event type",
+              q(f"histogram_quantile(0.95, sum by (le, event_type) "
+                f"(rate(gateway_end_to_end_latency_seconds_bucket[{RATE}])))", "{{event_type}}"), unit="s"),
+    ]
+    yield "Saturation", [
+        graph("Consumer lag by topic", q("sum by (topic) (gateway_consumer_lag_records)", "{{topic}}"),
+              description="Records not settled yet (high watermark minus stored offset). Retry tiers and "
+              "deferral rungs hold records until due, so their lag is normal up to a delay's worth."),
+        graph("In flight", q("sum by (tier) (gateway_deliveries_in_flight)", "deliveries {{tier}}"),
+              q("sum(gateway_in_flight_records)", "records"),
               description="HTTP deliveries in progress per tier, and records in progress "
               "(bounded by GATEWAY_CONCURRENCY per worker)."),
-    )),
-)
+    ]
+    yield "Deferrals and held deliveries", [
+        graph("Deferrals per second by reason and rung",
+              q(f"sum by (reason, rung) (rate(gateway_deferred_total[{RATE}]))", "{{reason}}, {{rung}}"),
+              unit="ops", description="Deliveries put off for the gateway's own limits (no attempt spent), "
+              "why, and the rung that holds them until their endpoint can take them."),
+        graph("Held on retry tiers and deferral rungs", q(f"sum by (tier) ({HELD})", "{{tier}}"),
+              bound=1000, description="Deliveries waiting on each retry tier and deferral rung. Above the "
+              "line and still growing for 15 minutes: GatewayHeldBacklogGrowing."),
+    ]
+    yield "Consumers", [
+        graph("Time out of the consumer group", q("max by (tier) (gateway_consumer_out_of_group_seconds)",
+                                                  "{{tier}}"),
+              unit="s", bound=120, description="How long each tier's consumer (the worst process) has been out "
+              "of its consumer group, fetching nothing. Above the line for a minute: GatewayConsumerOutOfGroup."),
+        single("Tiers without a reader",
+               q("count(max by (tier) (gateway_tier_readers) == 0) or vector(0)"), width=6, height=8,
+               description="Tiers no process reads: what is sent there waits (GatewayTierWithoutReader).",
+               steps=((None, "green"), (1, "red"))),
+        single("Consumers replaced (1h)", q("sum(increase(gateway_consumer_replacements_total[1h]))"),
+               width=6, height=8, description="Consumers closed and made anew because they stayed out of "
+               "their group past the bound, in the last hour.", steps=((None, "green"), (1, "orange"))),
+    ]
+    yield "Circuit breakers", [
+        graph("Circuit breakers by state", q("sum by (state) (gateway_circuit_breakers)", "{{state}}"),
+              description="Endpoints the workers know, by the state of their circuit. While open, deliveries "
+              "spend their attempts without a request until a probe answers 2xx."),
+        graph("Longest-open circuit", q("max by (instance) (gateway_circuit_oldest_open_seconds)",
+                                        "{{instance}}"),
+              unit="s", bound=1800, description="Since when the circuit of an enabled endpoint open longest "
+              "has been open, per worker. Above the line: GatewayCircuitOpenTooLong; "
+              "`gateway endpoints list` names the endpoints."),
+    ]
+    yield "Delivery history", [
+        graph("History lines written per second",
+              q(f"sum by (result) (rate(gateway_history_writes_total[{RATE}]))", "{{result}}"), unit="ops",
+              description="Lines of the delivery history (the attempts topic): written, or failed (lost; its "
+              "delivery was dead-lettered as internal_error)."),
+        graph("History writes waiting for the broker",
+              q("sum by (instance) (gateway_history_writes_waiting)", "{{instance}}"),
+              description="Lines sent and not acknowledged yet; a write the broker refuses is retried, and its "
+              "record waits. Waiting while none is written: GatewayHistoryWritesFailing."),
+    ]
 
 
-def _panel(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
-    targets = []
-    for i, query in enumerate(panel.queries):
-        target: dict[str, Any] = {
-            "refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": query.expr,
-            "legendFormat": query.legend or "__auto", "range": True, "instant": False,
-        }
-        if panel.kind == "heatmap":
-            target["format"] = "heatmap"
-        targets.append(target)
-    defaults: dict[str, Any] = {"unit": panel.unit}
-    options: dict[str, Any]
-    if panel.kind == "timeseries":
-        defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10,
-                              "showPoints": "never", "spanNulls": False}
-        options = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                   "tooltip": {"mode": "multi", "sort": "desc"}}
-    elif panel.kind == "stat":
-        defaults["thresholds"] = {"mode": "absolute", "steps": [{"color": "green", "value": None}]}
-        options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                   "colorMode": "value", "graphMode": "area", "justifyMode": "auto",
-                   "orientation": "auto", "textMode": "auto"}
-    elif panel.kind == "heatmap":
-        options = {"calculate": False, "cellGap": 1, "yAxis": {"axisPlacement": "left", "unit": panel.unit},
-                   "rowsFrame": {"layout": "auto"},
-                   "color": {"mode": "scheme", "scheme": "Oranges", "scale": "exponential",
-                             "exponent": 0.5, "steps": 64, "reverse": False},
-                   "tooltip": {"mode": "single", "yHistogram": False},
-                   "legend": {"show": True}}
-    else:
-        raise ValueError(f"panel {panel.title!r}: unknown kind {panel.kind!r}")
-    defaults.update(panel.defaults)
-    options.update(panel.options)
-    result: dict[str, Any] = {
-        "id": panel_id, "type": panel.kind, "title": panel.title, "datasource": DATASOURCE,
-        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options,
-        "targets": targets,
-    }
-    if panel.description:
-        result["description"] = panel.description
-    return result
-
-
-def dashboard() -> dict[str, Any]:
+def dashboard() -> model.Dashboard:
     """The dashboard model Grafana provisions."""
-    panels: list[dict[str, Any]] = []
-    y = 0
-    for title, row in ROWS:
-        panels.append({"id": len(panels) + 1, "type": "row", "title": title, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
-        y += 1
-        x, line_height = 0, 0
-        for panel in row:
-            if x + panel.width > 24:
-                x, y, line_height = 0, y + line_height, 0
-            panels.append(_panel(panel, len(panels) + 1, x, y))
-            x += panel.width
-            line_height = max(line_height, panel.height)
-        y += line_height
-    return {
-        "uid": "webhook-gateway",
-        "title": "Webhook gateway",
-        "description": "Events in, deliveries out, retries, dead letters and lag of every "
-                       "gateway worker. Generated by observability/grafana/dashboard.py.",
-        "tags": ["webhooks", "kafka"],
-        "timezone": "browser",
-        "editable": False,
-        "graphTooltip": 1,
-        "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
-        "schemaVersion": 39,
-        "version": 1,
-        "annotations": {"list": []},
-        "templating": {"list": []},
-        "links": [],
-        "panels": panels,
-    }
+    ids = itertools.count(1)
+    builder = (
+        Dashboard("Webhook gateway").uid("webhook-gateway")
+        .description("Events in, deliveries out, retries, dead letters and lag of every gateway worker, "
+                     "and what the alerts watch. Generated by observability/grafana/dashboard.py.")
+        .tags(["webhooks", "kafka"]).timezone("browser").readonly()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR).refresh("30s").time("now-1h", "now").version(1)
+    )
+    for title, panels in rows():
+        builder.with_row(Row(title).id(next(ids)).collapsed(False))
+        for panel in panels:
+            builder.with_panel(panel.id(next(ids)))
+    return builder.build()
 
 
 def render() -> str:
-    return json.dumps(dashboard(), indent=2) + "\n"
+    return json.dumps(dashboard(), cls=JSONEncoder, indent=2) + "\n"
 
 
 def main(argv: list[str]) -> int:
