@@ -303,7 +303,7 @@ class Dispatcher:
             in_flight.inc()
             try:
                 attempt = await self.sender.send(endpoint, source.event_id, body, tier.name, log=bound,
-                                                 last=tier is self.tiers[-1])
+                                                 last=tier == self.tiers[-1])
             finally:
                 in_flight.dec()
             if isinstance(attempt, Deferral):
