@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, TopicPartition
 
 from gateway.delivery import Deferral
 from gateway.records import Attempt, Endpoint, Outcome
@@ -24,9 +24,14 @@ class FakeMessage:
     value_: bytes | None = b""
     key_: bytes | None = b"k"
     headers_: list[tuple[str, bytes]] = field(default_factory=list)
+    timestamp_ms: int = -1
+    """When it was written (the record's Kafka timestamp); -1: none."""
 
     def topic(self) -> str:
         return self.topic_
+
+    def timestamp(self) -> tuple[int, int]:
+        return (TIMESTAMP_CREATE_TIME if self.timestamp_ms >= 0 else TIMESTAMP_NOT_AVAILABLE), self.timestamp_ms
 
     def partition(self) -> int:
         return self.partition_

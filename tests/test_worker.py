@@ -616,6 +616,35 @@ def test_the_worker_holds_a_retry_until_due_then_settles_in_order() -> None:
     asyncio.run(go())
 
 
+def test_the_oldest_record_age_is_that_of_the_oldest_record_taken_and_not_settled() -> None:
+    """gateway_oldest_record_age_seconds: from the Kafka timestamp of the oldest record in
+    flight or held, to now; it drops as records settle, to 0 when none is left."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        consumer, dispatcher, clock = FakeConsumer(), _Dispatcher(), FakeClock()
+        dispatcher.gate = asyncio.Event()
+        worker = _worker(consumer, dispatcher, loop, clock)
+        topic, now = "t.retry-1s", clock.now_ms()
+        consumer.add(FakeMessage(topic, 0, 0, b"ok", timestamp_ms=now - 60_000),
+                     FakeMessage(topic, 0, 1, f"due:{now + 5_000}".encode(), timestamp_ms=now - 10_000))
+        assert worker.oldest_record_age() == 0
+        worker.start()
+        consumer.rebalance([(topic, 0)])
+        await _until(lambda: clock.timers == 1)  # 0 in flight (held at the gate), 1 held until due
+        assert worker.oldest_record_age() == 60
+        dispatcher.gate.set()
+        await _until(lambda: dispatcher.ran == [0])
+        await _settle()
+        assert worker.oldest_record_age() == 10
+        clock.advance(5)
+        await _until(lambda: dispatcher.ran == [0, 1])
+        await _settle()
+        assert worker.oldest_record_age() == 0
+        await worker.stop()
+
+    asyncio.run(go())
+
+
 def test_the_worker_hands_over_what_is_still_in_flight_after_the_shutdown_timeout() -> None:
     """Stopping waits ``shutdown_timeout`` on the worker's clock for the records in flight,
     then commits what settled and hands the rest over (the next owner repeats it)."""

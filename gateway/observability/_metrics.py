@@ -19,6 +19,7 @@ gateway_end_to_end_latency_seconds          histogram event_type
 gateway_deliveries_in_flight                gauge     tier
 gateway_in_flight_records                   gauge     tier
 gateway_consumer_lag_records                gauge     tier, topic, partition
+gateway_oldest_record_age_seconds           gauge     tier
 gateway_tier_readers                        gauge     tier (1: some process reads it, 0: none)
 gateway_consumer_out_of_group_seconds       gauge     tier (0 while in its group)
 gateway_consumer_replacements_total         counter   tier
@@ -205,6 +206,12 @@ class Metrics:
             "1 when some process reads the tier's topic (this one, or a consumer group with members), "
             "0 when none does: what is sent there waits.", ["tier"], registry=registry,
         )
+        self.oldest_record_age = Gauge(
+            "gateway_oldest_record_age_seconds",
+            "Age (from its Kafka timestamp) of the oldest record this process took from the tier and has not "
+            "settled; 0 when none. A retry tier or deferral rung holds records until due, so there it is "
+            "normal up to the tier's delay.", ["tier"], registry=registry,
+        )
         self.out_of_group = Gauge(
             "gateway_consumer_out_of_group_seconds",
             "How long the tier's consumer has been out of its consumer group (0 while in it): a "
@@ -289,6 +296,7 @@ class Metrics:
             self.deliveries_in_flight.labels(tier)
             self.in_flight_records.labels(tier)
             self.out_of_group.labels(tier)
+            self.oldest_record_age.labels(tier)
             self.consumers_replaced.labels(tier)
             if index > 0:
                 self.retries_scheduled.labels(tier)
@@ -297,6 +305,7 @@ class Metrics:
         for name in deferrals:
             self.in_flight_records.labels(name)
             self.out_of_group.labels(name)
+            self.oldest_record_age.labels(name)
             self.consumers_replaced.labels(name)
         for defer_reason in DeferReason:
             for rung in rungs:

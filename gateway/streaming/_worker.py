@@ -47,7 +47,7 @@ import logging
 import os
 from typing import Any, cast
 
-from confluent_kafka import Consumer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer
 
 from ..clock import SYSTEM, Clock, Timer
 from ..config import Config
@@ -152,6 +152,10 @@ class TierWorker:
         self._lag = ConsumerLag(tier.name, metrics.consumer_lag)
         self._group = GroupWatch(tier.name, clock=clock)
         metrics.out_of_group.labels(tier.name).set_function(self._group.out_for)
+        self._stamps: dict[Key, dict[int, int]] = {}
+        """Per partition, the Kafka timestamps (ms) of the records taken and not settled, by
+        offset (in offset order: the first is the oldest)."""
+        metrics.oldest_record_age.labels(tier.name).set_function(self.oldest_record_age)
         self._generation = 0
         """How many consumers this worker has made (a replaced one's statistics are ignored)."""
         self._in_flight = metrics.records_in_flight(tier.name)
@@ -208,6 +212,18 @@ class TierWorker:
             self._lag.update(stats)
             self._group.update(stats)
 
+    def oldest_record_age(self) -> float:
+        """Seconds since the oldest record taken and not settled was written (0: none).
+        Read by the metrics scrape, on its own thread, while the loop changes the tables:
+        a table that changes under it is read again."""
+        for _ in range(5):
+            try:
+                oldest = min((next(iter(s.values())) for s in list(self._stamps.values()) if s), default=None)
+            except RuntimeError:  # changed while read
+                continue
+            return 0.0 if oldest is None else max(0.0, self.clock.now_ms() - oldest) / 1000
+        return 0.0
+
     # -- PartitionOwner: called on the pump's thread -------------------------------------
 
     def assigned(self, partitions: list[Key]) -> None:
@@ -240,6 +256,7 @@ class TierWorker:
             # A rung's deliveries come back each at its own time; a retry tier's in order.
             self.partitions[key] = PartitionState.by_due_time(*key) if self.tier.deferral else PartitionState(*key)
             self._tasks[key] = set()
+            self._stamps[key] = {}
         if self.ownership is not None:
             self.ownership.learned()
         self.health.met(assigned(self.tier.name))
@@ -255,6 +272,7 @@ class TierWorker:
                 timer[1].cancel()
             state.drop_held()
             tasks |= self._tasks.pop(state.key, set())
+            self._stamps.pop(state.key, None)
         if tasks and grace > 0:
             await self.clock.wait(tasks, grace)  # they keep settling meanwhile
         running = [t for t in tasks if not t.done()]
@@ -287,6 +305,7 @@ class TierWorker:
                                  extra={"partition": msg.partition(), "offset": msg.offset()})
                 self.capacity.give(self.tier.name)
                 continue
+            self._stamps[state.key][job.offset] = _timestamp(msg, now)
             if run_now:
                 self._start(state, job)
                 continue
@@ -341,6 +360,9 @@ class TierWorker:
         finally:
             gauge.dec()
             self.capacity.give(self.tier.name)
+        stamps = self._stamps.get(state.key)
+        if stamps is not None and not state.revoked:
+            stamps.pop(job.offset, None)
         position = state.settle(job.offset)
         if position is not None:
             self.pump.store(state.topic, state.partition, position)
@@ -376,6 +398,12 @@ class TierWorker:
 
     def _redecode(self, job: Job) -> Job:
         return self.dispatcher.prepare(self.tier, job.message)
+
+
+def _timestamp(msg: Any, default: int) -> int:
+    """A record's Kafka timestamp (ms), or ``default`` when it has none."""
+    kind, at = msg.timestamp()
+    return int(at) if kind != TIMESTAMP_NOT_AVAILABLE and at > 0 else default
 
 
 def _finish(future: asyncio.Future[None]) -> None:

@@ -212,6 +212,10 @@ def rows() -> Iterator[tuple[str, list[Panel]]]:
         graph("Consumer lag by topic", q("sum by (topic) (gateway_consumer_lag_records)", "{{topic}}"),
               description="Records not settled yet (high watermark minus stored offset). Retry tiers and "
               "deferral rungs hold records until due, so their lag is normal up to a delay's worth."),
+        graph("Oldest record age by tier", q("max by (tier) (gateway_oldest_record_age_seconds)", "{{tier}}"),
+              unit="s", description="Age of the oldest record a worker took from each tier and has not settled "
+              "(from its Kafka timestamp). Retry tiers and deferral rungs hold records until due, so there it "
+              "is normal up to the tier's delay; on the events tier it is how far delivery is behind."),
         graph("In flight", q("sum by (tier) (gateway_deliveries_in_flight)", "deliveries {{tier}}"),
               q("sum(gateway_in_flight_records)", "records"),
               description="HTTP deliveries in progress per tier, and records in progress "
