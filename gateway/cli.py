@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import click
@@ -127,20 +128,43 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+def data_option(func: F) -> F:
+    """``--data DIR`` of `gateway up` and `gateway broker`: Apache Kafka, keeping its data."""
+    return click.option(
+        "--data", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+        help="Run Apache Kafka (KRaft, one node, from Maven Central's jars) with its log in DIR instead of "
+             "the bundled in-memory broker: a restart on the same DIR keeps every topic, endpoint and dead "
+             "letter. Needs Java 17+, and Maven the first time (to fetch the jars into "
+             "~/.cache/webhook-gateway); its controller listens on --port + 1.",
+    )(func)
+
+
 @cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True,
               help="Port to listen and advertise on, on 127.0.0.1.")
-def broker(port: int) -> None:
-    """Run the bundled Kafka-compatible broker (Tansu) in the foreground.
+@data_option
+def broker(port: int, data: Path | None) -> None:
+    """Run a broker in the foreground: the bundled Kafka-compatible one (Tansu), or with
+    --data DIR Apache Kafka with its data in DIR.
 
-    It keeps everything in memory: stopping it loses every topic and record. Ctrl-C or
-    SIGTERM stops it.
+    The bundled broker keeps everything in memory: stopping it loses every topic and
+    record. Ctrl-C or SIGTERM stops it (Apache Kafka cleanly: it closes its log).
     """
-    from .streaming import Broker
+    from . import streaming
 
-    with refusals():
-        running = Broker(port=port).start()
-    click.echo(f"broker listening on {running.bootstrap} (in memory; Ctrl-C stops it)", err=True)
+    running: streaming.Broker | streaming.KafkaNode
+    try:
+        with refusals():
+            if data is None:
+                running = streaming.Broker(port=port).start()
+                click.echo(f"broker listening on {running.bootstrap} (in memory; Ctrl-C stops it)", err=True)
+            else:
+                running = streaming.KafkaNode(data, port=port, on_progress=lambda line: click.echo(line, err=True))
+                running.start()
+                click.echo(f"Apache Kafka {streaming.kafka_version()} listening on {running.bootstrap} "
+                           f"(data in {running.root}, kept across restarts; Ctrl-C stops it)", err=True)
+    except OSError as exc:
+        raise CommandError(describe_os_error(exc)) from None
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -300,22 +324,26 @@ def run(tiers: str, no_metrics: bool, workers: int, **settings: str | None) -> N
 
 @cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True,
-              help="Port of the bundled broker (ignored with --bootstrap).")
+              help="Port of the broker up starts, on 127.0.0.1 (ignored with --bootstrap).")
+@data_option
 @click.option("--no-api", is_flag=True, help="Do not serve the management API.")
 @config_options(*WORKER_SETTINGS, "partitions", "api_host", "api_port", "api_history_size")
-def up(port: int, no_api: bool, **settings: str | None) -> None:
+def up(port: int, data: Path | None, no_api: bool, **settings: str | None) -> None:
     """The embedded default: broker, topics, every worker, /metrics and the API in one command.
 
-    Starts the bundled in-memory broker on 127.0.0.1 (unless --bootstrap or
-    GATEWAY_BOOTSTRAP_SERVERS points at an existing Kafka), creates the topics, runs the
-    events worker and every retry tier, serves /metrics and the management API (on a
-    thread of this process; with a token generated for this run and printed, unless
-    GATEWAY_API_TOKENS is set). Deliveries to loopback and private addresses are allowed
-    unless GATEWAY_ALLOW_PRIVATE_NETWORKS=false. Ctrl-C stops everything.
+    Starts the bundled in-memory broker on 127.0.0.1 (a restart forgets every endpoint and
+    dead letter), or with --data DIR Apache Kafka keeping its data in DIR (unless
+    --bootstrap or GATEWAY_BOOTSTRAP_SERVERS points at an existing Kafka), creates the
+    topics, runs the events worker and every retry tier, serves /metrics and the
+    management API (on a thread of this process; with a token generated for this run and
+    printed, unless GATEWAY_API_TOKENS is set). Deliveries to loopback and private
+    addresses are allowed unless GATEWAY_ALLOW_PRIVATE_NETWORKS=false. Ctrl-C stops
+    everything, the broker last.
     """
     from .embedded import Started
     from .embedded import up as run_up
     from .signing import new_secret
+    from .streaming import kafka_version
 
     demo_secret = new_secret()
 
@@ -325,8 +353,14 @@ def up(port: int, no_api: bool, **settings: str | None) -> None:
         exports = f"GATEWAY_BOOTSTRAP_SERVERS={config.bootstrap_servers}"
         if config.allow_private_networks:
             exports += " GATEWAY_ALLOW_PRIVATE_NETWORKS=true"
-        where = (f"bundled broker (in memory) on {config.bootstrap_servers}" if started.bundled_broker
-                 else config.bootstrap_servers)
+        if started.bundled_broker:
+            where = f"bundled broker (in memory) on {config.bootstrap_servers}"
+            kept = "  data      in memory: a restart forgets every endpoint and dead letter (--data DIR keeps them)\n"
+        elif started.data is not None:
+            where = f"Apache Kafka {kafka_version()} on {config.bootstrap_servers}"
+            kept = f"  data      {started.data}  (a restart on it keeps every endpoint and dead letter)\n"
+        else:
+            where, kept = config.bootstrap_servers, ""
         if started.api is not None:
             api_line = f"{started.api.url}/v1  (OpenAPI at /openapi.json)"
             if started.api.generated_token:
@@ -338,6 +372,7 @@ def up(port: int, no_api: bool, **settings: str | None) -> None:
         click.echo(
             f"gateway up\n"
             f"  kafka     {where}\n"
+            f"{kept}"
             f"  topics    {', '.join(started.topics)}\n"
             f"  tiers     {tiers}\n"
             f"  metrics   http://127.0.0.1:{config.metrics_port}/metrics\n"
@@ -354,9 +389,10 @@ def up(port: int, no_api: bool, **settings: str | None) -> None:
         )
 
     try:
-        with refusals():
+        with refusals(flags={"data": "--data"}):
             run_up(parse_flags(settings), broker_port=port, api=not no_api, on_ready=ready,
-                   on_warning=lambda text: click.echo(f"warning: {printable(text)}", err=True))
+                   on_warning=lambda text: click.echo(f"warning: {printable(text)}", err=True),
+                   data=data, on_progress=lambda line: click.echo(line, err=True))
     except OSError as exc:
         raise CommandError(describe_os_error(exc)) from None
 

@@ -11,6 +11,7 @@
 * ``_runner``: one process's workers: startup order, metrics, orderly shutdown.
 * ``_supervisor``: ``gateway run --workers N``: N worker processes, restarted when one dies.
 * ``_broker``: the bundled broker (Tansu) as a child process.
+* ``_kafka``: Apache Kafka from its jars as a child process (``--data DIR``, the tests' broker).
 
 The modules are private: import from ``gateway.streaming``.
 """
@@ -29,6 +30,7 @@ from ._consumer import (
     Resume,
     in_turns,
 )
+from ._kafka import KafkaNode, broker_properties, find_java, jar_cache, kafka_jars, kafka_version
 from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
@@ -58,6 +60,7 @@ __all__ = [
     "ConsumerLike",
     "ConsumerPump",
     "GroupWatch",
+    "KafkaNode",
     "Key",
     "Observed",
     "OffsetTracker",
@@ -69,10 +72,15 @@ __all__ = [
     "TierReaders",
     "TierWorker",
     "broker_binary",
+    "broker_properties",
     "consumer_settings",
     "die_with_parent",
     "fair_room",
+    "find_java",
     "in_turns",
+    "jar_cache",
+    "kafka_jars",
+    "kafka_version",
     "lag_from_stats",
     "metrics_for",
     "observe",
