@@ -30,6 +30,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line holds ``text`` (what a test expects stopped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 BROKERS = ("tansu", "kafka")
 
 

@@ -15,27 +15,12 @@ import pytest
 
 from gateway.config import Config
 
-from .conftest import free_port, run_gateway
+from .conftest import free_port, processes_mentioning, run_gateway
 from .receiver import Receiver
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "events.jsonl"
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(") ", 1)[1][0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def test_gateway_up_delivers_end_to_end_and_sigint_stops_everything(

@@ -24,7 +24,7 @@ from gateway.errors import Unavailable
 from gateway.store import Topics
 from gateway.streaming import KafkaNode, find_java, kafka_jars, kafka_version, port_in_use
 
-from .conftest import free_port, run_gateway
+from .conftest import free_port, processes_mentioning, run_gateway
 from .receiver import Receiver
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "events.jsonl"
@@ -43,21 +43,6 @@ def broker_port() -> int:
         port = free_port()
         if port < 65535 and not port_in_use("127.0.0.1", port + 1):
             return port
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(") ", 1)[1][0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 class Running:
