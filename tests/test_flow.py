@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 import threading
 import time
@@ -22,6 +23,7 @@ from gateway.delivery import (
     Deferral,
     ReturnSchedule,
     Sender,
+    SendWindow,
     TokenBucket,
     breaker_verdict,
     deferral_rung,
@@ -65,6 +67,23 @@ def test_a_rate_limit_never_lets_more_through_than_its_rate(rate: float, gaps: l
             sent.append(now + wait)
     span = max(sent) - min(sent)
     assert len(sent) <= rate * span + max(1.0, rate / 10) + 1e-6
+
+
+@given(st.floats(0.5, 200), st.lists(st.integers(0, 50), min_size=1, max_size=300))
+def test_a_send_window_never_lets_more_than_the_rate_be_written_in_any_second(
+    rate: float, gaps_ms: list[int]
+) -> None:
+    window = SendWindow(rate)
+    now, written = 0.0, []
+    for gap in gaps_ms:
+        now += gap / 1000
+        while (hold := window.wait(now)) > 0:  # the request waits its turn, as the sender does
+            now = max(now + hold, math.nextafter(now, math.inf))
+        window.written(now)
+        written.append(now)
+    for i, first in enumerate(written):
+        in_second = sum(1 for t in written[i:] if t - first < 1.0)
+        assert in_second <= max(1, int(rate)), (rate, first)
 
 
 # -- the circuit breaker ---------------------------------------------------------------------
@@ -289,24 +308,29 @@ def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> N
     fast bot's records waited behind them (its p99 rose to 240-370 ms in the fairness
     bench). Now at most SHED_SLICE go at once, the rest after what else is ready."""
     release = threading.Event()
-    answered = itertools.count()
+    answered: list[bool] = []
 
     def held(conn: Conn, request: bytes) -> bool:
-        if next(answered) > 1:  # the first two at once: one times the endpoint, one is another's
+        answered.append(True)
+        if len(answered) > 2:  # the first two at once: one times the endpoint, one is another's
             release.wait(10)
         return respond(204)(conn, request)
 
     async def go(url: str) -> tuple[int, list[int], list[Attempt | Deferral]]:
-        # 1 connection, a budget of 100: while others wait it keeps 100 // 2 - 1 = 49 waiting
+        # 1 connection, a budget of 100: while others wait it keeps 100 // 2 - 1 = 49 waiting.
+        # Others wait only from the judgement on: the sender's own tick judges nothing before.
+        others_wait = False
         sender = Sender(_config(endpoint_concurrency=1, endpoint_wait=0.01, concurrency=100),
-                        contended=lambda: True)
+                        contended=lambda: others_wait)
         target = endpoint(url)
         try:
             await asyncio.gather(sender.send(target, str(uuid.uuid4()), b"{}", "events"),  # timed now
                                  sender.send(endpoint(url), str(uuid.uuid4()), b"{}", "events"))  # another at work
             sends = [asyncio.ensure_future(sender.send(target, str(uuid.uuid4()), b"{}", "events"))
                      for _ in range(300)]
-            await asyncio.sleep(0.05)  # one in flight (held), the rest waiting for its connection
+            while len(answered) < 3:  # one in flight (held), the rest waiting for its connection
+                await asyncio.sleep(0.005)
+            others_wait = True
             first = sender.judge_shares()
             done = []
             for _ in range(6):  # each pass lets what is ready run, the next slice among it
@@ -325,6 +349,37 @@ def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> N
     deferred = [r for r in results if isinstance(r, Deferral)]
     assert len(deferred) == 300 - 1 - 49, len(deferred)  # in flight, and its allowance, kept
     assert all(isinstance(r, Attempt) and r.succeeded for r in results if not isinstance(r, Deferral))
+
+
+def test_a_rate_limit_holds_for_requests_written_even_when_connections_come_late() -> None:
+    """Fault: rate slots were taken when a delivery was admitted; the first requests,
+    whose slots passed while their connections were made, were written together with
+    the next ones (a busiest second of 26 at 25/s). Now a rate-limited request is
+    connected first and written only when the last second leaves room: with the
+    bucket's burst, no second (by arrival at the receiver) holds more than the rate."""
+    async def go(url: str) -> list[Attempt | Deferral]:
+        sender = Sender(_config(endpoint_wait=5.0))
+        target = endpoint(url, rate_limit=25.0, max_in_flight=8)
+        try:
+            return list(await asyncio.gather(*(sender.send(target, str(uuid.uuid4()), b"{}", "events")
+                                               for _ in range(60))))
+        finally:
+            await sender.aclose()
+
+    times: list[float] = []
+
+    def timed(conn: Conn, request: bytes) -> bool:
+        times.append(time.monotonic())
+        return respond(204)(conn, request)
+
+    with RawServer(timed) as server:
+        results = asyncio.run(go(server.url()))
+    sent = [r for r in results if isinstance(r, Attempt)]
+    assert len(sent) >= 50 and all(r.succeeded for r in sent), results
+    times.sort()
+    # (arrivals a few ms apart from their writes: windows a little under a second)
+    busiest = max(sum(1 for t in times[i:] if t < first + 0.95) for i, first in enumerate(times))
+    assert busiest <= 25, busiest
 
 
 def test_an_endpoints_rate_limit_and_max_in_flight_are_kept() -> None:

@@ -29,7 +29,7 @@ import httpx
 
 from ..records import CircuitState, Endpoint
 from ..signing import secret_key
-from ._flow import CircuitBreaker, ReturnSchedule, TokenBucket
+from ._flow import CircuitBreaker, ReturnSchedule, SendWindow, TokenBucket
 from ._transport import Connection, head_of
 
 __all__ = ["UNTIMED_SECONDS", "USER_AGENT", "EndpointPool"]
@@ -58,6 +58,8 @@ class EndpointPool:
         self.service_seconds: float | None = None
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
         self.bucket: TokenBucket | None = None
+        self.window: SendWindow | None = None
+        """With a rate limit: the requests written in the last second (its hard edge)."""
         self.returns = ReturnSchedule(rng)
         """When the deliveries deferred for this endpoint come back."""
         self.make = make
@@ -169,9 +171,10 @@ class EndpointPool:
         self.limit = endpoint.max_in_flight or default_limit
         rate = endpoint.rate_limit
         if rate is None:
-            self.bucket = None
+            self.bucket = self.window = None
         elif self.bucket is None or self.bucket.rate != rate:
             self.bucket = TokenBucket(rate, burst=max(1.0, rate / 10))
+            self.window = SendWindow(rate)
 
     def _hand_over(self, lane: Connection) -> None:
         while self._waiters:

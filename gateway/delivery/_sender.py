@@ -40,7 +40,7 @@ from ..observability import Log
 from ..records import Attempt, CircuitState, DeferReason, Endpoint, Outcome, bounded
 from ..signing import signature_header
 from ._destinations import DestinationPolicy
-from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral
+from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral, SendWindow
 from ._pool import EndpointPool
 from ._transport import KEEPALIVE_EXPIRY, Connection, check_header
 
@@ -318,6 +318,21 @@ class Sender:
             counts[pool.breaker.state] += 1
         return counts
 
+    @staticmethod
+    async def _in_turn(pool: EndpointPool, window: SendWindow, lane: Connection) -> float:
+        """A rate-limited endpoint's request: connected first, then written only when
+        the last second's requests leave room (:class:`~gateway.delivery.SendWindow`);
+        the seconds waited for room (they count in the request timeout, not in its
+        duration)."""
+        await lane.connect(pool.parsed)
+        loop = asyncio.get_running_loop()
+        waited = 0.0
+        while (hold := window.wait(loop.time())) > 0:
+            await asyncio.sleep(hold)
+            waited += hold
+        window.written(loop.time())
+        return waited
+
     async def _exchange(self, pool: EndpointPool, lane: Connection, endpoint: Endpoint, event_id: str,
                         body: bytes, tier: str, signing: Signing | None) -> Attempt:
         try:
@@ -336,6 +351,8 @@ class Sender:
             try:
                 request = self._request(pool, keys, event_id, timestamp, body)
                 async with asyncio.timeout(self.config.request_timeout):
+                    if pool.window is not None:
+                        started += await self._in_turn(pool, pool.window, lane)
                     answer = await lane.exchange(pool.parsed, request)
                     try:
                         status = answer.status

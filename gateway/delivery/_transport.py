@@ -331,6 +331,19 @@ class Connection(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1"}, request=request,
         )
 
+    async def connect(self, url: httpx.URL) -> None:
+        """Connect to ``url``'s server now unless a connection to reuse is open: the next
+        :meth:`exchange` then writes at once."""
+        if self._busy:
+            raise RuntimeError("one request at a time per Connection: close the last response first")
+        if url.scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+        try:
+            await self._wire_for(url, fresh=False)
+        except BaseException:
+            self._drop()
+            raise
+
     async def exchange(self, url: httpx.URL, request: bytes) -> Answer:
         """Write ``request`` (head and body, as bytes) to ``url``'s server; the answer
         once its head has arrived."""
