@@ -534,7 +534,9 @@ def endpoints_update(endpoint_id: str, url: str | None, events: str | None, desc
     config = build_config(settings)
     types = None if events is None else ([] if events.strip().lower() == "all" else events.split(","))
     with refusals(not_found=SEE_ENDPOINTS):
-        registration = update_endpoint(config, endpoint_id, url=url, event_types=types, description=description,
+        registration = update_endpoint(config, endpoint_id, url=KEEP if url is None else url,
+                                       event_types=KEEP if types is None else types,
+                                       description=KEEP if description is None else description,
                                        rate_limit=KEEP if rate_limit is None else rate_limit,
                                        max_in_flight=KEEP if max_in_flight is None else max_in_flight)
     if registration.warning:
@@ -934,26 +936,48 @@ API_SETTINGS = ("bootstrap_servers", "topic_prefix", "retry_delays", "schema_reg
                 "request_timeout", "max_response_bytes", "allow_private_networks", "allowed_networks")
 
 
+API_LIMITS = ("api_dead_letters_size", "api_concurrency", "api_header_timeout", "api_keepalive",
+              "api_max_header_bytes", "api_max_body_bytes")
+
+
 @cli.command()
 @click.option("--openapi", "print_openapi", is_flag=True,
               help="Print the OpenAPI document (what openapi.json holds) and exit.")
-@config_options(*API_SETTINGS, "api_host", "api_port", "api_history_size",
+@click.option("--mint-token", "mint_for", default=None, metavar="BOT_ID",
+              help="Print a token scoped to this bot, signed with the key of GATEWAY_API_TOKENS, and exit.")
+@click.option("--token-ttl", default="15m", show_default=True, metavar="DURATION",
+              help="How long a token of --mint-token is valid (e.g. 15m, 2h; at most 24h).")
+@config_options(*API_SETTINGS, "api_host", "api_port", "api_history_size", *API_LIMITS,
                 aliases={"api_host": "--host", "api_port": "--port", "api_history_size": "--history-size"})
-def api(print_openapi: bool, **settings: str | None) -> None:
+def api(print_openapi: bool, mint_for: str | None, token_ttl: str, **settings: str | None) -> None:
     """Serve the HTTP management API until SIGTERM or Ctrl-C.
 
-    Endpoints, test sends, the delivery history and dead letters, as JSON under /v1; the
-    OpenAPI document at /openapi.json. Every route but /healthz needs a bearer token
-    from GATEWAY_API_TOKENS (comma-separated, 16 characters at least): without one the
-    API does not start.
+    Endpoints, test sends, stats, event types, the delivery history and dead letters, as
+    JSON under /v1; the OpenAPI document at /openapi.json. Every route but /healthz and
+    /readyz needs a bearer token: one of GATEWAY_API_TOKENS (comma-separated, 16
+    characters at least; admin:, read: or bot:BOT_ID: before one gives its scope, plain
+    is admin), or a bot token minted by an admin (POST /v1/tokens, or --mint-token).
+    Without a token the API does not start.
     """
     import json
 
     from .api import ApiService, Listening, Tokens, create_app, openapi_document, serve
+    from .config import parse_delays
 
     config = build_config(settings)
     if print_openapi:
         click.echo(json.dumps(openapi_document(create_app(ApiService(config, Tokens(())))), indent=2))
+        return
+    if mint_for is not None:
+        try:
+            (ttl,) = parse_delays(token_ttl)
+        except (ValueError, ConfigError):
+            raise click.BadParameter(f"{token_ttl!r} is not a duration such as 15m or 2h",
+                                     param_hint="--token-ttl") from None
+        with refusals(flags={"bot_id": "--mint-token", "ttl_seconds": "--token-ttl"}):
+            minted = Tokens.from_config(config).mint(mint_for, ttl=ttl)
+        click.echo(minted.token)
+        click.echo(f"scoped to bot {minted.bot_id}, valid for {token_ttl}", err=True)
         return
 
     def listening(where: Listening) -> None:

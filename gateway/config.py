@@ -264,8 +264,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_port", "--api-port", _port_or_any, "Port of the management API (0: any free port)."),
     Setting("api_history_size", "--api-history-size", _positive_int,
             "Newest attempts the API keeps in memory for /v1/deliveries."),
+    Setting("api_dead_letters_size", "--api-dead-letters-size", _positive_int,
+            "Newest dead letters the API keeps in memory for /v1/dead-letters."),
+    Setting("api_concurrency", "--api-concurrency", _positive_int,
+            "Connections and requests the API serves at once (uvicorn's limit_concurrency); beyond it, 503."),
+    Setting("api_header_timeout", "--api-header-timeout", _positive_float,
+            "Seconds a client of the API has to send a request's head, and again its body; then the "
+            "connection is closed (the head) or answered 408 (the body)."),
+    Setting("api_keepalive", "--api-keepalive", _positive_float,
+            "Seconds an idle keep-alive connection to the API stays open (uvicorn's timeout_keep_alive)."),
+    Setting("api_max_header_bytes", "--api-max-header-bytes", _positive_int,
+            "Largest request head (request line and headers) the API reads: a larger one is answered 431 "
+            "(400 from h11, its max incomplete event size, when it comes in pieces) and the connection closed."),
+    Setting("api_max_body_bytes", "--api-max-body-bytes", _positive_int,
+            "Largest request body the API reads; a larger one is answered 413 before its token is checked."),
     Setting("api_tokens", None, _comma_list,
-            "Bearer tokens the management API accepts, comma-separated, 16 characters at least."),
+            "Bearer tokens the management API accepts, comma-separated, 16 characters at least; "
+            "admin:TOKEN, read:TOKEN or bot:BOT_ID:TOKEN give one its scope (plain: admin), and "
+            "key:SECRET the key minted bot tokens are signed with (default: derived from the admin tokens)."),
     Setting("log_level", "--log-level", _log_level,
             "debug, info, warning or error (default: info for `up`, `run` and `api`, warning otherwise)."),
     Setting("log_format", None, _log_format, "text (key=value) or json: how log lines are written."),
@@ -338,6 +354,12 @@ class Config:
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_history_size: int = 100_000
+    api_dead_letters_size: int = 20_000
+    api_concurrency: int = 200
+    api_header_timeout: float = 10.0
+    api_keepalive: float = 5.0
+    api_max_header_bytes: int = 16 * 1024
+    api_max_body_bytes: int = 64 * 1024
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     """Never shown: a repr of the configuration leaves them out."""
     log_level: str | None = None

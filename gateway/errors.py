@@ -14,10 +14,14 @@ it has a field. ``message`` says what was wrong, with the value, and what to do;
      │    ├── InvalidSecret               a signing secret that is not whsec_<base64>
      │    ├── WebhookVerificationError    a request that is not an authentic, fresh webhook
      │    ├── DecodeError                 bytes that are not a record the gateway reads
-     │    └── BlockedDestination          an address the SSRF guard refuses
+     │    ├── BlockedDestination          an address the SSRF guard refuses
+     │    └── PreconditionRequired        a write without the version it changes        API 428
      ├── NotFound (LookupError)           no endpoint, dead letter or job of that id    API 404
      ├── Conflict                         the state forbids it now (a replay runs)      API 409
+     │    ├── PreconditionFailed          the version given is not the current one      API 412
+     │    └── RateLimited                 too many requests of this caller at once      API 429
      ├── Unauthorized                     no credentials, or not ones it knows          API 401
+     ├── Forbidden                        known credentials, out of their scope         API 403
      ├── Unavailable                      Kafka, a topic, the registry, a port, the bundled
      │    │                               broker: what the gateway needs did not answer API 503
      │    ├── RegistryUnavailable         the schema registry did not answer
@@ -33,7 +37,7 @@ it has a field. ``message`` says what was wrong, with the value, and what to do;
      └── Internal                         the gateway itself failed (a bug)             API 500
           └── EncodeError                 a record that does not fit its own schema
 
-Everything a user can do something about is one of the first five branches; ``Stopping``,
+Everything a user can do something about is one of the first six branches; ``Stopping``,
 ``LocalLimit`` and ``Internal`` are the pipeline's own (the record stays unsettled, the
 delivery is deferred, or it is dead-lettered as ``internal_error``).
 """
@@ -46,6 +50,7 @@ __all__ = [
     "Conflict",
     "DecodeError",
     "EncodeError",
+    "Forbidden",
     "GatewayError",
     "InputError",
     "Internal",
@@ -55,7 +60,10 @@ __all__ = [
     "LookupQueued",
     "NotFound",
     "NotVisible",
+    "PreconditionFailed",
+    "PreconditionRequired",
     "PublishError",
+    "RateLimited",
     "RegistryUnavailable",
     "SchemaPending",
     "SenderClosed",
@@ -115,6 +123,10 @@ class BlockedDestination(InputError):
         super().__init__(message, field=field)
 
 
+class PreconditionRequired(InputError):
+    """A change that must name the version it changes (``If-Match``) did not."""
+
+
 class NotFound(GatewayError, LookupError):
     """Nothing has the id asked for (an endpoint, a dead letter, a replay job)."""
 
@@ -123,8 +135,26 @@ class Conflict(GatewayError):
     """The request is fine, but the state forbids it now (another replay is running)."""
 
 
+class PreconditionFailed(Conflict):
+    """A change named a version of the record that is no longer the current one: someone
+    changed (or removed) it since it was read. Read it again, then decide."""
+
+
+class RateLimited(Conflict):
+    """The caller has too many requests in progress; ``retry_after`` says when to retry."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Unauthorized(GatewayError):
     """No credentials were given, or not ones this process accepts."""
+
+
+class Forbidden(GatewayError):
+    """The credentials are known, but what they ask is outside their scope (another bot's
+    endpoint, a write with a read-only token)."""
 
 
 class Unavailable(GatewayError):

@@ -64,7 +64,7 @@ def test_filters_select_by_event_endpoint_bot_time_and_status() -> None:
 
 def test_times_and_cursors_are_refused_with_their_field() -> None:
     assert parse_time("2026-11-28T10:00:00Z", field="since") == 1795860000000
-    for text in ("yesterday", "99999999999d ago", "9999999999999999999999h"):
+    for text in ("yesterday", "99999999999d ago", "9999999999999999999999h", "9999-12-31T23:00:00-05:00"):
         with pytest.raises(InputError) as refused:
             parse_time(text, field="until")
         assert refused.value.field == "until"

@@ -8,16 +8,23 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
 
 from gateway.codec import Codec
 from gateway.config import Config
-from gateway.errors import InputError, NotFound, Unavailable
+from gateway.errors import Forbidden, InputError, NotFound, PreconditionFailed, Unavailable
 from gateway.ops import (
+    KEEP,
+    MAX_DESCRIPTION_LENGTH,
+    MAX_URL_LENGTH,
+    Access,
     Registration,
+    Scope,
     endpoint_json,
+    endpoint_version,
     get_endpoint,
     list_endpoints,
     register_endpoint,
@@ -52,6 +59,10 @@ NOWHERE = Config(bootstrap_servers="127.0.0.1:1")
         ({"event_types": ["MESSAGE", "bogus"]}, "event_types", "BOGUS"),
         ({"secret": "whsec_short"}, "secret", "secret"),
         ({"secret": "no-prefix"}, "secret", "whsec_"),
+        ({"url": "https://example.com/" + "a" * MAX_URL_LENGTH}, "url", str(MAX_URL_LENGTH)),
+        ({"description": "d" * (MAX_DESCRIPTION_LENGTH + 1)}, "description", str(MAX_DESCRIPTION_LENGTH)),
+        ({"description": "a\x1b[2Jb"}, "description", "U+001B"),
+        ({"rate_limit": float("inf")}, "rate_limit", "inf"),
     ],
 )
 def test_register_refuses_naming_the_field(fields: dict[str, object], field: str, named: str) -> None:
@@ -80,6 +91,10 @@ def test_other_refusals_name_their_field_before_any_io() -> None:
     with pytest.raises(InputError) as info:
         update_endpoint(NOWHERE, "any", event_types=["NOPE"])
     assert info.value.field == "event_types"
+    for grace in (float("inf"), float("nan"), 31 * 86400):
+        with pytest.raises(InputError) as info:
+            rotate_secret(NOWHERE, "any", grace_seconds=grace)
+        assert info.value.field == "grace_seconds"
 
 
 def test_an_error_can_be_built_with_field_and_message_by_name() -> None:
@@ -132,6 +147,51 @@ def test_endpoint_json_masks_the_secret_unless_asked() -> None:
     assert SECRET.removeprefix("whsec_") not in str(masked)
     assert e.previous_secret is not None and e.previous_secret not in str(shown)
     assert masked["botId"] == BOT_A and masked["events"] == [] and masked["enabled"] is True
+
+
+def test_endpoint_json_shows_iso_times_and_until_when_the_previous_secret_signs() -> None:
+    e = rotated(dataclasses.replace(endpoint("e1"), created_at=1_764_000_000_000), grace_seconds=3600,
+                now_ms=1_764_000_000_500)
+    shown = endpoint_json(e, now_ms=1_764_000_001_000)
+    assert shown["createdAt"] == "2025-11-24T16:00:00.000Z" and shown["updatedAt"] == "2025-11-24T16:00:00.500Z"
+    assert shown["previousSecretExpiresAt"] == "2025-11-24T17:00:00.500Z"
+    assert endpoint_json(e, now_ms=1_764_003_600_500)["previousSecretExpiresAt"] is None  # the grace is over
+    assert endpoint_json(endpoint("e1"))["previousSecretExpiresAt"] is None
+
+
+def test_a_version_changes_with_any_change_and_guards_a_change() -> None:
+    e = endpoint("e1")
+    assert endpoint_version(e) == endpoint_version(dataclasses.replace(e))
+    changes: list[dict[str, Any]] = [{"url": "https://example.com/x"}, {"secret": new_secret()}, {"enabled": False},
+               {"description": "d"}, {"updated_at": 2}, {"event_types": ("TICKET",)}]
+    assert len({endpoint_version(dataclasses.replace(e, **change)) for change in changes} | {endpoint_version(e)}) \
+        == len(changes) + 1
+    table = EndpointTable()
+    table.load([("e1", e), ("b", endpoint("b", BOT_B))])
+    with pytest.raises(PreconditionFailed):  # checked against the table before any write
+        update_endpoint(NOWHERE, "e1", description="x", table=table, if_match="not-the-version")
+    with pytest.raises(PreconditionFailed):
+        rotate_secret(NOWHERE, "e1", table=table, if_match=("a", "b"))
+
+
+def test_scopes_are_applied_before_any_write() -> None:
+    table = EndpointTable()
+    table.load([("a", endpoint("a", BOT_A)), ("b", endpoint("b", BOT_B))])
+    bot, reader = Access.for_bot(BOT_A.upper()), Access(Scope.READ)
+    assert bot.bot_id == BOT_A and str(bot) == f"bot:{BOT_A}"
+    assert [e.id for e in list_endpoints(NOWHERE, table=table, access=bot)] == ["a"]
+    assert [e.id for e in list_endpoints(NOWHERE, table=table, access=reader)] == ["b", "a"]
+    for call in (lambda: get_endpoint(NOWHERE, "b", table=table, access=bot),
+                 lambda: list_endpoints(NOWHERE, bot_id=BOT_B, table=table, access=bot),
+                 lambda: update_endpoint(NOWHERE, "b", description=KEEP, table=table, access=bot),
+                 lambda: set_endpoint_enabled(NOWHERE, "a", False, table=table, access=reader),
+                 lambda: remove_endpoint(NOWHERE, "a", table=table, access=reader),
+                 lambda: register_endpoint(NOWHERE, bot_id=BOT_B, url=PUBLIC_URL, access=bot),
+                 lambda: register_endpoint(NOWHERE, bot_id=BOT_A, url=PUBLIC_URL, access=reader)):
+        with pytest.raises(Forbidden):
+            call()
+    with pytest.raises(InputError):
+        Access(Scope.BOT, "not-a-uuid")
 
 
 # --- against the bundled broker --------------------------------------------------------------

@@ -15,6 +15,7 @@ import gateway.cli
 import gateway.ops
 from gateway.cli import cli
 from gateway.errors import InputError
+from gateway.events import EventType
 from gateway.ops import (
     DeadLetterEntry,
     Filters,
@@ -123,6 +124,16 @@ def test_dlq_errors_name_their_field_and_value() -> None:
     with pytest.raises(InputError) as info:
         Filters.parse(status="teapot")
     assert info.value.field == "status" and "'teapot'" in str(info.value)
+    with pytest.raises(InputError) as info:
+        Filters.parse(event_type="LEAD")
+    assert info.value.field == "event_type" and "'LEAD'" in str(info.value)
+
+
+def test_a_blank_dead_letter_event_type_is_no_filter() -> None:
+    """Found by schemathesis: an eventType of control characters that strip to nothing
+    was a 500 (an IndexError), not "no filter" as a blank in any list of types is."""
+    assert Filters.parse(event_type=" \x1f\x0c").event_type is None
+    assert Filters.parse(event_type=" message ").event_type is EventType.MESSAGE
 
 
 # --- what the command prints ------------------------------------------------------------------

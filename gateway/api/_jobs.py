@@ -5,7 +5,8 @@ Jobs live in the memory of the API process: a restart forgets them (what was rep
 is still recorded on the ``dlq-replays`` topic, so nothing is sent twice by a second
 replay of the same selection). At most one replay runs at a time per API process (two
 overlapping replays would both read "not replayed yet" and send twice); the last
-:data:`KEEP` jobs are kept.
+:data:`KEEP` jobs are kept. A job started by a bot-scoped caller is that bot's: other
+bots' callers cannot read it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class ReplayJob:
     report: ReplayReport | None = field(default=None, repr=False)
     finished_at: float | None = None
     error: str | None = None
+    bot_id: str | None = None
+    """The bot whose caller started it (a bot scope), or None."""
 
     def to_json(self) -> dict[str, Any]:
         progress, report = self.progress, self.report
@@ -89,10 +92,11 @@ class ReplayJob:
                 "unrecorded": report.unrecorded, "firstUnrecorded": report.first_unrecorded,
                 "seconds": round(report.seconds, 3)},
             "error": self.error,
+            "botId": self.bot_id,
         }
 
 
-def _job(plan: ReplayPlan, *, dry_run: bool, rate: float | None) -> ReplayJob:
+def _job(plan: ReplayPlan, *, dry_run: bool, rate: float | None, bot_id: str | None = None) -> ReplayJob:
     return ReplayJob(
         id=plan.replay_id, state=JobState.DRY_RUN if dry_run else JobState.RUNNING, dry_run=dry_run,
         created_at=time.time(),
@@ -106,6 +110,7 @@ def _job(plan: ReplayPlan, *, dry_run: bool, rate: float | None) -> ReplayJob:
                     for p in plan.planned[:MAX_ITEMS]) if dry_run else (),
         progress=ReplayProgress(total=len(plan.planned), sent=0, acknowledged=0, failed=0, seconds=0.0),
         finished_at=time.time() if dry_run else None,
+        bot_id=bot_id,
     )
 
 
@@ -123,10 +128,12 @@ class ReplayJobs:
         self._jobs: OrderedDict[str, ReplayJob] = OrderedDict()
         self._threads: dict[str, threading.Thread] = {}
 
-    def start(self, plan: ReplayPlan, *, rate: float | None = None, dry_run: bool = False) -> ReplayJob:
-        """Record the job and, unless a dry run, send the plan on a thread. Raises
-        :class:`~gateway.errors.Conflict` while another replay runs."""
-        job = _job(plan, dry_run=dry_run, rate=rate)
+    def start(self, plan: ReplayPlan, *, rate: float | None = None, dry_run: bool = False,
+              bot_id: str | None = None) -> ReplayJob:
+        """Record the job (``bot_id``'s, when a bot-scoped caller starts it) and, unless a
+        dry run, send the plan on a thread. Raises :class:`~gateway.errors.Conflict` while
+        another replay runs."""
+        job = _job(plan, dry_run=dry_run, rate=rate, bot_id=bot_id)
         with self._lock:
             running = [j.id for j in self._jobs.values() if j.state is JobState.RUNNING]
             if running and not dry_run:

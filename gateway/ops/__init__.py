@@ -2,17 +2,25 @@
 library functions they all call. A rule (a filter, a time, a cursor, an id, a status) is
 written here once, so the faces cannot differ.
 
+* ``_access``: who is asking: the scopes (admin, read, one bot) every operation applies.
 * ``_inputs``: what user input becomes: times, rates, statuses, record ids, paging cursors.
-* ``_endpoints``: managing registrations, and the checks that judge one.
+* ``_endpoints``: managing registrations, their versions, and the checks that judge one.
 * ``_deadletters``: reading, filtering, counting and replaying dead letters.
-* ``_history``: the delivery history: the attempts topic read, or indexed for the API.
+* ``_deadletter_index``: the newest dead letters in memory, newest first, for the API.
+* ``_history``: the delivery history: the attempts topic read, or indexed for the API;
+  an endpoint's stats from it.
+* ``_resend``: one delivery sent again (its event read back from the events topic).
 * ``_testsend``: test sends: the documented examples through the sender, malformed requests.
+* ``_catalog``: the event types with their JSON schema and example.
 * ``_listen``: ``gateway listen``, the developers' verifying receiver.
 
 Nothing here prints; errors are those of :mod:`gateway.errors`. The modules are private:
 import from ``gateway.ops``.
 """
 
+from ._access import OPERATOR, Access, Scope
+from ._catalog import DOCUMENTED_EXAMPLES, EventTypeInfo, event_types
+from ._deadletter_index import DEFAULT_DEAD_LETTERS, DeadLetterIndex, DeadLetterPage
 from ._deadletters import (
     REPLAY_SCHEMA,
     DeadLetterEntry,
@@ -25,7 +33,9 @@ from ._deadletters import (
     ReplayProgress,
     ReplayReport,
     decide_replays,
+    decode_dead_letter,
     find_dead_letters,
+    in_scope,
     parse_selector,
     plan_replay,
     read_dead_letters,
@@ -37,11 +47,16 @@ from ._deadletters import (
 from ._endpoints import (
     DEFAULT_GRACE_SECONDS,
     KEEP,
+    MAX_DESCRIPTION_LENGTH,
+    MAX_GRACE_SECONDS,
+    MAX_URL_LENGTH,
     Keep,
     Registration,
+    Versions,
     circuit_json,
     destination_warning,
     endpoint_json,
+    endpoint_version,
     get_endpoint,
     list_endpoints,
     mask_secret,
@@ -54,15 +69,28 @@ from ._endpoints import (
     set_endpoint_enabled,
     update_endpoint,
     validate_bot_id,
+    validate_description,
     validate_event_types,
     validate_max_in_flight,
     validate_rate_limit,
     validate_secret,
     validate_url,
 )
-from ._history import DEFAULT_CAPACITY, HistoryEntry, HistoryFilters, HistoryIndex, HistoryPage, read_history
+from ._history import (
+    DEFAULT_CAPACITY,
+    STATS_WINDOWS,
+    EndpointStats,
+    HistoryEntry,
+    HistoryFilters,
+    HistoryIndex,
+    HistoryPage,
+    WindowStats,
+    endpoint_stats,
+    read_history,
+)
 from ._inputs import STATUS_CHOICES, Cursor, RecordId, StatusSelector, check_range, iso, parse_rate, parse_time
 from ._listen import MAX_BODY_BYTES, Behaviour, Listener, Received, judge, render
+from ._resend import EVENT_SKEW_MS, Resent, find_event, resend_delivery
 from ._testsend import (
     STALE_SECONDS,
     TEST_TIER,
@@ -79,17 +107,30 @@ from ._testsend import (
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "DEFAULT_DEAD_LETTERS",
     "DEFAULT_GRACE_SECONDS",
+    "DOCUMENTED_EXAMPLES",
+    "EVENT_SKEW_MS",
     "KEEP",
     "MAX_BODY_BYTES",
+    "MAX_DESCRIPTION_LENGTH",
+    "MAX_GRACE_SECONDS",
+    "MAX_URL_LENGTH",
+    "OPERATOR",
     "REPLAY_SCHEMA",
     "STALE_SECONDS",
+    "STATS_WINDOWS",
     "STATUS_CHOICES",
     "TEST_TIER",
+    "Access",
     "Behaviour",
     "Cursor",
     "DeadLetterEntry",
+    "DeadLetterIndex",
+    "DeadLetterPage",
     "DeadLetterStats",
+    "EndpointStats",
+    "EventTypeInfo",
     "Filters",
     "HistoryEntry",
     "HistoryFilters",
@@ -109,18 +150,28 @@ __all__ = [
     "ReplayPlan",
     "ReplayProgress",
     "ReplayReport",
+    "Resent",
+    "Scope",
     "StatusSelector",
     "Verdict",
+    "Versions",
+    "WindowStats",
     "check_range",
     "circuit_json",
     "decide_replays",
+    "decode_dead_letter",
     "destination_warning",
     "endpoint_json",
+    "endpoint_stats",
+    "endpoint_version",
+    "event_types",
     "example_body",
     "examples",
     "examples_file",
     "find_dead_letters",
+    "find_event",
     "get_endpoint",
+    "in_scope",
     "iso",
     "judge",
     "list_endpoints",
@@ -137,6 +188,7 @@ __all__ = [
     "remove_endpoint",
     "render",
     "replay_tier",
+    "resend_delivery",
     "rotate_secret",
     "rotated",
     "send_replay",
@@ -147,6 +199,7 @@ __all__ = [
     "stats",
     "update_endpoint",
     "validate_bot_id",
+    "validate_description",
     "validate_event_types",
     "validate_max_in_flight",
     "validate_rate_limit",

@@ -19,6 +19,10 @@ cannot be replayed is a :class:`Refusal` with its reason, not an error) and then
 (:func:`send_replay`, with progress through a callback). Only replays the broker
 acknowledged are recorded as replayed. Planning reads the endpoint registry: an unknown
 ``to_endpoint`` is an :class:`~gateway.errors.InputError`.
+
+Every read and every plan takes the caller's :class:`~gateway.ops.Access`: a bot scope
+sees (and replays) its own bot's dead letters only, and only to its own endpoints; a
+dead letter that holds no delivery has no bot, so only admin and read scopes see it.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from confluent_kafka import KafkaError, Producer
 
 from ..codec import Codec
 from ..config import Config
-from ..errors import DecodeError, InputError, NotFound
+from ..errors import DecodeError, Forbidden, InputError, NotFound
 from ..events import EventType, is_uuid, parse_event_types
 from ..records import DEAD_LETTER_SCHEMA, DELIVERY_SCHEMA, DeadLetter, Delivery
 from ..store import EndpointTable, Tier, Topics, delivery_headers, load_endpoints, read_to_end, reader_consumer
+from ._access import OPERATOR, Access
 from ._inputs import RecordId, StatusSelector, check_range, iso, parse_time
 
 __all__ = [
@@ -53,7 +58,9 @@ __all__ = [
     "ReplayProgress",
     "ReplayReport",
     "decide_replays",
+    "decode_dead_letter",
     "find_dead_letters",
+    "in_scope",
     "parse_selector",
     "plan_replay",
     "read_dead_letters",
@@ -187,6 +194,18 @@ class Filters:
     def __post_init__(self) -> None:
         check_range(self.since, self.until)
 
+    @property
+    def selects_all(self) -> bool:
+        """Whether these filters select every dead letter (a limit alone selects the first
+        of them all): a replay of everything must be asked for in so many words."""
+        return all(value is None for name, value in vars(self).items() if name != "limit")
+
+    def scoped(self, access: Access) -> Filters:
+        """These filters as ``access`` may run them: a bot scope's narrowed to its bot
+        (:class:`~gateway.errors.Forbidden` when they name another)."""
+        bot_id = access.bot_filter(self.bot_id)
+        return self if bot_id == self.bot_id else replace(self, bot_id=bot_id)
+
     @classmethod
     def parse(
         cls, *, event_type: str | None = None, bot_id: str | None = None, endpoint_id: str | None = None,
@@ -197,8 +216,9 @@ class Filters:
         """The filters as given by a user: event type any case, status as
         :class:`~gateway.ops.StatusSelector` reads it, times as
         :func:`~gateway.ops.parse_time` does. Refuses, naming the input."""
+        types = parse_event_types([event_type], field="event_type") if event_type is not None else ()
         return cls(
-            event_type=parse_event_types([event_type], field="event_type")[0] if event_type else None,
+            event_type=types[0] if types else None,  # (a blank type is no filter, as in every list of types)
             bot_id=bot_id, endpoint_id=endpoint_id, reason=reason,
             status=StatusSelector.parse(status) if status is not None else None,
             since=parse_time(since, field="since") if since is not None else None,
@@ -228,6 +248,10 @@ class Filters:
             last = delivery.last_attempt
             if self.status and (last is None or not self.status.admits(last)):
                 return False
+        if self.partition is not None and entry.partition != self.partition:
+            return False
+        if self.from_offset is not None and entry.offset < self.from_offset:
+            return False
         return self.to_offset is None or entry.offset <= self.to_offset
 
 
@@ -242,27 +266,36 @@ def _read_to_end(
 
 
 def read_dead_letters(
-    config: Config, filters: Filters = Filters(), *, codec: Codec | None = None
+    config: Config, filters: Filters = Filters(), *, codec: Codec | None = None, access: Access = OPERATOR,
 ) -> Iterator[DeadLetterEntry]:
-    """The dead letters ``filters`` selects, in partition order of arrival."""
+    """The dead letters ``filters`` selects (within ``access``'s scope), in partition
+    order of arrival."""
+    filters = filters.scoped(access)
     codec = codec or Codec(config.schema_registry_url)
     topic = Topics.from_config(config).dlq
     matched = 0
     for msg in _read_to_end(config, topic, partition=filters.partition, start=filters.from_offset or 0):
-        headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
-        try:
-            name, record = codec.decode(msg.value())
-            if name != DEAD_LETTER_SCHEMA:
-                raise DecodeError(f"a {name} record, not a dead letter")
-            entry = DeadLetterEntry(topic, msg.partition(), msg.offset(), DeadLetter.from_record(record),
-                                    headers=headers)
-        except DecodeError as exc:
-            entry = DeadLetterEntry(topic, msg.partition(), msg.offset(), None, error=str(exc), headers=headers)
+        entry = decode_dead_letter(codec, topic, msg)
         if filters.admits(entry):
             yield entry
             matched += 1
             if filters.limit is not None and matched >= filters.limit:
                 return
+
+
+def decode_dead_letter(codec: Codec, topic: str, msg: Any) -> DeadLetterEntry:
+    """The entry a record of the dead-letter topic makes (one that cannot be read is an
+    entry too, with its error: a dead letter is never hidden)."""
+    headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+    try:
+        name, record = codec.decode(msg.value())
+        if name != DEAD_LETTER_SCHEMA:
+            raise DecodeError(f"a {name} record, not a dead letter")
+        return DeadLetterEntry(topic, int(msg.partition() or 0), int(msg.offset() or 0),
+                               DeadLetter.from_record(record), headers=headers)
+    except (DecodeError, KeyError, TypeError, ValueError) as exc:
+        return DeadLetterEntry(topic, int(msg.partition() or 0), int(msg.offset() or 0), None, error=str(exc),
+                               headers=headers)
 
 
 def read_replayed(config: Config, *, codec: Codec | None = None) -> set[str]:
@@ -291,14 +324,24 @@ def parse_selector(selector: str) -> Filters:
 
 
 def find_dead_letters(
-    config: Config, selector: str, *, codec: Codec | None = None
+    config: Config, selector: str, *, codec: Codec | None = None, access: Access = OPERATOR,
 ) -> list[DeadLetterEntry]:
     """The dead letters ``selector`` names (see :func:`parse_selector`);
-    :class:`~gateway.errors.NotFound` if there are none."""
+    :class:`~gateway.errors.NotFound` if there are none, :class:`~gateway.errors.Forbidden`
+    if there are, but none in ``access``'s scope."""
     found = list(read_dead_letters(config, parse_selector(selector), codec=codec))
     if not found:
         raise NotFound(f"no dead letter matches {selector!r}", field="selector")
-    return found
+    return in_scope(found, access, selector=selector)
+
+
+def in_scope(entries: list[DeadLetterEntry], access: Access, *, selector: str) -> list[DeadLetterEntry]:
+    """The dead letters ``selector`` found that ``access`` may see;
+    :class:`~gateway.errors.Forbidden` when it found some, but none of them."""
+    mine = [entry for entry in entries if access.sees_bot(entry.delivery.bot_id if entry.delivery else None)]
+    if entries and not mine:
+        raise Forbidden(f"this token is scoped to bot {access.bot_id}: dead letter {selector} is out of its scope")
+    return mine
 
 
 @dataclass(frozen=True)
@@ -499,6 +542,7 @@ def plan_replay(
     to_endpoint: str | None = None,
     endpoints: EndpointTable | None = None,
     codec: Codec | None = None,
+    access: Access = OPERATOR,
 ) -> ReplayPlan:
     """Select dead letters with ``filters`` and plan their replay (:func:`decide_replays`):
     to ``to_endpoint`` if given, else each to the endpoint it failed for; dead letters
@@ -506,17 +550,25 @@ def plan_replay(
 
     ``endpoints`` is the registry to check against (default: the topic, read now).
     Raises an :class:`~gateway.errors.InputError` naming ``to_endpoint`` if it is not
-    registered, before reading any dead letter.
+    registered, before reading any dead letter. A bot scope replays its own bot's dead
+    letters, to its own endpoints (:class:`~gateway.errors.Forbidden` otherwise).
     """
     tier = replay_tier(config)
+    filters = filters.scoped(access)
     codec = codec or Codec(config.schema_registry_url)
     table = endpoints if endpoints is not None else load_endpoints(config)
-    if to_endpoint is not None and table.get(to_endpoint) is None:
-        raise InputError(f"no endpoint with id {to_endpoint!r}", field="to_endpoint")
-    known = {e.id for e in table.all()}
+    named = table.get(filters.endpoint_id) if filters.endpoint_id is not None else None
+    if named is not None:  # a filter naming another bot's endpoint: out of scope, not "none of them"
+        access.check_endpoint(named)
+    if to_endpoint is not None:
+        target = table.get(to_endpoint)
+        if target is None:
+            raise InputError(f"no endpoint with id {to_endpoint!r}", field="to_endpoint")
+        access.check_endpoint(target)
+    registered = {e.id for e in table.all() if access.sees_bot(e.bot_id)}
     entries = list(read_dead_letters(config, filters, codec=codec))
     replayed = set() if again else read_replayed(config, codec=codec)
-    return decide_replays(entries, topic=tier.topic, known_endpoints=known,
+    return decide_replays(entries, topic=tier.topic, known_endpoints=registered,
                           already_replayed=replayed, to_endpoint=to_endpoint)
 
 

@@ -3,10 +3,19 @@ both call, and the rules that judge a registration.
 
 These functions print nothing: they return values and raise the errors of
 :mod:`gateway.errors` (an :class:`~gateway.errors.InputError` naming the field at fault,
-:class:`~gateway.errors.NotFound` for an unknown id, :class:`~gateway.errors.Unavailable`
-when the endpoints topic cannot be read or written). They block on Kafka; async code
-calls them from a thread. A change is read-modify-write of one record: of two concurrent
-changes to one endpoint, the later write wins whole.
+:class:`~gateway.errors.NotFound` for an unknown id, :class:`~gateway.errors.Forbidden`
+for an endpoint out of the caller's scope (:class:`~gateway.ops.Access`),
+:class:`~gateway.errors.Unavailable` when the endpoints topic cannot be read or written).
+They block on Kafka; async code calls them from a thread.
+
+**Versions.** A change is read-modify-write of one record. Each registration has a
+version (:func:`endpoint_version`, a digest of the whole record: any change, the secret's
+included, makes a new one); a change given ``if_match`` is refused with
+:class:`~gateway.errors.PreconditionFailed` unless the record it read has that version,
+so a change made on a stale read (a PATCH racing a rotation, or a removal) cannot write
+the old state back. The check and the write are atomic only against writers that hold
+the same lock (the API serializes its writes per endpoint, ``gateway.api``); between two
+processes, the later write still wins whole.
 
 The checks are pure and the same for every face: a bot id is a UUID (stored lower
 case), a URL is http(s) with a host and no credentials and parses as the sender will
@@ -17,6 +26,9 @@ refuse the URL is a warning, judged by the sender's own :class:`DestinationPolic
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import math
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -29,21 +41,27 @@ import httpx
 from ..clock import SYSTEM
 from ..config import Config
 from ..delivery import DestinationPolicy, destination
-from ..errors import InputError, NotFound
+from ..errors import InputError, NotFound, PreconditionFailed
 from ..events import is_uuid, parse_event_types
 from ..records import Circuit, CircuitState, Endpoint
 from ..signing import new_secret, secret_key
 from ..store import EndpointTable, delete_endpoint, load_endpoints, save_endpoint
-from ._inputs import parse_rate
+from ._access import OPERATOR, Access
+from ._inputs import iso, parse_rate
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
     "KEEP",
+    "MAX_DESCRIPTION_LENGTH",
+    "MAX_GRACE_SECONDS",
+    "MAX_URL_LENGTH",
     "Keep",
     "Registration",
+    "Versions",
     "circuit_json",
     "destination_warning",
     "endpoint_json",
+    "endpoint_version",
     "get_endpoint",
     "list_endpoints",
     "mask_secret",
@@ -56,6 +74,7 @@ __all__ = [
     "set_endpoint_enabled",
     "update_endpoint",
     "validate_bot_id",
+    "validate_description",
     "validate_event_types",
     "validate_max_in_flight",
     "validate_rate_limit",
@@ -65,6 +84,12 @@ __all__ = [
 
 DEFAULT_GRACE_SECONDS = 24 * 3600
 """How long a rotated-out secret keeps signing unless told otherwise."""
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+"""The longest grace a rotation may give the old secret."""
+MAX_URL_LENGTH = 2048
+"""Characters of an endpoint's URL, at most (what browsers and proxies reliably carry)."""
+MAX_DESCRIPTION_LENGTH = 1000
+"""Characters of an endpoint's description, at most."""
 
 
 def validate_bot_id(bot_id: str) -> str:
@@ -75,8 +100,11 @@ def validate_bot_id(bot_id: str) -> str:
 
 
 def validate_url(url: str) -> str:
-    """``url`` if deliveries can be POSTed to it (http or https, a host, no credentials,
-    no whitespace, and parsed by the sender's own parser)."""
+    """``url`` if deliveries can be POSTed to it (at most :data:`MAX_URL_LENGTH`
+    characters, http or https, a host, no credentials, no whitespace, and parsed by the
+    sender's own parser)."""
+    if len(url) > MAX_URL_LENGTH:
+        raise InputError(f"url is {len(url)} characters; at most {MAX_URL_LENGTH}", field="url")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises for a port out of range)
@@ -95,6 +123,20 @@ def validate_url(url: str) -> str:
     except httpx.InvalidURL as exc:
         raise InputError(f"url {url!r} is not a valid URL: {exc}", field="url") from None
     return url
+
+
+def validate_description(description: str | None) -> str | None:
+    """``description`` if it is at most :data:`MAX_DESCRIPTION_LENGTH` characters of text
+    (no control characters but tabs and newlines); None (no description) stays None."""
+    if description is None:
+        return None
+    if len(description) > MAX_DESCRIPTION_LENGTH:
+        raise InputError(f"description is {len(description)} characters; at most {MAX_DESCRIPTION_LENGTH}",
+                         field="description")
+    bad = next((c for c in description if not c.isprintable() and c not in "\t\n"), None)
+    if bad is not None:
+        raise InputError(f"description contains the control character U+{ord(bad):04X}", field="description")
+    return description
 
 
 def validate_event_types(event_types: Iterable[str]) -> tuple[str, ...]:
@@ -122,7 +164,7 @@ def validate_rate_limit(value: float | str | None) -> float | None:
         raise InputError(f"rate limit {value!r} is not a number of requests per second", field="rate_limit")
     else:
         rate = float(value)
-    if not 0 < rate <= 1_000_000 or rate != rate:
+    if not (math.isfinite(rate) and 0 < rate <= 1_000_000):
         raise InputError(f"rate limit {value!r} must be more than 0 and at most 1000000 per second",
                             field="rate_limit")
     return rate
@@ -144,8 +186,8 @@ def validate_max_in_flight(value: int | str | None) -> int | None:
 def validate_secret(secret: str) -> str:
     """``secret`` if it can sign (``whsec_`` and base64 of at least 16 bytes); the error
     never shows it."""
-    if not secret.startswith("whsec_"):
-        raise InputError("the secret must look like whsec_<base64>", field="secret")
+    if not secret.startswith("whsec_") or len(secret) > 200:
+        raise InputError("the secret must look like whsec_<base64> (at most 200 characters)", field="secret")
     secret_key(secret)  # InvalidSecret, an InputError naming the secret
     return secret
 
@@ -155,9 +197,22 @@ def mask_secret(secret: str) -> str:
     return "whsec_" + "*" * 8
 
 
-def endpoint_json(endpoint: Endpoint, *, show_secret: bool = False) -> dict[str, Any]:
+def endpoint_version(endpoint: Endpoint) -> str:
+    """The version of a registration: a digest of the whole record, secrets included (it
+    reveals nothing of them), so any change makes a new one. The API sends it as the
+    ``ETag`` (quoted) and takes it back in ``If-Match``."""
+    text = json.dumps(endpoint.to_record(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def endpoint_json(endpoint: Endpoint, *, show_secret: bool = False, now_ms: int | None = None) -> dict[str, Any]:
     """The endpoint as ``gateway endpoints … --json`` and the HTTP API show it; the
-    secret masked unless ``show_secret``. The previous secret is never shown."""
+    secret masked unless ``show_secret``. The previous secret is never shown, only until
+    when it is still accepted (``previousSecretExpiresAt``, null when there is none or its
+    grace is over). Times are ISO 8601, UTC."""
+    now = now_ms if now_ms is not None else SYSTEM.now_ms()
+    expires = endpoint.previous_secret_expires_at
+    in_grace = endpoint.previous_secret is not None and expires is not None and expires > now
     return {
         "id": endpoint.id,
         "botId": endpoint.bot_id,
@@ -168,17 +223,19 @@ def endpoint_json(endpoint: Endpoint, *, show_secret: bool = False) -> dict[str,
         "rateLimit": endpoint.rate_limit,
         "maxInFlight": endpoint.max_in_flight,
         "secret": endpoint.secret if show_secret else mask_secret(endpoint.secret),
-        "createdAt": endpoint.created_at,
-        "updatedAt": endpoint.updated_at,
+        "previousSecretExpiresAt": iso(expires) if in_grace and expires is not None else None,
+        "createdAt": iso(endpoint.created_at),
+        "updatedAt": iso(endpoint.updated_at),
+        "version": endpoint_version(endpoint),
     }
 
 
 def circuit_json(circuit: Circuit | None) -> dict[str, Any]:
     """An endpoint's circuit as the workers last reported it (closed when never opened)."""
     if circuit is None:
-        return {"state": CircuitState.CLOSED.value}
-    return {"state": circuit.state.value, "since": circuit.changed_at, "failures": circuit.failures,
-            "probeAt": circuit.probe_at, "worker": circuit.worker}
+        return {"state": CircuitState.CLOSED.value, "since": None, "failures": 0, "probeAt": None, "worker": None}
+    return {"state": circuit.state.value, "since": iso(circuit.changed_at), "failures": circuit.failures,
+            "probeAt": iso(circuit.probe_at) if circuit.probe_at is not None else None, "worker": circuit.worker}
 
 
 def new_endpoint(
@@ -197,6 +254,7 @@ def new_endpoint(
     validate_url(url)
     types = validate_event_types(event_types)
     secret = new_secret() if secret is None else validate_secret(secret)
+    description = validate_description(description)
     now = now_ms if now_ms is not None else SYSTEM.now_ms()
     return Endpoint(
         id=str(uuid.uuid4()),
@@ -219,8 +277,9 @@ def set_enabled(endpoint: Endpoint, enabled: bool, *, now_ms: int | None = None)
 
 
 def _validate_grace(grace_seconds: float) -> None:
-    if not grace_seconds >= 0:  # also refuses NaN
-        raise InputError(f"grace {grace_seconds!r} s is not 0 or more seconds", field="grace_seconds")
+    if not (math.isfinite(grace_seconds) and 0 <= grace_seconds <= MAX_GRACE_SECONDS):
+        raise InputError(f"grace {grace_seconds!r} s is not from 0 to {MAX_GRACE_SECONDS} seconds (30 days)",
+                         field="grace_seconds")
 
 
 def rotated(
@@ -282,15 +341,19 @@ def register_endpoint(
     description: str | None = None,
     rate_limit: float | str | None = None,
     max_in_flight: int | str | None = None,
+    access: Access = OPERATOR,
     timeout: float = 30.0,
 ) -> Registration:
     """Validate and save a new endpoint (a new id; a generated secret unless ``secret``).
 
-    Raises :class:`~gateway.errors.InputError` naming the field at fault, or
+    Raises :class:`~gateway.errors.InputError` naming the field at fault,
+    :class:`~gateway.errors.Forbidden` for a bot out of ``access``'s scope, or
     :class:`~gateway.errors.Unavailable` if the topic does not acknowledge the write.
     """
+    access.require_write("registering an endpoint")
     endpoint = new_endpoint(bot_id=bot_id, url=url, event_types=event_types, secret=secret,
                             description=description, rate_limit=rate_limit, max_in_flight=max_in_flight)
+    access.check_bot(endpoint.bot_id, what=f"bot {bot_id}")
     warning = destination_warning(config, url)
     save_endpoint(config, endpoint, timeout=timeout)
     return Registration(endpoint, warning)
@@ -301,9 +364,11 @@ def _current(config: Config, table: EndpointTable | None, timeout: float) -> End
 
 
 def get_endpoint(
-    config: Config, endpoint_id: str, *, table: EndpointTable | None = None, timeout: float = 30.0
+    config: Config, endpoint_id: str, *, table: EndpointTable | None = None, access: Access = OPERATOR,
+    timeout: float = 30.0,
 ) -> Endpoint:
-    """The endpoint registered under ``endpoint_id``; :class:`~gateway.errors.NotFound` if none.
+    """The endpoint registered under ``endpoint_id``; :class:`~gateway.errors.NotFound` if
+    none, :class:`~gateway.errors.Forbidden` if it is out of ``access``'s scope.
 
     Read from ``table`` when given (a running :class:`EndpointRegistry`'s, say), else
     from the topic, to its end.
@@ -311,7 +376,7 @@ def get_endpoint(
     endpoint = _current(config, table, timeout).get(endpoint_id)
     if endpoint is None:
         raise NotFound(f"no endpoint with id {endpoint_id!r}", field="endpoint_id")
-    return endpoint
+    return access.check_endpoint(endpoint)
 
 
 def list_endpoints(
@@ -319,47 +384,80 @@ def list_endpoints(
     *,
     bot_id: str | None = None,
     table: EndpointTable | None = None,
+    access: Access = OPERATOR,
     timeout: float = 30.0,
 ) -> list[Endpoint]:
-    """Every endpoint (by bot, oldest first), or only ``bot_id``'s, in any case."""
+    """Every endpoint (by bot, oldest first), or only ``bot_id``'s, in any case. A bot
+    scope lists its own bot's (asking for another is :class:`~gateway.errors.Forbidden`)."""
     if bot_id is not None:
         bot_id = validate_bot_id(bot_id)
+    bot_id = access.bot_filter(bot_id)
     current = _current(config, table, timeout)
     return current.all() if bot_id is None else current.for_bot(bot_id)
+
+
+Versions = str | tuple[str, ...] | None
+"""What a change may be conditioned on: a version, any of several, or None (no condition)."""
+
+
+def _check_version(endpoint: Endpoint, if_match: Versions) -> Endpoint:
+    if if_match is None:
+        return endpoint
+    wanted = (if_match,) if isinstance(if_match, str) else if_match
+    current = endpoint_version(endpoint)
+    if current not in wanted:
+        raise PreconditionFailed(
+            f"endpoint {endpoint.id} changed since version {', '.join(wanted)} was read (it is now {current}); "
+            "read it again and apply the change to what it is now")
+    return endpoint
+
+
+def _for_change(config: Config, endpoint_id: str, what: str, *, table: EndpointTable | None, access: Access,
+                if_match: Versions, timeout: float) -> Endpoint:
+    """The endpoint a change starts from: in scope, writable by ``access``, of the version given."""
+    access.require_write(what)
+    return _check_version(get_endpoint(config, endpoint_id, table=table, access=access, timeout=timeout), if_match)
 
 
 def update_endpoint(
     config: Config,
     endpoint_id: str,
     *,
-    url: str | None = None,
-    event_types: Iterable[str] | None = None,
-    description: str | None = None,
+    url: str | Keep = KEEP,
+    event_types: Iterable[str] | Keep | None = KEEP,
+    description: str | Keep | None = KEEP,
     rate_limit: float | str | Keep | None = KEEP,
     max_in_flight: int | str | Keep | None = KEEP,
     table: EndpointTable | None = None,
+    access: Access = OPERATOR,
+    if_match: Versions = None,
     timeout: float = 30.0,
 ) -> Registration:
-    """Change what is given (None keeps the URL, events and description; ``event_types=()``
-    means all; ``rate_limit``/``max_in_flight`` are kept unless given, and ``None`` clears
-    them) and save. The secret, the bot and the enabled state have functions of their own."""
+    """Change what is given and save; every argument left out is kept (:data:`KEEP`), and
+    ``None`` clears a value to its default: every event type, no description, no rate
+    limit, the process's in-flight cap (JSON merge-patch's rules: absent keeps, null
+    clears). ``event_types=()`` means every type too. The URL cannot be cleared. The
+    secret, the bot and the enabled state have functions of their own. With ``if_match``,
+    refused unless the endpoint is still of that version (:func:`endpoint_version`)."""
     # Validate the inputs before reading the whole topic.
-    types = validate_event_types(event_types) if event_types is not None else None
-    if url is not None:
+    types = event_types if isinstance(event_types, Keep) else validate_event_types(event_types or ())
+    if not isinstance(url, Keep):
         validate_url(url)
+    text = description if isinstance(description, Keep) else validate_description(description)
     rate = rate_limit if isinstance(rate_limit, Keep) else validate_rate_limit(rate_limit)
     in_flight = max_in_flight if isinstance(max_in_flight, Keep) else validate_max_in_flight(max_in_flight)
-    current = get_endpoint(config, endpoint_id, table=table, timeout=timeout)
+    current = _for_change(config, endpoint_id, "changing an endpoint", table=table, access=access,
+                          if_match=if_match, timeout=timeout)
     changed = replace(
         current,
-        url=current.url if url is None else url,
-        event_types=current.event_types if types is None else types,
-        description=current.description if description is None else description,
+        url=current.url if isinstance(url, Keep) else url,
+        event_types=current.event_types if isinstance(types, Keep) else types,
+        description=current.description if isinstance(text, Keep) else text,
         rate_limit=current.rate_limit if isinstance(rate, Keep) else rate,
         max_in_flight=current.max_in_flight if isinstance(in_flight, Keep) else in_flight,
-        updated_at=SYSTEM.now_ms(),
+        updated_at=max(SYSTEM.now_ms(), current.updated_at + 1),
     )
-    warning = destination_warning(config, changed.url) if url is not None else None
+    warning = destination_warning(config, changed.url) if not isinstance(url, Keep) else None
     save_endpoint(config, changed, timeout=timeout)
     return Registration(changed, warning)
 
@@ -370,20 +468,26 @@ def set_endpoint_enabled(
     enabled: bool,
     *,
     table: EndpointTable | None = None,
+    access: Access = OPERATOR,
+    if_match: Versions = None,
     timeout: float = 30.0,
 ) -> Endpoint:
     """Enable or disable ``endpoint_id`` and return it as saved."""
-    changed = set_enabled(get_endpoint(config, endpoint_id, table=table, timeout=timeout), enabled)
+    current = _for_change(config, endpoint_id, "enabling or disabling an endpoint", table=table, access=access,
+                          if_match=if_match, timeout=timeout)
+    changed = set_enabled(current, enabled, now_ms=max(SYSTEM.now_ms(), current.updated_at + 1))
     save_endpoint(config, changed, timeout=timeout)
     return changed
 
 
 def remove_endpoint(
-    config: Config, endpoint_id: str, *, table: EndpointTable | None = None, timeout: float = 30.0
+    config: Config, endpoint_id: str, *, table: EndpointTable | None = None, access: Access = OPERATOR,
+    if_match: Versions = None, timeout: float = 30.0,
 ) -> Endpoint:
     """Remove ``endpoint_id`` (write its tombstone) and return what was registered.
     Workers dead-letter its pending retries as ``endpoint_removed``."""
-    removed = get_endpoint(config, endpoint_id, table=table, timeout=timeout)
+    removed = _for_change(config, endpoint_id, "removing an endpoint", table=table, access=access,
+                          if_match=if_match, timeout=timeout)
     delete_endpoint(config, endpoint_id, timeout=timeout)
     return removed
 
@@ -395,6 +499,8 @@ def rotate_secret(
     secret: str | None = None,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     table: EndpointTable | None = None,
+    access: Access = OPERATOR,
+    if_match: Versions = None,
     timeout: float = 30.0,
 ) -> Endpoint:
     """Give ``endpoint_id`` a new secret (see :func:`rotated`), save it and return the
@@ -403,7 +509,9 @@ def rotate_secret(
     _validate_grace(grace_seconds)
     if secret is not None:
         validate_secret(secret)
-    current = get_endpoint(config, endpoint_id, table=table, timeout=timeout)
-    changed = rotated(current, secret=secret, grace_seconds=grace_seconds)
+    current = _for_change(config, endpoint_id, "rotating a secret", table=table, access=access,
+                          if_match=if_match, timeout=timeout)
+    changed = rotated(current, secret=secret, grace_seconds=grace_seconds,
+                      now_ms=max(SYSTEM.now_ms(), current.updated_at + 1))
     save_endpoint(config, changed, timeout=timeout)
     return changed

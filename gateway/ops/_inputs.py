@@ -36,7 +36,7 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 def parse_time(text: str, *, field: str, now: datetime | None = None) -> int:
     """``2026-11-28T10:00:00Z``, ``2026-11-28``, ``2h ago``, ``30m`` (ago), ``1d`` → ms since
     the epoch. Refused, naming ``field``: a text that is neither, and a time out of range
-    (``99999999999d ago``)."""
+    (``99999999999d ago``, or past year 9999 in UTC)."""
     now = now or datetime.now(UTC)
     try:
         match = _RELATIVE.fullmatch(text)
@@ -51,7 +51,9 @@ def parse_time(text: str, *, field: str, now: datetime | None = None) -> int:
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return int(moment.timestamp() * 1000)
+        ms = int(moment.timestamp() * 1000)
+        iso(ms)  # every answer shows it as a UTC time: one past year 9999 there is out of range
+        return ms
     except (OverflowError, OSError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise

@@ -37,6 +37,7 @@ from ..events import EventType, parse_event, parse_event_types
 from ..records import Attempt, Endpoint, Outcome
 from ..signing import secret_key
 from ..store import EndpointTable
+from ._access import OPERATOR, Access
 from ._endpoints import get_endpoint
 
 __all__ = [
@@ -241,12 +242,15 @@ async def send_test_events(
     event_types: Sequence[str] | None = None,
     malformed: bool = False,
     table: EndpointTable | None = None,
+    access: Access = OPERATOR,
 ) -> ProbeReport:
     """What ``gateway endpoints test`` and ``POST /v1/endpoints/{id}/test`` do: the event
     types checked, the endpoint looked up (in ``table``, else the topic: off the event
-    loop), then :func:`send_tests`. An empty ``event_types`` means every type."""
+    loop) within ``access``'s scope (a read-only caller sends nothing), then
+    :func:`send_tests`. An empty ``event_types`` means every type."""
+    access.require_write("a test send")
     types = _types(event_types) if event_types else None
-    endpoint = await asyncio.to_thread(get_endpoint, config, endpoint_id, table=table)
+    endpoint = await asyncio.to_thread(get_endpoint, config, endpoint_id, table=table, access=access)
     return await send_tests(config, endpoint, event_types=types, malformed=malformed)
 
 
