@@ -114,6 +114,7 @@ from ._models import (
     TokenOut,
     TokenRequest,
 )
+from ._page import SettingsPage
 from ._service import ApiService, NotVisibleYet
 
 __all__ = ["create_app", "openapi_document"]
@@ -615,6 +616,7 @@ def create_app(service: ApiService) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
     app.add_middleware(RequestGuard, service=service)
+    app.add_middleware(SettingsPage)  # after the guard, so before it: the page needs no token (gateway/api/_page.py)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
     async def openapi() -> dict[str, Any]:
