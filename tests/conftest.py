@@ -278,3 +278,97 @@ def worker_factory(tmp_path: Path) -> Iterator[Any]:
             worker.process.wait()
         if not worker._log_file.closed:
             worker._log_file.close()
+
+
+# -- a three-broker Apache Kafka cluster (tests/kafka_cluster.py) ----------------------------
+
+
+class ClusterHolder:
+    """The one cluster of a run, started when a test first asks for it and closed as soon
+    as the next test does not (:func:`pytest_runtest_teardown`): the cluster tests share
+    one (their modules are next to each other: test_cluster.py, test_cluster_network.py)
+    and no JVM of it idles through the rest of the run. A test that asks again later gets
+    a new one."""
+
+    def __init__(self, where: pytest.TempPathFactory) -> None:
+        self.where = where
+        self.running: Any = None
+
+    def get(self) -> Any:
+        if self.running is None:
+            from .kafka_cluster import KafkaCluster
+
+            self.running = KafkaCluster(self.where.mktemp("cluster")).start()
+        return self.running
+
+    def close(self) -> None:
+        if self.running is not None:
+            running, self.running = self.running, None
+            running.close()
+
+
+CLUSTER_HOLDER = pytest.StashKey[ClusterHolder]()
+
+
+@pytest.fixture(scope="session")
+def cluster_holder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHolder]:
+    holder = ClusterHolder(tmp_path_factory)
+    request.config.stash[CLUSTER_HOLDER] = holder
+    yield holder
+    holder.close()
+
+
+@pytest.fixture
+def cluster(broker_kind: str, cluster_holder: ClusterHolder) -> Any:
+    """One controller and three brokers of Apache Kafka, a proxy before each broker
+    (:class:`tests.kafka_cluster.KafkaCluster`), whole: whatever the test before stopped,
+    killed, froze or faulted is undone before this one starts (every broker up, every
+    replica in sync, every partition led by its preferred replica, no proxy fault).
+    Apache Kafka only: mark the tests ``brokers("kafka")`` (the bundled broker has no
+    replication)."""
+    if broker_kind != "kafka":
+        pytest.skip("a cluster is Apache Kafka's: the bundled broker has no replication")
+    running = cluster_holder.get()
+    running.heal()
+    return running
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After a test's own teardown: the cluster closes when the next test does not use it."""
+    yield
+    holder = item.config.stash.get(CLUSTER_HOLDER, None)
+    if holder is not None and "cluster" in getattr(item, "fixturenames", ()) and (
+            nextitem is None or "cluster" not in getattr(nextitem, "fixturenames", ())):
+        holder.close()
+
+
+CLUSTER_SESSION_MS = 6000
+"""The workers' consumer session on the cluster: three times the brokers' 2 s session.
+
+A broker that dies stalls every ``acks=all`` write it was in sync for, offset commits
+included, until the controller fences it (the broker session) and shrinks the in-sync
+sets; a group's heartbeats wait behind a stalled commit on the coordinator connection.
+With the 2 s consumer session of the other tests, equal to the broker session, every
+consumer of the worker timed out of its group at each broker crash (measured: the leader
+killed mid-drain repeated 1,683 of 2,000 deliveries, re-read past the deferral rungs'
+oldest unsettled records; with 6 s, none). The same ratio holds for the defaults: the
+gateway's 10 s session against Kafka's 9 s ``broker.session.timeout.ms``."""
+
+
+@pytest.fixture
+def cluster_config(cluster: Any) -> Config:
+    """:func:`config` on the cluster: topics of its own, every broker to bootstrap from
+    (directly; ``cluster.proxied_bootstrap`` goes through the proxies), and a session
+    that outlasts a broker's crash (:data:`CLUSTER_SESSION_MS`)."""
+    return Config(
+        bootstrap_servers=cluster.bootstrap,
+        topic_prefix=f"c{os.getpid()}-{next(_prefixes)}",
+        retry_delays=(1, 2, 3),
+        defer_delays=(1, 2, 3),
+        partitions=3,
+        session_timeout_ms=CLUSTER_SESSION_MS,
+        shutdown_timeout=10.0,
+        request_timeout=5.0,
+        allow_private_networks=True,
+    )

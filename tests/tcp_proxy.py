@@ -11,6 +11,12 @@ goes through the proxy too. Faults, each switched on and off from the test's thr
 * :meth:`TcpProxy.blackhole_when`: the same, for each connection a rule picks. The proxy
   reads the Kafka request headers a client sends (api key, client id), so a rule can take
   one client's group coordinator connection only (:func:`group_connection_of`).
+
+What the proxy saw, so a test can tell that its fault took: every connection ever
+accepted (:attr:`TcpProxy.seen`, with the api keys and client id of its requests and the
+``acks`` of its Produce requests), connections closed by :meth:`TcpProxy.drop`
+(:attr:`TcpProxy.dropped`), bytes a blackhole swallowed (:attr:`TcpProxy.swallowed`) and
+chunks forwarded late (:attr:`TcpProxy.delayed`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,16 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-__all__ = ["GROUP_REQUESTS", "Connection", "TcpProxy", "group_connection_of"]
+__all__ = ["GROUP_REQUESTS", "INIT_PRODUCER_ID", "PRODUCE", "Connection", "TcpProxy", "group_connection_of",
+           "produce_acks"]
 
 GROUP_REQUESTS = frozenset({8, 9, 11, 12, 13, 14, 68})
 """Kafka api keys only the group coordinator is sent: OffsetCommit, OffsetFetch,
 JoinGroup, Heartbeat, LeaveGroup, SyncGroup, ConsumerGroupHeartbeat."""
+
+PRODUCE = 0
+INIT_PRODUCER_ID = 22
+"""What an idempotent producer asks first (its producer id); a plain producer never does."""
 
 
 @dataclass
@@ -38,6 +49,8 @@ class Connection:
     client_id: str | None = None
     api_keys: set[int] = field(default_factory=set)
     blackholed: bool = False
+    acks: set[int] = field(default_factory=set)
+    """The ``acks`` of every Produce request over it (-1: all in-sync replicas)."""
     _writers: list[asyncio.StreamWriter] = field(default_factory=list, repr=False)
 
 
@@ -45,6 +58,41 @@ def group_connection_of(client_id: str) -> Callable[[Connection], bool]:
     """A rule for :meth:`TcpProxy.blackhole_when`: the connections over which the client
     ``client_id`` talks to its group coordinator."""
     return lambda conn: conn.client_id == client_id and bool(conn.api_keys & GROUP_REQUESTS)
+
+
+def produce_acks(request: bytes) -> int | None:
+    """The ``acks`` of a Produce request (versions 3 and later; None for any other
+    request). After the header come the transactional id and then ``acks``; from version
+    9 on (flexible) the header ends with tagged fields and the id is a compact string."""
+    api_key, version = struct.unpack_from(">hh", request, 0)
+    if api_key != PRODUCE or version < 3:
+        return None
+    length = struct.unpack_from(">h", request, 8)[0]
+    at = 10 + max(length, 0)
+    if version >= 9:
+        tags, at = _varint(request, at)
+        for _ in range(tags):
+            _, at = _varint(request, at)
+            size, at = _varint(request, at)
+            at += size
+        length, at = _varint(request, at)  # length + 1; 0 is null
+        at += max(length - 1, 0)
+    else:
+        length = struct.unpack_from(">h", request, at)[0]
+        at += 2 + max(length, 0)
+    return int(struct.unpack_from(">h", request, at)[0])
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """An unsigned varint at ``at``: its value and where the next field starts."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
 
 
 def _request_header(frame: bytes) -> tuple[int, str | None]:
@@ -65,6 +113,15 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = port
         self.connections: list[Connection] = []
+        """The connections open now."""
+        self.seen: list[Connection] = []
+        """Every connection accepted, open or closed."""
+        self.dropped = 0
+        """Connections closed by :meth:`drop`."""
+        self.swallowed = 0
+        """Bytes a blackhole kept from their destination."""
+        self.delayed = 0
+        """Chunks forwarded later than they came, for :meth:`latency`."""
         self._delay = 0.0
         self._blackhole = False
         self._rule: Callable[[Connection], bool] | None = None
@@ -93,9 +150,12 @@ class TcpProxy:
         """Forward every chunk ``seconds`` late from now on (0: no delay)."""
         self._delay = seconds
 
-    def drop(self) -> None:
-        """Close every open connection (the clients see their connections reset)."""
-        self._call(self._close_all())
+    def drop(self) -> int:
+        """Close every open connection (the clients see their connections reset); how
+        many were open."""
+        closed: int = self._call(self._close_all())
+        self.dropped += closed
+        return closed
 
     def blackhole(self, on: bool = True) -> None:
         """Forward nothing, both ways, on every connection, open or new; close none.
@@ -133,6 +193,7 @@ class TcpProxy:
             return
         conn._writers = [client_writer, broker_writer]
         self.connections.append(conn)
+        self.seen.append(conn)
         try:
             await asyncio.gather(self._pipe(conn, client_reader, broker_writer, requests=True),
                                  self._pipe(conn, broker_reader, client_writer, requests=False))
@@ -160,6 +221,10 @@ class TcpProxy:
                     conn.blackholed = True
                 if data and not conn.blackholed:
                     queue.put_nowait((self._loop.time() + self._delay, data))
+                    if self._delay > 0:
+                        self.delayed += 1
+                elif data:
+                    self.swallowed += len(data)
         except OSError:
             pass
         finally:
@@ -174,6 +239,10 @@ class TcpProxy:
             return
         api_key, client_id = _request_header(request)
         conn.api_keys.add(api_key)
+        with contextlib.suppress(struct.error, IndexError):  # a request cut short is the broker's to refuse
+            acks = produce_acks(request)
+            if acks is not None:
+                conn.acks.add(acks)
         if client_id is not None:
             conn.client_id = client_id
         if self._rule is not None and self._rule(conn):
@@ -186,6 +255,7 @@ class TcpProxy:
             if (wait := due - self._loop.time()) > 0:
                 await asyncio.sleep(wait)
             if conn.blackholed:
+                self.swallowed += len(data)
                 continue
             writer.write(data)
             with contextlib.suppress(OSError):
@@ -198,9 +268,11 @@ class TcpProxy:
         with contextlib.suppress(ValueError):
             self.connections.remove(conn)
 
-    async def _close_all(self) -> None:
-        for conn in list(self.connections):
+    async def _close_all(self) -> int:
+        open_now = list(self.connections)
+        for conn in open_now:
             self._close(conn)
+        return len(open_now)
 
     async def _shutdown(self) -> None:
         await self._close_all()

@@ -30,7 +30,7 @@ from ._consumer import (
     Resume,
     in_turns,
 )
-from ._kafka import KafkaNode, broker_properties, find_java, jar_cache, kafka_jars, kafka_version
+from ._kafka import KafkaNode, broker_properties, find_java, jar_cache, kafka_jars, kafka_version, new_cluster_id
 from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
@@ -83,6 +83,7 @@ __all__ = [
     "kafka_version",
     "lag_from_stats",
     "metrics_for",
+    "new_cluster_id",
     "observe",
     "port_in_use",
     "read_statistics",

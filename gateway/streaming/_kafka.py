@@ -54,7 +54,8 @@ from typing import Self
 from ..errors import Unavailable
 from ._broker import port_in_use
 
-__all__ = ["ONE_MACHINE", "KafkaNode", "broker_properties", "find_java", "jar_cache", "kafka_jars", "kafka_version"]
+__all__ = ["ONE_MACHINE", "KafkaNode", "broker_properties", "find_java", "jar_cache", "kafka_jars", "kafka_version",
+           "new_cluster_id"]
 
 Progress = Callable[[str], None]
 
@@ -240,9 +241,10 @@ def _resolve(mvn: str, version: str, into: Path, folder: Path, progress: Progres
              "later starts reuse them")
 
 
-def _cluster_id() -> str:
-    """As Kafka makes them: URL-safe base64 of 16 random bytes, no padding, never starting
-    with '-', never one of the two reserved ids."""
+def new_cluster_id() -> str:
+    """A new cluster id, as Kafka makes them: URL-safe base64 of 16 random bytes, no
+    padding, never starting with '-', never one of the two reserved ids. (Every node of a
+    cluster is formatted with the same one.)"""
     while True:
         raw = uuid.uuid4().bytes
         text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -329,6 +331,11 @@ class KafkaNode:
         return self._process.pid if self._process is not None else None
 
     @property
+    def running(self) -> bool:
+        """Whether the JVM runs (started, and neither stopped nor dead)."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
     def formatted(self) -> bool:
         """Whether ``data/`` holds a formatted log (then a start keeps it and its cluster id)."""
         return (self.data / "meta.properties").is_file()
@@ -342,6 +349,16 @@ class KafkaNode:
         """Start the node (formatting its data directory the first time) and wait until it
         answers a metadata request. Refused, saying what to do, when a port is taken, Java
         17+ is missing, or the jars are not cached and Maven is missing."""
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> Self:
+        """:meth:`start` without the wait: the JVM runs when it returns. A node of a
+        cluster answers only once a quorum of its controllers runs (and a controller alone
+        never answers a metadata request), so a cluster launches every node, then waits
+        (:meth:`wait_ready`). The JVM gets ``on_parent_death`` when the thread that called
+        this exits: call it from a thread that outlives the node."""
         if self._process is not None and self._process.poll() is None:
             raise Unavailable("the broker is already running")
         for name, port in self.listener_ports():
@@ -349,12 +366,7 @@ class KafkaNode:
                 raise Unavailable(
                     f"port {port} on {self.host} (Apache Kafka's {name} listener) is already in use: stop "
                     "what listens there, or choose another port (--port; the controller takes the next one)")
-        java = find_java()
-        jars = kafka_jars(self.cache, on_progress=self._progress)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.properties.write_text("".join(f"{k}={v}\n" for k, v in self.settings.items()))
-        if not self.formatted:
-            self._format(java, jars)
+        java, jars = self.format()
         with open(self.log, "ab") as log:
             log.write(f"\n===== start {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             log.flush()
@@ -365,19 +377,26 @@ class KafkaNode:
                 # the broker only after the workers have drained and committed.
                 start_new_session=True, preexec_fn=_parent_death(self.on_parent_death),
             )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.stop(timeout=30)  # refused, interrupted or too slow: leave no broker behind
-            raise
         return self
+
+    def format(self) -> tuple[str, Path]:
+        """Write ``server.properties`` and format ``data/`` unless it is formatted already
+        (what :meth:`launch` does first; a cluster formats its nodes at once, each a JVM of
+        a few seconds); the java and the jars it ran with."""
+        java = find_java()
+        jars = kafka_jars(self.cache, on_progress=self._progress)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.properties.write_text("".join(f"{k}={v}\n" for k, v in self.settings.items()))
+        if not self.formatted:
+            self._format(java, jars)
+        return java, jars
 
     def _java(self, java: str, jars: Path, main: str, *args: str, heap: tuple[str, ...]) -> list[str]:
         return [java, *heap, f"-Dlog4j2.configurationFile={kafka_files() / 'log4j2.properties'}",
                 "-cp", str(jars / "*"), main, *args]
 
     def _format(self, java: str, jars: Path) -> None:
-        cluster = self.cluster_id or _cluster_id()
+        cluster = self.cluster_id or new_cluster_id()
         self._progress(f"formatting {self.data} for Apache Kafka (cluster {cluster}; the first time only)")
         formatted = subprocess.run(
             self._java(java, jars, "kafka.tools.StorageTool", "format", "-t", cluster, "-c", str(self.properties),
@@ -385,6 +404,15 @@ class KafkaNode:
             capture_output=True, text=True, timeout=120, check=False)
         if formatted.returncode != 0:
             raise Unavailable(f"formatting {self.data} failed:\n{formatted.stdout}{formatted.stderr}")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Wait until the broker answers a metadata request; stopped (no broker left
+        behind) when it exits, is interrupted or takes longer than ``timeout``."""
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop(timeout=30)  # refused, interrupted or too slow: leave no broker behind
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         from confluent_kafka.admin import AdminClient
