@@ -240,7 +240,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_timeout", "--shutdown-timeout", _positive_float,
             "Seconds a stopping worker waits for in-flight deliveries."),
     Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
-            "Kafka consumer session timeout; a dead worker's partitions move after it."),
+            "Kafka consumer session timeout; a dead worker's partitions move after it. Keep it "
+            "well above the brokers' broker.session.timeout.ms (9 s by default): a dead broker "
+            "stalls offset commits until it is fenced, and heartbeats wait behind them."),
     Setting("group_protocol", "--group-protocol", _group_protocol,
             "Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+; the broker then "
             "sets the session timeout)."),
@@ -339,7 +341,7 @@ class Config:
     max_response_bytes: int = 64 * 1024
     max_record_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0
-    session_timeout_ms: int = 10_000
+    session_timeout_ms: int = 30_000
     group_protocol: str = "classic"
     max_poll_interval_ms: int = 300_000
     fetch_wait_ms: int = 25
@@ -428,4 +430,11 @@ class Config:
             "allow.auto.create.topics": False,
             # librdkafka's own log lines go through Python logging, one line each.
             "logger": logging.getLogger("gateway.kafka"),
+            # A request unanswered this long closes its connection and is sent again on a
+            # new one. librdkafka's 60 s default is what a half-open connection (a broker's
+            # machine gone, a firewall dropping state) costs before deliveries resume:
+            # tests/test_cluster_network.py measured it. 30 s is the Java clients'
+            # request.timeout.ms; requests that may rightly wait longer (a JoinGroup waits
+            # for the rebalance) get their own timeouts from librdkafka.
+            "socket.timeout.ms": 30_000,
         }

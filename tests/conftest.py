@@ -352,8 +352,8 @@ sets; a group's heartbeats wait behind a stalled commit on the coordinator conne
 With the 2 s consumer session of the other tests, equal to the broker session, every
 consumer of the worker timed out of its group at each broker crash (measured: the leader
 killed mid-drain repeated 1,683 of 2,000 deliveries, re-read past the deferral rungs'
-oldest unsettled records; with 6 s, none). The same ratio holds for the defaults: the
-gateway's 10 s session against Kafka's 9 s ``broker.session.timeout.ms``."""
+oldest unsettled records; with 6 s, none). The defaults keep the same ratio: the gateway's
+30 s session against Kafka's 9 s ``broker.session.timeout.ms``."""
 
 
 @pytest.fixture
