@@ -10,6 +10,7 @@ import random
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -21,6 +22,7 @@ from gateway.delivery import (
     Admission,
     CircuitBreaker,
     Deferral,
+    EndpointPool,
     ReturnSchedule,
     Sender,
     SendWindow,
@@ -208,6 +210,28 @@ def test_return_slots_never_bunch_up(pace: float, in_hand: int, n: int, seed: in
     waits = sorted(schedule.slot(0.0, in_hand, pace) for _ in range(n))
     assert waits[0] >= in_hand / pace
     assert waits[-1] - waits[0] >= (n - 2) / pace * 0.999
+
+
+def test_an_endpoints_pace_is_what_it_completes_when_its_requests_look_slow() -> None:
+    """Fault: the pace was the lanes over the time a request took, and a busy event loop
+    adds its own delay to every request: a fast endpoint with 20 lanes timed at 20 ms
+    (1,000 a second) while it completed 2,000 a second had its backlog judged twice too
+    long for the wait, and put off while nothing else was waiting for it. Now the pace is
+    the larger of the two; an endpoint that completes few because it has few to do keeps
+    the pace its lanes give."""
+    def unused() -> Any:
+        raise AssertionError("no connection is made")
+
+    busy = EndpointPool("http://127.0.0.1:9/", 20, unused)
+    for n in range(4001):  # 2,000 a second for two seconds, each timed at 20 ms
+        busy.served(0.020, n / 2000)
+    assert busy.pace() == pytest.approx(2000, rel=0.01)
+    assert busy.allowance(1.0, 0) >= 1990
+
+    quiet = EndpointPool("http://127.0.0.1:9/", 20, unused)
+    for n in range(21):  # 10 a second, each timed at 20 ms
+        quiet.served(0.020, n / 10)
+    assert quiet.pace() == pytest.approx(1000)
 
 
 def test_a_run_of_deferrals_keeps_one_line_and_spends_no_attempt() -> None:

@@ -266,7 +266,7 @@ class Sender:
             except LookupQueued as exc:
                 return Deferral(DeferReason.DNS, str(exc), self.config.endpoint_wait)
             if attempt.outcome.reached_network:
-                pool.served(attempt.duration_ms / 1000)
+                pool.served(attempt.duration_ms / 1000, loop.time())
             change = pool.breaker.record(attempt, loop.time(), probe=probe)
             recorded = True
         finally:
