@@ -361,11 +361,13 @@ def up(port: int, data: Path | None, no_api: bool, **settings: str | None) -> No
             kept = f"  data      {started.data}  (a restart on it keeps every endpoint and dead letter)\n"
         else:
             where, kept = config.bootstrap_servers, ""
+        metrics = f"http://127.0.0.1:{config.metrics_port}/metrics"
         if started.api is not None:
             api_line = f"{started.api.url}/v1  (OpenAPI at /openapi.json)"
             if started.api.generated_token:
                 api_line += (f"\n            token {started.api.generated_token}  (generated for this run; "
                              "GATEWAY_API_TOKENS sets your own)")
+            metrics += f"  (workers)\n            {started.api.url}/metrics  (API)"
         else:
             api_line = "off (--no-api)" if no_api else "not served (port taken)"
         tiers = ", ".join(f"{t.name} ({t.delay}s)" if t.delay else t.name for t in started.tiers)
@@ -375,7 +377,7 @@ def up(port: int, data: Path | None, no_api: bool, **settings: str | None) -> No
             f"{kept}"
             f"  topics    {', '.join(started.topics)}\n"
             f"  tiers     {tiers}\n"
-            f"  metrics   http://127.0.0.1:{config.metrics_port}/metrics\n"
+            f"  metrics   {metrics}\n"
             f"  api       {api_line}\n"
             f"try: a receiver that verifies and prints each webhook, in another terminal:\n"
             f"  gateway listen --port 8000 --secret {demo_secret}\n"
@@ -953,10 +955,11 @@ def api(print_openapi: bool, mint_for: str | None, token_ttl: str, **settings: s
     """Serve the HTTP management API until SIGTERM or Ctrl-C.
 
     Endpoints, test sends, stats, event types, the delivery history and dead letters, as
-    JSON under /v1; the OpenAPI document at /openapi.json. Every route but /healthz and
-    /readyz needs a bearer token: one of GATEWAY_API_TOKENS (comma-separated, 16
-    characters at least; admin:, read: or bot:BOT_ID: before one gives its scope, plain
-    is admin), or a bot token minted by an admin (POST /v1/tokens, or --mint-token).
+    JSON under /v1; the OpenAPI document at /openapi.json; Prometheus metrics at /metrics.
+    Every route but /healthz, /readyz and /metrics needs a bearer token: one of
+    GATEWAY_API_TOKENS (comma-separated, 16 characters at least; admin:, read: or
+    bot:BOT_ID: before one gives its scope, plain is admin), or a bot token minted by an
+    admin (POST /v1/tokens, or --mint-token).
     Without a token the API does not start.
     """
     import json
@@ -981,7 +984,7 @@ def api(print_openapi: bool, mint_for: str | None, token_ttl: str, **settings: s
         return
 
     def listening(where: Listening) -> None:
-        click.echo(f"api listening on {where.url} (OpenAPI at /openapi.json; "
+        click.echo(f"api listening on {where.url} (OpenAPI at /openapi.json, metrics at /metrics; "
                    f"{where.tokens} token{'s' if where.tokens != 1 else ''}); Ctrl-C stops it", err=True)
 
     with refusals():

@@ -179,6 +179,20 @@ def test_prometheus_scrapes_every_worker_port_the_gateway_serves(services: dict[
     assert f"127.0.0.1:{port}/readyz" in probe
 
 
+def test_prometheus_scrapes_the_api_on_the_port_it_serves(services: dict[str, Any]) -> None:
+    """The API serves its own /metrics (no token) on the port of its command; Prometheus
+    scrapes it there, in a job of its own (the dashboard's API panels read that job)."""
+    api = services["api"]
+    port = int(option(api["command"], "--port", str(gateway_config(api).api_port)))
+    prometheus = services["prometheus"]
+    config = yaml.safe_load(mounts(prometheus)["/etc/prometheus/prometheus.yml"].read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for c in jobs["webhook-gateway-api"]["static_configs"] for t in c["targets"]]
+    assert targets == [f"api:{port}"]
+    assert jobs["webhook-gateway-api"].get("metrics_path", "/metrics") == "/metrics"
+    assert "authorization" not in jobs["webhook-gateway-api"] and "bearer_token" not in jobs["webhook-gateway-api"]
+
+
 def test_the_api_is_opt_in_serves_its_published_port_and_takes_its_token_from_the_host(
         services: dict[str, Any]) -> None:
     """`docker compose up` starts no API (it would refuse to start without a token); with

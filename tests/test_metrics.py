@@ -22,6 +22,7 @@ from confluent_kafka import Producer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.api import ApiService, Tokens
 from gateway.config import Config
 from gateway.events import parse_event
 from gateway.observability import (
@@ -154,10 +155,15 @@ def gateway_families() -> list[Any]:
     return [f for f in fresh_metrics().registry.collect() if f.name.startswith("gateway_")]
 
 
+def api_families() -> list[Any]:
+    """The management API's (tests/test_api_metrics.py tests them)."""
+    return [f for f in ApiService(Config(), Tokens(())).metrics.registry.collect() if f.name.startswith("gateway_")]
+
+
 def test_metric_names_and_labels_follow_prometheus_conventions() -> None:
     families = gateway_families()
     assert len(families) >= 15
-    for family in families:
+    for family in [*families, *api_families()]:
         labels = {k for s in family.samples for k in s.labels} - {"le"}
         assert not labels & UNBOUNDED_LABELS, (family.name, labels)
         if family.type == "counter":
@@ -166,7 +172,7 @@ def test_metric_names_and_labels_follow_prometheus_conventions() -> None:
             assert family.name.endswith("_seconds"), family.name
         assert not re.search(r"_(ms|milliseconds|minutes)(_|$)", family.name), "base units only"
     exposed = {f.name + ("_total" if f.type == "counter" else "_info" if f.type == "info" else "")
-               for f in families}
+               for f in [*families, *api_families()]}
     documented = set(re.findall(r"^(gateway_\w+)", sys.modules[Metrics.__module__].__doc__ or "", re.MULTILINE))
     assert documented == exposed, "the table in the docstring of gateway/observability/_metrics.py is out of date"
 

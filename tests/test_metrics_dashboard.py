@@ -1,6 +1,6 @@
 """The Grafana dashboard, the alert rules and the runbook, read as files: the JSON is what
 its generator writes and Grafana's own SDK reads it back whole, the panels cover the RED
-view and the operations view, the layout fits, every metric a query names is one the
+view, the operations view and the management API, the layout fits, every metric a query names is one the
 gateway exports, every alert has a unit test that fires it and a runbook section.
 (tests/test_prometheus.py runs the queries against a real gateway.) Plus the values the
 operations panels read that no other test pins down: how long a circuit has been open,
@@ -24,6 +24,7 @@ from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models import dashboard as grafana
 from grafana_foundation_sdk.models import heatmap, prometheus, stat, timeseries
 
+from gateway.api import ApiService, Tokens
 from gateway.config import Config
 from gateway.delivery import CircuitBreaker, Sender
 from gateway.observability import Metrics
@@ -66,6 +67,16 @@ OPERATIONS_PANELS = {
     "History writes waiting for the broker": ("timeseries", "gateway_history_writes_waiting"),
 }
 
+API_PANELS = {
+    "API requests per second by route and status class": ("timeseries", "gateway_api_requests_total"),
+    "API error ratio": ("timeseries", "gateway_api_requests_total"),
+    "API latency p95 by route": ("timeseries", "gateway_api_request_duration_seconds_bucket"),
+    "Replay jobs by state": ("timeseries", "gateway_api_replay_jobs"),
+    "Replay jobs finished (1h) by result": ("timeseries", "gateway_api_replay_jobs_finished_total"),
+    "Dead letters replayed per second": ("timeseries", "gateway_api_replayed_records_total"),
+    "API processes": ("stat", "up"),
+}
+
 
 def generator() -> Any:
     spec = importlib.util.spec_from_file_location("gateway_dashboard", GRAFANA / "dashboard.py")
@@ -81,10 +92,12 @@ def dashboard() -> dict[str, Any]:
 
 
 def exported_names() -> set[str]:
-    """Every series name the gateway's registry can expose, labelled children or not."""
+    """Every series name the gateway's registries (the workers', the API's) can expose,
+    labelled children or not."""
     metrics = Metrics([t.name for t in Topics.from_config(Config()).tiers])
+    api = ApiService(Config(), Tokens(())).metrics
     names = {"up"}
-    for family in metrics.registry.collect():
+    for family in [*metrics.registry.collect(), *api.registry.collect()]:
         names |= {s.name for s in family.samples}
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
                     "info": ["_info"]}.get(family.type, [""])
@@ -144,6 +157,24 @@ def test_the_dashboard_shows_the_operations_view() -> None:
         assert panels[title]["type"] == kind, title
         assert any(metric in t["expr"] for t in panels[title]["targets"]), (title, metric)
     assert "by (reason, rung)" in panels["Deferrals per second by reason and rung"]["targets"][0]["expr"]
+
+
+def test_the_dashboard_shows_the_management_api_and_its_replay_jobs() -> None:
+    rows = [p["title"] for p in dashboard()["panels"] if p["type"] == "row"]
+    assert "Management API" in rows
+    panels = {p["title"]: p for p in dashboard()["panels"] if p["type"] != "row"}
+    for title, (kind, metric) in API_PANELS.items():
+        assert title in panels, f"no panel {title!r}"
+        assert panels[title]["type"] == kind, title
+        assert any(metric in t["expr"] for t in panels[title]["targets"]), (title, metric)
+    assert f'job="{generator().API_JOB}"' in panels["API processes"]["targets"][0]["expr"]
+    requests = panels["API requests per second by route and status class"]["targets"][0]["expr"]
+    assert "by (route, status_class)" in requests
+    ratios = {t["legendFormat"]: t["expr"] for t in panels["API error ratio"]["targets"]}
+    assert set(ratios) == {"5xx", "4xx"} and 'status=~"5.."' in ratios["5xx"] and 'status=~"4.."' in ratios["4xx"]
+    # The alert and the panel's 5xx line compute one ratio.
+    alert = alerts()["GatewayApiErrors"]["expr"]
+    assert "gateway_api_requests_total" in alert and 'route=~"/v1/.+"' in alert and 'status=~"5.."' in alert
 
 
 def test_panels_fit_the_grid_and_name_the_provisioned_datasource() -> None:

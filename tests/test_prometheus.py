@@ -1,8 +1,9 @@
-"""A real Prometheus scraping a real gateway under load: every query of the Grafana
-dashboard and of the alert rules must return data, the alerts the load provokes must
-become active, what the operations panels show must move (a circuit open, deferrals onto
-a rung, history lines written), and two worker processes must add up. Plus promtool's
-own checks.
+"""A real Prometheus scraping a real gateway under load, and a real management API
+(`gateway api`) that callers use meanwhile: every query of the Grafana dashboard and of
+the alert rules must return data, the alerts the load provokes must become active, what
+the operations panels show must move (a circuit open, deferrals onto a rung, history
+lines written, the API's refusals, a replay job of dead letters), and two worker
+processes must add up. Plus promtool's own checks.
 
 Prometheus runs from Debian's ``prometheus`` package (``.ci/run`` installs it); without
 the binaries on PATH these tests skip.
@@ -34,6 +35,7 @@ from gateway.store import save_endpoint
 
 from .conftest import free_port
 from .receiver import Receiver
+from .test_api import OTHER_BOT, ApiProcess
 from .test_metrics import BOT, GatewayProcess, documented, publish, publish_undecodable, register
 
 pytestmark = [
@@ -145,12 +147,15 @@ def two_free_ports() -> int:
 
 
 class Prometheus:
-    def __init__(self, tmp: Path, targets: list[str]) -> None:
+    """prometheus.yml's jobs named in ``targets`` (the others dropped), each scraping the
+    targets given instead of the compose stack's."""
+
+    def __init__(self, tmp: Path, targets: dict[str, list[str]]) -> None:
         config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-        job = jobs[dashboard_module().JOB]  # the job the dashboard's queries name
-        job["static_configs"] = [{"targets": targets}]
-        config["scrape_configs"] = [job]
+        for name, addresses in targets.items():
+            jobs[name]["static_configs"] = [{"targets": addresses}]
+        config["scrape_configs"] = [jobs[name] for name in targets]
         config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -192,14 +197,14 @@ class Prometheus:
         self._log.close()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
     topics: Config, receiver: Receiver, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     receiver.respond("/fail", lambda request, seen: 500)
     register(topics, receiver.url("/ok"))
-    register(topics, receiver.url("/fail"), events=("TICKET",))  # 4 failed attempts each
+    failing = register(topics, receiver.url("/fail"), events=("TICKET",))  # 4 failed attempts each
     # 5 MESSAGE events a second to an endpoint limited to 1 a second: the rest are deferred.
     save_endpoint(topics, new_endpoint(bot_id=BOT, url=receiver.url("/limited"), event_types=("MESSAGE",),
                                        rate_limit=1.0))
@@ -207,10 +212,14 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
     stop_load, published = threading.Event(), [0]
     loader = threading.Thread(target=_publish_loop, args=(topics, stop_load, published), daemon=True)
     gateway = GatewayProcess(topics, tmp_path / "gateway.log", port, "--workers", "2")
-    prometheus = None
+    prometheus = api = None
     try:
+        api = ApiProcess(topics, tmp_path / "api.log")
+        callers = ApiCallers(api, failing.id)
+        dashboard = dashboard_module()
         # The dead target stands for a worker that is down: up == 0, GatewayWorkerDown.
-        prometheus = Prometheus(tmp_path, [f"127.0.0.1:{p}" for p in (port, port + 1, dead_port)])
+        prometheus = Prometheus(tmp_path, {dashboard.JOB: [f"127.0.0.1:{p}" for p in (port, port + 1, dead_port)],
+                                           dashboard.API_JOB: [f"127.0.0.1:{api.port}"]})
         gateway.wait_ready([port, port + 1])
         publish_undecodable(topics)
         loader.start()
@@ -221,16 +230,26 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
         still: dict[str, str] = {}
         active: set[str] = set()
         for attempt in itertools.count():
+            callers.call()
             missing = {name: expr for name, expr in queries.items() if not prometheus.query(expr)}
             still = {name: expr for name, expr in MOVING.items() if not _scalar(prometheus, expr) > 0}
             active = {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
             if not missing and not still and expected_alerts <= active:
                 break
-            assert time.monotonic() - started < 40, (
+            assert time.monotonic() - started < 60, (
                 f"after {attempt} rounds, no data for {json.dumps(missing, indent=1)}; "
                 f"still at zero: {json.dumps(still, indent=1)}; "
-                f"active alerts {sorted(active)}\ngateway log:\n{gateway.text()[-1500:]}")
+                f"active alerts {sorted(active)}; replay job {callers.job}\ngateway log:\n{gateway.text()[-1500:]}"
+                f"\napi log:\n{api.log.read_text(errors='replace')[-1500:]}")
             time.sleep(1)
+        # The API counted each refusal under its route's template, never a raw path.
+        routes = {r["metric"]["route"] for r in prometheus.query("sum by (route) (gateway_api_requests_total)")}
+        assert {"/v1/endpoints", "/v1/endpoints/{id}", "/v1/dead-letters", "/v1/dead-letters/replay",
+                "/v1/tokens"} <= routes, routes
+        assert not any(failing.id in route for route in routes), routes
+        statuses = {r["metric"]["status"] for r in prometheus.query(
+            'sum by (status) (gateway_api_requests_total{route="/v1/endpoints/{id}"})')}
+        assert {"401", "403", "404"} <= statuses, statuses
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
         assert {r["name"] for r in rules} == set(rule_queries())
         assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
@@ -255,16 +274,55 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
         stop_load.set()
         if prometheus is not None:
             prometheus.stop()
+        api_code = api.stop() if api is not None else 0
         code = gateway.stop()
     assert code == 0, gateway.text()[-3000:]
+    assert api is not None and api_code == 0, api.log.read_text()[-3000:]
 
 
 MOVING = {
     "an open circuit's age": "max(gateway_circuit_oldest_open_seconds)",  # the failing endpoint's
     "deferrals onto a rung": 'sum(gateway_deferred_total{reason="rate_limit", rung=~"deferred-.+"})',
     "history lines written": 'sum(gateway_history_writes_total{result="written"})',
+    "the API's refusals": 'sum(gateway_api_requests_total{status=~"4.."})',
+    "a replay job finished": 'sum(gateway_api_replay_jobs_finished_total{result="succeeded"})',
+    "dead letters replayed": 'sum(gateway_api_replayed_records_total{result="acknowledged"})',
 }
 """What the load must make more than 0 (a query of a series at 0 already returns data)."""
+
+
+class ApiCallers:
+    """What callers of the management API do, a round at a time: reads that succeed, an
+    unknown id (404), no token (401), a bot token on another bot's endpoint (403); and,
+    once the failing endpoint has dead letters, one replay job of them, followed to its
+    end."""
+
+    def __init__(self, api: ApiProcess, endpoint_id: str) -> None:
+        self.api = api
+        self.endpoint_id = endpoint_id
+        minted = api.http.post("/v1/tokens", json={"botId": OTHER_BOT})
+        assert minted.status_code == 201, minted.text
+        self.other_bot = {"authorization": f"Bearer {minted.json()['token']}"}
+        self.job: dict[str, Any] | None = None
+
+    def call(self) -> None:
+        http, endpoint = self.api.http, f"/v1/endpoints/{self.endpoint_id}"
+        assert http.get("/v1/endpoints").status_code == 200
+        assert http.get(endpoint).status_code == 200
+        assert http.get(f"/v1/endpoints/{uuid.uuid4()}").status_code == 404
+        assert http.get(endpoint, headers={"authorization": "Bearer nope"}).status_code == 401
+        assert http.get(endpoint, headers=self.other_bot).status_code == 403
+        if self.job is None or (self.job["state"] == "succeeded" and self.job["planned"] == 0):
+            dead = http.get("/v1/dead-letters", params={"endpointId": self.endpoint_id})
+            assert dead.status_code == 200, dead.text
+            if dead.json()["data"]:
+                started = http.post("/v1/dead-letters/replay", json={"endpointId": self.endpoint_id})
+                assert started.status_code == 202, started.text
+                self.job = started.json()
+        elif self.job["state"] == "running":
+            answer = http.get(f"/v1/replays/{self.job['id']}")
+            assert answer.status_code == 200, answer.text
+            self.job = answer.json()
 
 
 def _publish_loop(config: Config, stop: threading.Event, published: list[int]) -> None:

@@ -1,6 +1,7 @@
 """`gateway up` with its API and the first-delivery walk-through, run as a newcomer runs
 it: the commands the banner prints, copied, give a verified webhook within a minute, with
-no warning on the way; the API answers with the token the banner shows."""
+no warning on the way; the API answers with the token the banner shows, and serves the
+metrics the banner lists."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def test_the_banners_walk_through_gives_a_verified_webhook_within_a_minute(tmp_p
         listen, export, add, publish = commands
         token = re.search(r"token (\S+)", banner)
         assert token is not None and f"http://127.0.0.1:{api_port}/v1" in banner
+        assert f"http://127.0.0.1:{metrics_port}/metrics" in banner and f"http://127.0.0.1:{api_port}/metrics" in banner
         assert "GATEWAY_ALLOW_PRIVATE_NETWORKS=true" in export and f"127.0.0.1:{port}" in export
 
         # Second terminal: the listener, as printed (on a port of the test's own).
@@ -84,6 +86,11 @@ def test_the_banners_walk_through_gives_a_verified_webhook_within_a_minute(tmp_p
                 time.sleep(0.2)
             tested = api.post(f"/v1/endpoints/{endpoint['id']}/test", headers=auth, json={"malformed": True}).json()
             assert tested["ok"] is True, json.dumps(tested)
+            # The API's metrics, as the banner lists them: no token, its requests counted.
+            scraped = api.get("/metrics")
+            assert scraped.status_code == 200
+            assert 'gateway_api_requests_total{method="GET",route="/v1/endpoints",status="401"} 1.0' in scraped.text
+            assert 'route="/v1/endpoints/{id}/test",status="200"} 1.0' in scraped.text
     finally:
         if listener is not None:
             listener.stop()

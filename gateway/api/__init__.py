@@ -11,6 +11,7 @@
 * ``_errors``: the error tree mapped to HTTP statuses; ``application/problem+json``.
 * ``_models``: the request and response bodies (pydantic), the API's contract.
 * ``_jobs``: replay jobs and their progress.
+* ``_metrics``: each request counted under its route's template; ``/metrics``.
 * ``_server``: serving it (``gateway api``, or on a thread of ``gateway up``) within its
   limits.
 
@@ -36,6 +37,7 @@ from ._errors import ANSWERS, PROBLEM_TYPE, PROBLEMS, api_field, problem
 from ._guard import CALLER_CONCURRENCY, OPEN_PATHS, RequestGuard
 from ._idempotency import IdempotencyKeys
 from ._jobs import KEEP, MAX_ITEMS, MAX_REFUSALS, JobState, ReplayJob, ReplayJobs, SendReplay
+from ._metrics import METRICS_PATH, UNMATCHED, RequestMetrics, route_template
 from ._server import ApiThread, Listening, bind_address, protocol, serve, server, start_thread
 from ._service import READY_CACHE_SECONDS, VISIBLE_TIMEOUT, ApiService, Check, NotVisibleYet
 
@@ -47,6 +49,7 @@ __all__ = [
     "MAX_ITEMS",
     "MAX_MINTED_TTL",
     "MAX_REFUSALS",
+    "METRICS_PATH",
     "MINTED_PREFIX",
     "MIN_KEY_LENGTH",
     "MIN_TOKEN_LENGTH",
@@ -55,6 +58,7 @@ __all__ = [
     "PROBLEM_TYPE",
     "READY_CACHE_SECONDS",
     "TOKENS_ENV",
+    "UNMATCHED",
     "VISIBLE_TIMEOUT",
     "ApiService",
     "ApiThread",
@@ -67,6 +71,7 @@ __all__ = [
     "ReplayJob",
     "ReplayJobs",
     "RequestGuard",
+    "RequestMetrics",
     "SendReplay",
     "Tokens",
     "api_field",
@@ -78,6 +83,7 @@ __all__ = [
     "problem",
     "protocol",
     "require_token",
+    "route_template",
     "serve",
     "server",
     "start_thread",

@@ -4,10 +4,10 @@ What it serves (``/v1``): endpoints (list, create, read, change, remove, enable,
 disable, rotate the secret, test sends, stats), the event types with their schema and
 example, the delivery history (and resending one delivery), the dead letters (list,
 show, count, replay as a job), and minted bot tokens; ``/healthz`` and ``/readyz`` for
-load balancers. Built on FastAPI: the pydantic models of ``_models`` validate requests
-and make the OpenAPI document, served at ``/openapi.json`` and committed as
-``openapi.json`` (``gateway api --openapi``); every operation has a hand-given
-``operationId``.
+load balancers, ``/metrics`` for Prometheus. Built on FastAPI: the pydantic models of
+``_models`` validate requests and make the OpenAPI document, served at
+``/openapi.json`` and committed as ``openapi.json`` (``gateway api --openapi``); every
+operation has a hand-given ``operationId``.
 
 The contracts it keeps, each in its own module:
 
@@ -26,6 +26,8 @@ The contracts it keeps, each in its own module:
   statuses in one table; never a 500 for what a client sent.
 * **Blocking work**: the library functions block on Kafka; routes run them on worker
   threads, never on the event loop.
+* **Metrics** (``_metrics``): every request counted under its route's template, the
+  replay jobs by state; ``/metrics`` needs no token and is left out of the document.
 
 A route parses nothing itself: filters, times, cursors, statuses and ids are read by the
 operations layer (:mod:`gateway.ops`), as the command line reads them.
@@ -90,6 +92,7 @@ from ._errors import PROBLEM_TYPE, on_gateway_error, on_http_error, on_unexpecte
 from ._guard import RequestGuard
 from ._idempotency import HEADER as IDEMPOTENCY_HEADER
 from ._idempotency import Slot
+from ._metrics import METRICS_PATH, RequestMetrics, metrics_response
 from ._models import (
     DeadLetterList,
     DeadLetterOut,
@@ -609,18 +612,27 @@ def create_app(service: ApiService) -> FastAPI:
         openapi_url=None, docs_url=None, redoc_url=None,  # the document is served below, behind the token
     )
     app.state.service = service
-    app.include_router(health)
-    app.include_router(v1)
+    unlisted = APIRouter(include_in_schema=False)
+
+    @unlisted.get("/openapi.json", dependencies=[Depends(require_token)])
+    async def openapi() -> dict[str, Any]:
+        return openapi_document(app)
+
+    @unlisted.get(METRICS_PATH)
+    async def metrics() -> Response:
+        """Prometheus' scrape (no token: the guard lets it through)."""
+        return metrics_response(service.metrics)
+
+    for router in (health, v1, unlisted):
+        app.include_router(router)
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
     app.add_middleware(RequestGuard, service=service)
     app.add_middleware(SettingsPage)  # after the guard, so before it: the page needs no token (gateway/api/_page.py)
-
-    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
-    async def openapi() -> dict[str, Any]:
-        return openapi_document(app)
+    # Last, so first: the guard's refusals and the page are counted too.
+    app.add_middleware(RequestMetrics, metrics=service.metrics, routes=(*health.routes, *v1.routes, *unlisted.routes))
 
     return app
 

@@ -7,7 +7,8 @@
    5 MB body with no token costs nothing but its head. A body without a length (chunked)
    is counted as it is read, and refused as soon as it passes the limit. A
    ``Content-Length`` that is not a number is a 400.
-2. **Token** (401): every path but ``/healthz`` and ``/readyz`` needs a bearer token
+2. **Token** (401): every path but ``/healthz``, ``/readyz`` and ``/metrics`` (which
+   Prometheus scrapes without one: ``_metrics``) needs a bearer token
    (:func:`~gateway.api.authenticate`); the caller's :class:`~gateway.ops.Access` is kept in
    the request for the route. So a request with no token is a 401 whatever its body
    (malformed JSON included), and its body is never read.
@@ -36,11 +37,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import GatewayError
 from ._auth import authenticate
 from ._errors import answer, on_gateway_error
+from ._metrics import METRICS_PATH
 from ._service import ApiService
 
 __all__ = ["CALLER_CONCURRENCY", "OPEN_PATHS", "BodyTimeout", "BodyTooLarge", "RequestGuard"]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", METRICS_PATH})
 """Paths served without a token."""
 CALLER_CONCURRENCY = 16
 """Requests of one caller in progress at once, at most."""

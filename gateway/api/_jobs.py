@@ -7,6 +7,10 @@ replay of the same selection). At most one replay runs at a time per API process
 overlapping replays would both read "not replayed yet" and send twice); the last
 :data:`KEEP` jobs are kept. A job started by a bot-scoped caller is that bot's: other
 bots' callers cannot read it.
+
+Given the API's :class:`~gateway.observability.ApiMetrics`, the jobs are counted there:
+those remembered by state (read at each scrape), each job as it ends, and the dead
+letters it sends as its progress reports them (a long replay's rate shows while it runs).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -22,7 +26,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import Conflict
-from ..observability import bind
+from ..observability import ApiMetrics, bind
 from ..ops import ReplayPlan, ReplayProgress, ReplayReport, iso, send_replay
 
 __all__ = ["KEEP", "MAX_ITEMS", "MAX_REFUSALS", "JobState", "ReplayJob", "ReplayJobs", "SendReplay"]
@@ -119,14 +123,17 @@ SendReplay = Callable[..., ReplayReport]
 
 
 class ReplayJobs:
-    """The API process's replay jobs. Thread-safe."""
+    """The API process's replay jobs, counted in ``metrics`` when given. Thread-safe."""
 
-    def __init__(self, config: Config, *, send: SendReplay = send_replay) -> None:
+    def __init__(self, config: Config, *, send: SendReplay = send_replay, metrics: ApiMetrics | None = None) -> None:
         self.config = config
         self._send = send
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._jobs: OrderedDict[str, ReplayJob] = OrderedDict()
         self._threads: dict[str, threading.Thread] = {}
+        if metrics is not None:
+            metrics.count_jobs(self.counts)
 
     def start(self, plan: ReplayPlan, *, rate: float | None = None, dry_run: bool = False,
               bot_id: str | None = None) -> ReplayJob:
@@ -139,6 +146,8 @@ class ReplayJobs:
             if running and not dry_run:
                 raise Conflict(f"replay {running[0]} is still running; wait for it (GET /v1/replays/{running[0]})")
             self._remember(job)
+            if dry_run and self._metrics is not None:
+                self._metrics.job_finished(JobState.DRY_RUN)
             if not dry_run:
                 thread = threading.Thread(target=self._run, args=(plan, rate), name=f"replay-{plan.replay_id[:8]}",
                                           daemon=True)
@@ -157,8 +166,16 @@ class ReplayJobs:
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:
             current = self._jobs.get(job_id)
-            if current is not None:
-                self._jobs[job_id] = replace(current, **changes)
+            if current is None:
+                return
+            self._jobs[job_id] = updated = replace(current, **changes)
+        if self._metrics is not None:
+            before, after = current.progress, updated.progress
+            if after is not None and after is not before:
+                self._metrics.replayed(acknowledged=after.acknowledged - (before.acknowledged if before else 0),
+                                       failed=after.failed - (before.failed if before else 0))
+            if current.state is JobState.RUNNING and updated.state is not JobState.RUNNING:
+                self._metrics.job_finished(updated.state)
 
     def _run(self, plan: ReplayPlan, rate: float | None) -> None:
         job_id = plan.replay_id
@@ -183,6 +200,11 @@ class ReplayJobs:
     def get(self, job_id: str) -> ReplayJob | None:
         with self._lock:
             return self._jobs.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        """The jobs remembered, by state."""
+        with self._lock:
+            return dict(Counter(job.state.value for job in self._jobs.values()))
 
     def join(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the running jobs (a stopping API)."""

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..ops import event_types
 from ._errors import answer
 
-__all__ = ["CONTENT_SECURITY_POLICY", "PAGE_PATH", "STATIC_PATH", "SettingsPage"]
+__all__ = ["CONTENT_SECURITY_POLICY", "PAGE_PATH", "STATIC_PATH", "SettingsPage", "page_route"]
 
 PAGE_PATH = "/settings/webhooks"
 """Where the page is served."""
@@ -185,6 +185,16 @@ class SettingsPage:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+def page_route(path: str) -> str | None:
+    """The route template a request for ``path`` counts under in the API's metrics: the
+    page, or its static files (one template for all of them); None for other paths."""
+    if path.startswith(STATIC_PATH):
+        return STATIC_PATH + "{file}"
+    if path == PAGE_PATH or path.startswith(PAGE_PATH + "/"):
+        return PAGE_PATH
+    return None
 
 
 def _if_none_match(scope: Scope) -> set[str]:

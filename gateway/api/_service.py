@@ -1,6 +1,7 @@
 """What one API process holds and serves every request from: the configuration, the
 tokens, the endpoint table (following the topic), the delivery history and dead-letter
-indexes, the replay jobs, the idempotency records, and the state of its readiness check.
+indexes, the replay jobs, the idempotency records, the state of its readiness check, and
+its metrics (served at ``/metrics``).
 
 **Read your writes.** Every read is served from the table this process follows. A write
 is acknowledged by the broker, then :meth:`ApiService.write` waits (up to
@@ -31,12 +32,13 @@ from confluent_kafka.admin import AdminClient
 from ..clock import SYSTEM, Clock
 from ..config import Config
 from ..errors import NotVisible, Unavailable
+from ..observability import ApiMetrics
 from ..ops import DeadLetterIndex, HistoryIndex, iso
 from ..records import Circuit, Endpoint
 from ..store import EndpointRegistry, EndpointTable, Topics, load_circuits
 from ._auth import Tokens
 from ._idempotency import IdempotencyKeys
-from ._jobs import ReplayJobs
+from ._jobs import JobState, ReplayJobs
 
 __all__ = ["READY_CACHE_SECONDS", "VISIBLE_TIMEOUT", "ApiService", "Check", "NotVisibleYet"]
 
@@ -86,7 +88,9 @@ class ApiService:
         self.history_capacity = history_capacity or config.api_history_size
         self.dead_letters_capacity = dead_letters_capacity or config.api_dead_letters_size
         self.visible_timeout = visible_timeout
-        self.jobs = ReplayJobs(config)
+        self.metrics = ApiMetrics(job_states=tuple(JobState),
+                                  job_results=tuple(s for s in JobState if s is not JobState.RUNNING))
+        self.jobs = ReplayJobs(config, metrics=self.metrics)
         self.idempotency = IdempotencyKeys()
         self.history: HistoryIndex | None = None
         self.history_error: str | None = None

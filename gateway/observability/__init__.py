@@ -2,8 +2,9 @@
 its health (``/healthz``, ``/readyz``).
 
 * ``_logs``: one event per line (key=value or JSON), fields bound once per piece of work.
-* ``_metrics``: every ``gateway_*`` series, made per process (nothing at import), and
-  the HTTP server of ``/metrics`` beside the health checks.
+* ``_metrics``: every ``gateway_*`` series, made per process (nothing at import): the
+  workers' and the management API's, each in a registry of its own; and the workers'
+  HTTP server of ``/metrics`` beside the health checks.
 * ``_health``: readiness and liveness, as the runner declares and the workers report them.
 
 The modules are private: import from ``gateway.observability``.
@@ -11,12 +12,22 @@ The modules are private: import from ``gateway.observability``.
 
 from ._health import ENDPOINTS_LOADED, Health, assigned, health_app
 from ._logs import BoundLogger, JsonFormatter, KeyValueFormatter, Log, bind, configure_logging
-from ._metrics import DELIVERY_BUCKETS, END_TO_END_BUCKETS, Metrics, attempt_labels, serve_metrics
+from ._metrics import (
+    API_BUCKETS,
+    DELIVERY_BUCKETS,
+    END_TO_END_BUCKETS,
+    ApiMetrics,
+    Metrics,
+    attempt_labels,
+    serve_metrics,
+)
 
 __all__ = [
+    "API_BUCKETS",
     "DELIVERY_BUCKETS",
     "ENDPOINTS_LOADED",
     "END_TO_END_BUCKETS",
+    "ApiMetrics",
     "BoundLogger",
     "Health",
     "JsonFormatter",

@@ -1,7 +1,8 @@
-"""The gateway's Prometheus metrics, consumer lag, and the HTTP endpoint that serves them.
+"""The gateway's Prometheus metrics (the workers' and the management API's), consumer lag,
+and the HTTP endpoint that serves the workers'.
 
-Every series a process exports (``gateway_*``; prometheus-client adds ``process_*`` and
-``python_*``):
+Every series a worker process exports (``gateway_*``; prometheus-client adds ``process_*``
+and ``python_*``):
 
 =========================================== ========= ==================================
 name                                        type      labels
@@ -39,6 +40,20 @@ gateway_ready                               gauge
 gateway_build_info                          info      version, python, librdkafka
 =========================================== ========= ==================================
 
+The management API (``gateway api``, or its thread in ``gateway up``) exports its own
+series, from an :class:`ApiMetrics` of its own, on its own port's ``/metrics``:
+
+=========================================== ========= ==================================
+name                                        type      labels
+=========================================== ========= ==================================
+gateway_api_requests_total                  counter   method, route, status
+gateway_api_request_duration_seconds        histogram method, route
+gateway_api_replay_jobs                     gauge     state (dry_run, running, succeeded,
+                                                      failed)
+gateway_api_replay_jobs_finished_total      counter   result (dry_run, succeeded, failed)
+gateway_api_replayed_records_total          counter   result (acknowledged, failed)
+=========================================== ========= ==================================
+
 Labels are bounded: event type, tier (one per configured delay), outcome (one of
 :class:`~gateway.records.Outcome`), status class (``1xx`` … ``5xx``, ``other`` for a
 status outside 100-599, ``none`` without one or when the outcome is not the status's),
@@ -47,6 +62,13 @@ of the partitions this process is assigned. No event ids, no endpoint ids, no UR
 per-endpoint detail lives in the logs and the dead-letter records. A :class:`Metrics`
 creates every known label combination at zero when it is made, so ``rate()`` and
 ``increase()`` see the first increment too.
+
+The API's labels are bounded the same way: ``route`` is the route's template
+(``/v1/endpoints/{id}``), never the path a caller sent, and ``unmatched`` for a path no
+route has; ``method`` is one of the HTTP methods (``other`` for the rest); ``status`` is
+the status answered, one of the few the API has. A request series appears with its
+first request (which combinations of route, method and status occur is not known
+beforehand); the replay jobs' series start at zero.
 
 Nothing happens at import: a :class:`Metrics` is an object with a registry of its own,
 made by the process that serves it (or by a test) and passed to what updates it.
@@ -86,7 +108,8 @@ from ..events import EventType
 from ..records import Attempt, CircuitState, DeadLetterReason, DeferReason, Outcome, status_class
 from ._health import Health, health_app
 
-__all__ = ["DELIVERY_BUCKETS", "END_TO_END_BUCKETS", "Metrics", "attempt_labels", "serve_metrics"]
+__all__ = ["API_BUCKETS", "DELIVERY_BUCKETS", "END_TO_END_BUCKETS", "ApiMetrics", "Metrics", "attempt_labels",
+           "serve_metrics"]
 
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
 END_TO_END_BUCKETS = (
@@ -97,6 +120,10 @@ END_TO_END_BUCKETS = (
 )
 """Each stage of the default 1m/5m/15m schedule lands just after its cumulative delay
 (60, 360, 1260 s) and gets bounds there, so quantiles show which stage delivered."""
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
+"""Fine from 1 ms for the reads, served from the API's memory (its table and indexes); up
+to 30 s for a write, which waits until the table shows it (up to 10 s), and a test send,
+which waits for its receiver (up to the 15 s request timeout)."""
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 _CIRCUIT_STATES = (CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN)
@@ -363,6 +390,90 @@ class Metrics:
     def history_written(self, result: str) -> Any:
         return self._child(self.history_writes, result)
 
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class ApiMetrics:
+    """Every metric of the management API, in a registry of its own (``registry``), apart
+    from the workers' :class:`Metrics`: ``gateway up`` runs both in one process, and each
+    is served on its own port.
+
+    ``job_states`` are the states a replay job can be in (the gauge's ``state``, each at
+    zero from the start), ``job_results`` those it can end in (the counter's ``result``).
+    The request path keeps the children it looked up (:meth:`request`), as
+    :class:`Metrics` does: the lookup costs more than the update.
+    """
+
+    def __init__(self, *, job_states: Sequence[str], job_results: Sequence[str]) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # (as Metrics does)
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.requests = Counter(
+            "gateway_api_requests_total",
+            "Requests answered by the management API, by method, route template (unmatched: no route) and "
+            "status. Scrapes of /metrics are not counted.", ["method", "route", "status"], registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "gateway_api_request_duration_seconds",
+            "From a request's arrival at the API to the end of its answer.", ["method", "route"],
+            buckets=API_BUCKETS, registry=registry,
+        )
+        self.replay_jobs = Gauge(
+            "gateway_api_replay_jobs",
+            "Replay jobs this API process remembers (the last 100), by state; running is 0 or 1.", ["state"],
+            registry=registry,
+        )
+        self.replay_jobs_finished = Counter(
+            "gateway_api_replay_jobs_finished_total",
+            "Replay jobs finished, by how they ended (a dry run ends as it is made).", ["result"],
+            registry=registry,
+        )
+        self.replayed_records = Counter(
+            "gateway_api_replayed_records_total",
+            "Dead letters sent back by replay jobs: acknowledged by the broker (in the retry tier), or failed "
+            "(not acknowledged, so the same replay sends them again). Counted as the job goes.", ["result"],
+            registry=registry,
+        )
+        for state in job_states:
+            self.replay_jobs.labels(state)
+        for result in job_results:
+            self.replay_jobs_finished.labels(result)
+        for result in ("acknowledged", "failed"):
+            self.replayed_records.labels(result)
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._job_states = tuple(job_states)
+
+    def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request to ``route`` (a template) and time it. A method
+        outside the HTTP ones counts as ``other``."""
+        key = (method if method in _HTTP_METHODS else "other", route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(key[0], route, str(status)),
+                                                       self.request_seconds.labels(key[0], route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_jobs(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Read the replay jobs by state from ``counts`` at each scrape (the jobs')."""
+        def reader(state: str) -> Callable[[], float]:
+            return lambda: float(counts().get(state, 0))
+
+        for state in self._job_states:
+            self.replay_jobs.labels(state).set_function(reader(state))
+
+    def job_finished(self, result: str) -> None:
+        self.replay_jobs_finished.labels(result).inc()
+
+    def replayed(self, *, acknowledged: int, failed: int) -> None:
+        """Count dead letters a replay job sent since it last reported."""
+        if acknowledged > 0:
+            self.replayed_records.labels("acknowledged").inc(acknowledged)
+        if failed > 0:
+            self.replayed_records.labels("failed").inc(failed)
 
 # -- HTTP ------------------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ ratio, failures by status class, retries, dead letters, decode errors), duration
 lag, in flight). Below it, the operations view, one row per thing an alert of
 ``prometheus/alerts.yml`` watches: deferrals and the backlogs held on the retry tiers and
 deferral rungs, the consumers (readers, time out of the group, replacements), the
-circuit breakers, the delivery history's writes. Queries ``sum()`` over every worker
-process; gauges that each process reports alike (endpoints, last success) use ``max()``.
+circuit breakers, the delivery history's writes. Last, the management API, from its own
+scrape job: requests by route and status class, its error ratio, latency, and replay
+jobs. Queries ``sum()`` over every worker (or API) process; gauges that each process
+reports alike (endpoints, last success) use ``max()``.
 """
 
 from __future__ import annotations
@@ -40,18 +42,23 @@ from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import heatmap as heatmap_model
 from grafana_foundation_sdk.models import prometheus as prometheus_model
 
-__all__ = ["DATASOURCE", "JOB", "OUTPUT", "dashboard", "render"]
+__all__ = ["API_JOB", "DATASOURCE", "JOB", "OUTPUT", "dashboard", "render"]
 
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "webhook-gateway.json"
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="prometheus")
 """The datasource provisioned by provisioning/datasources/prometheus.yml."""
 JOB = "webhook-gateway"
 """The scrape job of the gateway's workers in prometheus/prometheus.yml."""
+API_JOB = "webhook-gateway-api"
+"""The scrape job of the management API processes in prometheus/prometheus.yml."""
 
 RATE = "$__rate_interval"
 ATTEMPTS = "gateway_delivery_attempts_total"
 HELD = 'gateway_consumer_lag_records{tier=~"deferred-.*|retry-.*"}'
 """What GatewayHeldBacklogGrowing watches: deliveries held on the retry tiers and rungs."""
+API_REQUESTS = "gateway_api_requests_total"
+CALLS = f'{API_REQUESTS}{{route=~"/v1/.+"}}'
+"""What GatewayApiErrors watches: the API's operations, not its probes, page or document."""
 
 Panel = timeseries.Panel | stat.Panel | heatmap.Panel
 
@@ -76,6 +83,14 @@ def ratio(selector: str = "", by: str = "") -> str:
     success = f'{ATTEMPTS}{{outcome="success"{"," + selector if selector else ""}}}'
     total = f"{ATTEMPTS}{{{selector}}}" if selector else ATTEMPTS
     return f"sum{grouping} (rate({success}[{RATE}])) / sum{grouping} (rate({total}[{RATE}]))"
+
+
+def api_error_ratio(status: str) -> str:
+    """The share of the API's /v1 requests answered ``status`` (a regex: ``5..``); 0, not
+    no data, when none was (as GatewayApiErrors computes it)."""
+    matching = f'{API_REQUESTS}{{route=~"/v1/.+", status=~"{status}"}}'
+    return (f"(sum(rate({matching}[{RATE}])) or 0 * sum(rate({CALLS}[{RATE}]))) "
+            f"/ sum(rate({CALLS}[{RATE}]))")
 
 
 def thresholds(*steps: tuple[float | None, str]) -> ThresholdsConfig:
@@ -262,6 +277,38 @@ def rows() -> Iterator[tuple[str, list[Panel]]]:
               q("sum by (instance) (gateway_history_writes_waiting)", "{{instance}}"),
               description="Lines sent and not acknowledged yet; a write the broker refuses is retried, and its "
               "record waits. Waiting while none is written: GatewayHistoryWritesFailing."),
+    ]
+
+    yield "Management API", [
+        graph("API requests per second by route and status class",
+              q(f'sum by (route, status_class) (label_replace(rate({API_REQUESTS}[{RATE}]), "status_class", '
+                f'"${{1}}xx", "status", "([0-9]).."))', "{{route}} {{status_class}}"),
+              unit="reqps", description="Requests each API process answered, by route template (unmatched: a "
+              "path no route has) and status class: 401 and 403 are tokens and scopes, 404 unknown ids, 503 "
+              "Kafka out of reach. Scrapes of /metrics are not counted."),
+        graph("API error ratio", q(api_error_ratio("5.."), "5xx"), q(api_error_ratio("4.."), "4xx"),
+              unit="percentunit", low=0, bound=0.05,
+              description="Share of the /v1 requests answered 5xx (the API's side: above the line for 10 "
+              "minutes, GatewayApiErrors) and 4xx (the callers': a rise is a client sending what the API "
+              "refuses, or tokens that expired)."),
+        graph("API latency p95 by route",
+              q(f"histogram_quantile(0.95, sum by (le, route) "
+                f"(rate(gateway_api_request_duration_seconds_bucket[{RATE}])))", "{{route}}"),
+              unit="s", description="From a request's arrival to the end of its answer. Writes wait until the "
+              "API's table shows them (up to 10 s), test sends for the receiver."),
+        graph("Replay jobs by state", q("sum by (state) (gateway_api_replay_jobs)", "{{state}}"),
+              description="Replay jobs the API processes remember (the last 100 each), by state; at most one "
+              "runs at a time per process."),
+        graph("Replay jobs finished (1h) by result",
+              q("sum by (result) (increase(gateway_api_replay_jobs_finished_total[1h]))", "{{result}}"),
+              width=8, description="Replay jobs that ended in the last hour: succeeded (every planned dead "
+              "letter acknowledged and recorded), failed (the job says why: GET /v1/replays/ID), dry_run."),
+        graph("Dead letters replayed per second",
+              q(f"sum by (result) (rate(gateway_api_replayed_records_total[{RATE}]))", "{{result}}"),
+              unit="ops", width=8, description="Dead letters replay jobs sent back to the first retry tier: "
+              "acknowledged by the broker, or failed (the same replay sends them again)."),
+        single("API processes", q(f'sum(up{{job="{API_JOB}"}})', "up"), width=8, height=8,
+               description="Management API processes Prometheus scrapes and reaches."),
     ]
 
 
