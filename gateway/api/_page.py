@@ -109,6 +109,17 @@ def _event_checkboxes(prefix: str, *, checked: bool) -> str:
     return "\n".join(rows)
 
 
+def _endpoint_fields(prefix: str, *, url_attributes: str, optional: str, events_hint: str) -> tuple[str, str]:
+    """An endpoint's fields in the form ``prefix`` names (``page/endpoint-fields.html``):
+    the fields, and the limits that go after what the form adds between them."""
+    fragment = string.Template(_read("endpoint-fields.html").decode("utf-8").split("-->\n", 1)[1])
+    rendered = fragment.substitute(prefix=prefix, url_attributes=url_attributes, optional=optional,
+                                   events_hint=events_hint,
+                                   events=_event_checkboxes(f"{prefix}-events", checked=False))
+    fields, limits = rendered.split("<!-- limits -->")
+    return fields.strip(), limits.strip()
+
+
 def _event_options() -> str:
     return "\n".join(f'<option value="{html.escape(t.type.value)}">{html.escape(t.type.value)}</option>'
                      for t in event_types())
@@ -133,9 +144,16 @@ def _catalog() -> str:
 
 def _render_page() -> bytes:
     template = string.Template(_read("webhooks.html").decode("utf-8"))
+    create_fields, create_limits = _endpoint_fields(
+        "create", url_attributes=' required placeholder="https://example.com/webhooks"',
+        optional=' <span class="hint">(optional)</span>', events_hint="None checked: every type, new ones included.")
+    edit_fields, edit_limits = _endpoint_fields("edit", url_attributes="", optional="",
+                                                events_hint="None checked: every type.")
     return template.substitute(
-        create_events=_event_checkboxes("create-events", checked=False),
-        edit_events=_event_checkboxes("edit-events", checked=False),
+        create_fields=create_fields,
+        create_limits=create_limits,
+        edit_fields=edit_fields,
+        edit_limits=edit_limits,
         test_events=_event_checkboxes("test-events", checked=True),
         dlq_event_options=_event_options(),
         catalog=_catalog(),

@@ -7,6 +7,8 @@ written here once, so the faces cannot differ.
 * ``_endpoints``: managing registrations, their versions, and the checks that judge one.
 * ``_deadletters``: reading, filtering, counting and replaying dead letters.
 * ``_deadletter_index``: the newest dead letters in memory, newest first, for the API.
+* ``_window``: a topic's newest records in memory, following it, paged newest first:
+  what the two indexes (dead letters, history) keep theirs in.
 * ``_history``: the delivery history: the attempts topic read, or indexed for the API;
   an endpoint's stats from it.
 * ``_resend``: one delivery sent again (its event read back from the events topic).

@@ -25,11 +25,7 @@ index holds.
 
 from __future__ import annotations
 
-import heapq
 import logging
-import threading
-import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,11 +34,12 @@ from confluent_kafka import Message
 
 from ..codec import Codec
 from ..config import Config
-from ..errors import DecodeError, InputError
+from ..errors import DecodeError
 from ..records import DELIVERY_ATTEMPT_SCHEMA, DeliveryAttempt, Outcome
 from ..store import Topics, read_to_end, reader_consumer
 from ._access import OPERATOR, Access
-from ._inputs import Cursor, RecordId, StatusSelector, check_range, iso, parse_time
+from ._inputs import RecordId, StatusSelector, check_range, iso, parse_time
+from ._window import Grouping, TopicWindow
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -212,14 +209,10 @@ class HistoryPage:
 
 
 class HistoryIndex:
-    """The newest ``capacity`` attempts of the attempts topic, in memory, following it.
-
-    Written by its own thread, read by any: every change and every query's snapshot take
-    one lock. Entries are kept in arrival order (oldest first) with two secondary indexes,
-    by event id and by endpoint id, so the questions the API is asked most cost the
-    attempts of that event or endpoint, not the whole index. Dropping the oldest entry
-    drops it from the front of its event's and endpoint's deques too (they are in the same
-    order), so eviction costs O(1) (O(attempts of that event) for its list).
+    """The newest ``capacity`` attempts of the attempts topic, in memory, following it (a
+    :class:`~gateway.ops._window.TopicWindow`), grouped by event id and by endpoint id, so
+    the questions the API is asked most cost the attempts of that event or endpoint, not
+    the whole index.
 
     Measured: building from a topic of 100,000 attempts takes about 2 s on the bundled
     broker and 3 s on Apache Kafka (``tests/test_history.py``), mostly Avro decoding; a
@@ -227,116 +220,52 @@ class HistoryIndex:
     """
 
     def __init__(self, config: Config, *, capacity: int = DEFAULT_CAPACITY, codec: Codec | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"history capacity {capacity} must be at least 1")
         self.config = config
-        self.capacity = capacity
         self.topic = Topics.from_config(config).attempts
+        # An event has a few attempts per endpoint: a list. An endpoint may have them all.
+        self._window = TopicWindow[HistoryEntry](
+            config, self.topic, what="history", purpose="history-index", thread="history", capacity=capacity,
+            decode=lambda msg: _decode(self.codec, msg), key=lambda e: e.sort_key,
+            groups={"event": Grouping(lambda e: e.line.event_id, few=True),
+                    "endpoint": Grouping(lambda e: e.line.endpoint_id)})
+        self.capacity = capacity
         self.codec = codec or Codec(config.schema_registry_url)
-        self._lock = threading.Lock()
-        self._entries: deque[HistoryEntry] = deque()
-        # An event has a few attempts per endpoint: a list (a deque costs 600 bytes
-        # empty, 60 MB over 100,000 events). An endpoint may have them all: a deque.
-        self._by_event: dict[str, list[HistoryEntry]] = {}
-        self._by_endpoint: dict[str, deque[HistoryEntry]] = {}
-        self._dropped = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._consumer = reader_consumer(config, "history-index")
-        self.build_seconds: float | None = None
+
+    @property
+    def build_seconds(self) -> float | None:
         """How long :meth:`start` took to read the topic and build the index."""
+        return self._window.build_seconds
 
     def start(self, *, timeout: float = 30.0, follow: bool = True) -> HistoryIndex:
         """Read the topic to its end (keeping the newest ``capacity`` attempts), then
         follow it on a thread. :class:`~gateway.errors.Unavailable` if the topic cannot be read."""
-        started = time.monotonic()
-        newest: list[tuple[tuple[int, int, int], HistoryEntry]] = []  # a min-heap by sort key
-        seen = 0
-        for msg in read_to_end(self._consumer, self.config, self.topic, timeout=timeout):
-            entry = _decode(self.codec, msg)
-            if entry is None:
-                continue
-            seen += 1
-            item = (entry.sort_key, entry)
-            if len(newest) < self.capacity:
-                heapq.heappush(newest, item)
-            else:
-                heapq.heappushpop(newest, item)
-        newest.sort(key=lambda item: item[0])
-        self._add((entry for _, entry in newest), dropped=seen > self.capacity)
-        self._consumer.resume(self._consumer.assignment())
-        self.build_seconds = time.monotonic() - started
+        seen = self._window.start(timeout=timeout, follow=follow)
         log.info("delivery history loaded", extra={"attempts": len(self), "read": seen, "topic": self.topic,
-                                                   "seconds": round(self.build_seconds, 3)})
-        if follow:
-            self._thread = threading.Thread(target=self._follow, name="history", daemon=True)
-            self._thread.start()
+                                                   "seconds": round(self._window.build_seconds or 0.0, 3)})
         return self
 
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            msg = self._consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            entry = _decode(self.codec, msg)
-            if entry is not None:
-                self._add((entry,))
-
-    def _add(self, entries: Iterable[HistoryEntry], *, dropped: bool = False) -> None:
-        with self._lock:
-            self._dropped |= dropped
-            for entry in entries:
-                self._entries.append(entry)
-                self._by_event.setdefault(entry.line.event_id, []).append(entry)
-                self._by_endpoint.setdefault(entry.line.endpoint_id, deque()).append(entry)
-                if len(self._entries) > self.capacity:
-                    self._evict()
-
-    def _evict(self) -> None:
-        old = self._entries.popleft()
-        self._dropped = True
-        attempts = self._by_event[old.line.event_id]
-        del attempts[0]
-        if not attempts:
-            del self._by_event[old.line.event_id]
-        group = self._by_endpoint[old.line.endpoint_id]
-        group.popleft()
-        if not group:
-            del self._by_endpoint[old.line.endpoint_id]
-
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._window)
 
     def query(self, filters: HistoryFilters = HistoryFilters(), *, limit: int = 100,
               cursor: str | None = None, access: Access = OPERATOR) -> HistoryPage:
         """The newest ``limit`` attempts ``filters`` selects (within ``access``'s scope),
         older than ``cursor``."""
-        if not 1 <= limit <= 1000:
-            raise InputError(f"limit {limit} is not between 1 and 1000", field="limit")
         filters = filters.scoped(access)
-        before = Cursor.decode(cursor, (int, int, int)) if cursor is not None else None
-        with self._lock:
-            if filters.event_id is not None:
-                candidates = list(self._by_event.get(filters.event_id, ()))
-            elif filters.endpoint_id is not None:
-                candidates = list(self._by_endpoint.get(filters.endpoint_id, ()))
-            else:
-                candidates = list(self._entries)
-            complete_since = self._entries[0].line.attempt.at if self._dropped else None
-        matched = [e for e in candidates
-                   if filters.admits(e.line) and (before is None or e.sort_key < before)]
-        page = heapq.nlargest(limit + 1, matched, key=lambda e: e.sort_key)
-        more = len(page) > limit
-        page = page[:limit]
-        return HistoryPage(tuple(page), Cursor.encode(page[-1].sort_key) if more else None, complete_since)
+        of: tuple[str, str] | None = None
+        if filters.event_id is not None:
+            of = ("event", filters.event_id)
+        elif filters.endpoint_id is not None:
+            of = ("endpoint", filters.endpoint_id)
+        page, next_cursor, complete_since = self._window.page(lambda e: filters.admits(e.line), limit=limit,
+                                                              cursor=cursor, of=of)
+        return HistoryPage(tuple(page), next_cursor, complete_since)
 
     def get(self, record_id: RecordId, *, access: Access = OPERATOR) -> HistoryEntry | None:
         """The attempt ``PARTITION:OFFSET``, if the index holds it and ``access`` sees its bot
         (another bot's is :class:`~gateway.errors.Forbidden`). A scan of the index (a few
         ms at 100,000 attempts): asked once per resend, not per page."""
-        with self._lock:
-            entries = list(self._entries)
+        entries, _ = self._window.entries()
         for entry in reversed(entries):
             if entry.partition == record_id.partition and entry.offset == record_id.offset:
                 access.check_bot(entry.line.bot_id, what=f"delivery {record_id} is another bot's")
@@ -346,16 +275,10 @@ class HistoryIndex:
     def of_endpoint(self, endpoint_id: str) -> tuple[list[HistoryEntry], int | None]:
         """Every attempt the index holds at ``endpoint_id``, oldest first, and from when the
         index is complete (None: it holds the whole topic)."""
-        with self._lock:
-            entries = list(self._by_endpoint.get(endpoint_id, ()))
-            complete_since = self._entries[0].line.attempt.at if self._dropped else None
-        return entries, complete_since
+        return self._window.entries(("endpoint", endpoint_id))
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self._consumer.close()
+        self._window.stop()
 
 
 STATS_WINDOWS: tuple[tuple[str, int], ...] = (("1h", 3600), ("24h", 86400))

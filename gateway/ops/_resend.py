@@ -17,12 +17,11 @@ again and may ignore it; that is what a resend of a delivered event means.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 
 from ..clock import SYSTEM
 from ..codec import Codec
@@ -31,7 +30,7 @@ from ..delivery import first_delivery
 from ..errors import Conflict, DecodeError, InvalidEvent, NotFound, Unavailable
 from ..events import Event
 from ..records import DELIVERY_SCHEMA, Delivery
-from ..store import EndpointTable, Topics, delivery_headers, reader_consumer
+from ..store import EndpointTable, Topics, delivery_headers, offsets_at, read_to_end, reader_consumer
 from ._access import OPERATOR, Access
 from ._deadletters import replay_tier
 from ._endpoints import get_endpoint
@@ -71,60 +70,24 @@ def find_event(config: Config, event_id: str, *, not_before: int, not_after: int
     codec = codec or Codec(config.schema_registry_url)
     topic = Topics.from_config(config).events
     begin, end = not_before - EVENT_SKEW_MS, not_after + EVENT_SKEW_MS
+    wanted = event_id.encode()
+
+    def past_window(msg: Message) -> bool:  # then the rest of its partition is later still
+        return (msg.timestamp()[1] or 0) > end > 0
+
     consumer = reader_consumer(config, "resend-reader")
     try:
-        return _scan(consumer, codec, topic, event_id, begin, end, timeout)
+        starts = offsets_at(consumer, config, topic, begin, timeout=timeout)
+        for msg in read_to_end(consumer, config, topic, starts=starts, past_end=past_window, timeout=timeout):
+            if dict(msg.headers() or []).get("event-id") != wanted:
+                continue
+            try:
+                _, record = codec.decode(msg.value())
+                return Event.from_record(record)
+            except (DecodeError, InvalidEvent, KeyError, TypeError) as exc:
+                raise Conflict(f"event {event_id} is on {topic} but cannot be read again: {exc}") from None
     finally:
         consumer.close()
-
-
-def _scan(consumer: Consumer, codec: Codec, topic: str, event_id: str, begin: int, end: int,
-          timeout: float) -> Event:
-    try:
-        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
-            raise Unavailable(f"topic {topic} does not exist; run `gateway topics create`")
-        partitions = sorted(metadata.partitions)
-        starts = consumer.offsets_for_times([TopicPartition(topic, p, begin) for p in partitions], timeout=timeout)
-    except KafkaException as exc:
-        raise Unavailable(f"reading {topic}: {exc.args[0].str()}") from None
-    # -1: no record stamped at or after ``begin`` there. An error: read that partition whole.
-    assigned = [TopicPartition(topic, s.partition, s.offset if s.error is None and s.offset >= 0 else 0)
-                for s in starts if s.error is not None or s.offset >= 0]
-    if not assigned:
-        raise NotFound(f"event {event_id} is not on {topic} any more (its retention is a week)", field="id")
-    consumer.assign(assigned)
-    wanted = event_id.encode()
-    remaining = {tp.partition for tp in assigned}
-    idle_since = time.monotonic()
-    while remaining:
-        msg = consumer.poll(0.2)
-        if msg is None:
-            if time.monotonic() - idle_since > timeout:
-                raise Unavailable(f"reading {topic} stalled for {timeout} s")
-            continue
-        idle_since = time.monotonic()
-        partition = int(msg.partition() or 0)
-        error = msg.error()
-        if error is not None:
-            if error.code() != KafkaError._PARTITION_EOF:
-                raise Unavailable(f"reading {topic}: {error.str()}")
-            remaining.discard(partition)
-            continue
-        if partition not in remaining:
-            continue
-        stamp = msg.timestamp()[1]
-        if stamp is not None and stamp > end > 0:
-            remaining.discard(partition)  # past the window: the rest of the partition is later
-            consumer.pause([TopicPartition(topic, partition)])
-            continue
-        if dict(msg.headers() or []).get("event-id") != wanted:
-            continue
-        try:
-            _, record = codec.decode(msg.value())
-            return Event.from_record(record)
-        except (DecodeError, InvalidEvent, KeyError, TypeError) as exc:
-            raise Conflict(f"event {event_id} is on {topic} but cannot be read again: {exc}") from None
     raise NotFound(f"event {event_id} is not on {topic} any more (its retention is a week)", field="id")
 
 

@@ -5,7 +5,8 @@ side meet Kafka, so neither has to import the other to name a topic or write a r
 
 * ``_topics``: the one place that names topics, and the tiers workers consume.
 * ``_admin``: creating the topics with the settings each needs (``gateway topics create``).
-* ``_io``: the acknowledged producer; reading a topic to its end.
+* ``_io``: the acknowledged producer; reading a topic to its end, or from a time, and
+  following it.
 * ``_headers``: the plain headers of retry, deferral and dead-letter records.
 * ``_registry``: the endpoint registry (the endpoints topic as a table every worker routes
   by) and the circuits topic read back.
@@ -15,7 +16,7 @@ The modules are private: import from ``gateway.store``.
 
 from ._admin import DAY_MS, TopicSpec, TopicsPlan, TopicStatus, create_topics, plan_replication, topic_specs
 from ._headers import Headers, dead_letter_headers, delivery_headers
-from ._io import AckedProducer, read_to_end, reader_consumer
+from ._io import AckedProducer, TopicFollower, offsets_at, read_to_end, reader_consumer
 from ._registry import (
     EndpointRegistry,
     EndpointTable,
@@ -33,6 +34,7 @@ __all__ = [
     "EndpointTable",
     "Headers",
     "Tier",
+    "TopicFollower",
     "TopicSpec",
     "TopicStatus",
     "Topics",
@@ -45,6 +47,7 @@ __all__ = [
     "endpoint_partition",
     "load_circuits",
     "load_endpoints",
+    "offsets_at",
     "plan_replication",
     "read_to_end",
     "reader_consumer",

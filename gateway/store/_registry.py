@@ -27,7 +27,7 @@ from ..codec import Codec
 from ..config import Config
 from ..errors import DecodeError, Unavailable
 from ..records import CIRCUIT_SCHEMA, ENDPOINT_SCHEMA, Circuit, Endpoint
-from ._io import read_to_end, reader_consumer
+from ._io import TopicFollower, read_to_end, reader_consumer
 from ._topics import Topics
 
 __all__ = [
@@ -157,44 +157,34 @@ class EndpointRegistry:
         self.codec = codec or Codec(config.schema_registry_url)
         self.table = EndpointTable()
         self._on_change = on_change
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        # Not a member of any group the workers use: reads every partition, never commits.
-        self._consumer = reader_consumer(config, "endpoints-reader")
+        self._follower = TopicFollower(config, self.topic, purpose="endpoints-reader", thread="endpoints")
 
     def start(self, *, timeout: float = 30.0, follow: bool = True) -> EndpointRegistry:
         # The initial read keeps the latest record per id, then loads them in one step:
         # linear in the records, whatever the number of endpoints per bot.
         latest: dict[str, Endpoint | None] = {}
-        for msg in read_to_end(self._consumer, self.config, self.topic, timeout=timeout):
+        for msg in self._follower.read(timeout=timeout):
             change = self._decode(msg)
             if change is not None:
                 latest[change[0]] = change[1]
         self.table.load(latest.items())
         for endpoint_id, endpoint in latest.items():
             self._log_change(endpoint_id, endpoint)
-        # read_to_end paused each partition at its end: follow from there.
-        self._consumer.resume(self._consumer.assignment())
         log.info("endpoints loaded", extra={"endpoints": len(self.table), "topic": self.topic})
         if self._on_change:
             self._on_change(self.table)
         if follow:
-            self._thread = threading.Thread(target=self._follow, name="endpoints", daemon=True)
-            self._thread.start()
+            self._follower.follow(self._apply)
         return self
 
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            msg = self._consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            change = self._decode(msg)
-            if change is None:
-                continue
-            self.table.apply(*change)
-            self._log_change(*change)
-            if self._on_change:
-                self._on_change(self.table)
+    def _apply(self, msg: Message) -> None:
+        change = self._decode(msg)
+        if change is None:
+            return
+        self.table.apply(*change)
+        self._log_change(*change)
+        if self._on_change:
+            self._on_change(self.table)
 
     def _decode(self, msg: Message) -> tuple[str, Endpoint | None] | None:
         """The (endpoint id, registration or None for a tombstone) a record holds, or None
@@ -226,10 +216,7 @@ class EndpointRegistry:
                                                  "enabled": endpoint.enabled})
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self._consumer.close()
+        self._follower.stop()
 
 
 def load_circuits(config: Config, *, timeout: float = 30.0) -> dict[str, Circuit]:

@@ -430,16 +430,23 @@ class ConsumerPump:
         if not self._waiting:
             self.capacity.withdraw(self.tier)
 
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _release(self, consumer: Any, partitions: list[TopicPartition], *, lost: bool) -> bool:
+        """Partitions leave (revoked, or ``lost``): forget them and let the owner release
+        them. False, doing nothing, for a replaced consumer's callback."""
         if consumer is not self.consumer or self._replacing:
-            return
+            return False
         keys = [(p.topic, p.partition) for p in partitions]
         self.assigned.difference_update(keys)
         self._forget(keys)
         try:
-            self.owner.revoked(keys, lost=False)
+            self.owner.revoked(keys, lost=lost)
         except Exception:
-            self.log.exception("releasing partitions failed")
+            self.log.exception("releasing lost partitions failed" if lost else "releasing partitions failed")
+        return True
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if not self._release(consumer, partitions, lost=False):
+            return
         self.serve()  # the positions stored while releasing
         try:
             consumer.commit(asynchronous=False)
@@ -448,15 +455,7 @@ class ConsumerPump:
                 self.log.error("commit on revoke failed", extra={"error": exc.args[0].str()})
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        if consumer is not self.consumer or self._replacing:
-            return
-        keys = [(p.topic, p.partition) for p in partitions]
-        self.assigned.difference_update(keys)
-        self._forget(keys)
-        try:
-            self.owner.revoked(keys, lost=True)
-        except Exception:
-            self.log.exception("releasing lost partitions failed")
+        self._release(consumer, partitions, lost=True)
 
 
 def _close_quietly(consumer: ConsumerLike, log: BoundLogger) -> None:

@@ -3,11 +3,10 @@
 // the replay itself as a job whose progress is shown until it ends.
 
 import {ApiError, call, newKey} from "./api.js";
-import {$, cell, detailButton, facts, fill, h, ms, show, time} from "./dom.js";
+import {$, cell, detailButton, facts, fill, h, ms, pages, time} from "./dom.js";
 import {announce, clearFieldErrors, running, showError, state} from "./ui.js";
 
-let cursor = null;
-let shown = 0;
+const letters = pages("dlq", "dead letter", row);  // the table of dead letters, page by page
 let preview = null;  // {body: the replay's request, as previewed}
 let generation = 0;  // a reset (sign-out, another token) stops the polling of a running replay
 
@@ -41,15 +40,10 @@ export function refreshEndpointChoices() {
 
 export function resetDeadLetters() {
   generation += 1;
-  cursor = null;
-  shown = 0;
   preview = null;
   $("dlq-form").reset();
   $("replay-form").reset();
-  $("dlq-table").querySelector("tbody").replaceChildren();
-  show($("dlq-table"), false);
-  show($("dlq-more"), false);
-  $("dlq-summary").textContent = "";
+  letters.reset();
   $("replay-result").replaceChildren();
 }
 
@@ -93,21 +87,9 @@ function row(letter) {
 }
 
 export async function loadDeadLetters(more = false) {
-  const form = $("dlq-form");
-  const {data} = await call("GET", "/v1/dead-letters", {query: {...filters(), limit: 50, cursor: more ? cursor : null}});
-  const body = $("dlq-table").querySelector("tbody");
-  if (!more) {
-    body.replaceChildren();
-    shown = 0;
-  }
-  body.append(...data.data.map(row));
-  shown += data.data.length;
-  cursor = data.nextCursor;
-  show($("dlq-table"), shown > 0);
-  show($("dlq-more"), Boolean(cursor));
-  clearFieldErrors(form);
-  fill($("dlq-summary"), shown === 0 ? "No dead letter matches." : `${shown} dead letter${shown === 1 ? "" : "s"}`
-    + (cursor ? " so far; older ones below." : "."));
+  const {data} = await call("GET", "/v1/dead-letters", {query: {...filters(), limit: 50, cursor: letters.cursor(more)}});
+  letters.show(data, more);
+  clearFieldErrors($("dlq-form"));
 }
 
 // --- replay -------------------------------------------------------------------------------

@@ -170,3 +170,42 @@ export function detailButton(columns, build) {
   });
   return button;
 }
+
+/** A table shown a page at a time, newest first, with a "more" button for older rows
+ * and a summary counting what is shown: ``<table id=NAME-table>``, ``NAME-more``,
+ * ``NAME-summary``; ``row(item)`` makes each row, ``noun`` counts them ("attempt"). */
+export function pages(name, noun, row) {
+  const table = $(`${name}-table`);
+  const more = $(`${name}-more`);
+  const summary = $(`${name}-summary`);
+  const body = table.querySelector("tbody");
+  let cursor = null;
+  let shown = 0;
+  return {
+    /** The cursor to ask with: the next page's for ``older``, else none (the first page). */
+    cursor: (older) => (older ? cursor : null),
+    /** Show a page the API answered (``{data, nextCursor}``): after the rows shown for
+     * ``older``, else instead of them; ``note`` ends the summary. */
+    show(page, older, note = null) {
+      if (!older) {
+        body.replaceChildren();
+        shown = 0;
+      }
+      body.append(...page.data.map(row));
+      shown += page.data.length;
+      cursor = page.nextCursor;
+      show(table, shown > 0);
+      show(more, Boolean(cursor));
+      fill(summary, shown === 0 ? `No ${noun} matches.` : `${shown} ${noun}${shown === 1 ? "" : "s"}`
+        + (cursor ? " so far; older ones below." : "."), note);
+    },
+    reset() {
+      cursor = null;
+      shown = 0;
+      body.replaceChildren();
+      show(table, false);
+      show(more, false);
+      summary.textContent = "";
+    },
+  };
+}

@@ -2,11 +2,10 @@
 // attempt's detail (status, duration, error, the start of the answer) and a resend.
 
 import {ApiError, call, newKey} from "./api.js";
-import {$, cell, detailButton, fill, h, ms, show, time} from "./dom.js";
+import {$, cell, detailButton, h, ms, pages, time} from "./dom.js";
 import {announce, clearFieldErrors, problem, running, showError, state} from "./ui.js";
 
-let cursor = null;
-let shown = 0;
+const attempts = pages("history", "attempt", row);  // the table of attempts, page by page
 
 const OUTCOMES = {
   success: "delivered", http_error: "HTTP error", timeout: "timed out", connection_error: "could not connect",
@@ -26,22 +25,17 @@ function thenWords(next) {
 
 /** Empty the history for a newly opened endpoint. */
 export function resetHistory() {
-  cursor = null;
-  shown = 0;
   const form = $("history-form");
   form.reset();
   clearFieldErrors(form);
-  $("history-table").querySelector("tbody").replaceChildren();
-  show($("history-table"), false);
-  show($("history-more"), false);
-  $("history-summary").textContent = "";
+  attempts.reset();
 }
 
 function query(more) {
   const form = $("history-form");
   return {
     endpointId: state.current, status: form.elements.status.value, since: form.elements.since.value.trim(),
-    eventId: form.elements.eventId.value.trim(), limit: 50, cursor: more ? cursor : null,
+    eventId: form.elements.eventId.value.trim(), limit: 50, cursor: attempts.cursor(more),
   };
 }
 
@@ -77,21 +71,10 @@ function row(attempt) {
 export async function loadHistory(more = false) {
   if (state.current === null) return;
   const form = $("history-form");
-  const body = $("history-table").querySelector("tbody");
   try {
     const {data} = await call("GET", "/v1/deliveries", {query: query(more)});
-    if (!more) {
-      body.replaceChildren();
-      shown = 0;
-    }
-    body.append(...data.data.map(row));
-    shown += data.data.length;
-    cursor = data.nextCursor;
-    show($("history-table"), shown > 0);
-    show($("history-more"), Boolean(cursor));
     const partial = data.completeSince ? [" (the gateway keeps attempts since ", time(data.completeSince), ")"] : "";
-    fill($("history-summary"), shown === 0 ? "No attempt matches." : `${shown} attempt${shown === 1 ? "" : "s"}`
-      + (cursor ? " so far; older ones below." : "."), partial);
+    attempts.show(data, more, partial);
   } catch (error) {
     if (!(error instanceof ApiError && error.status === 401)) showError(form, "history", error);
   }
