@@ -208,7 +208,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
     # 5 MESSAGE events a second to an endpoint limited to 1 a second: the rest are deferred.
     save_endpoint(topics, new_endpoint(bot_id=BOT, url=receiver.url("/limited"), event_types=("MESSAGE",),
                                        rate_limit=1.0))
-    port, dead_port = two_free_ports(), free_port()
+    port, dead_port, dead_api_port = two_free_ports(), free_port(), free_port()
     stop_load, published = threading.Event(), [0]
     loader = threading.Thread(target=_publish_loop, args=(topics, stop_load, published), daemon=True)
     gateway = GatewayProcess(topics, tmp_path / "gateway.log", port, "--workers", "2")
@@ -217,15 +217,17 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_gateway(
         api = ApiProcess(topics, tmp_path / "api.log")
         callers = ApiCallers(api, failing.id)
         dashboard = dashboard_module()
-        # The dead target stands for a worker that is down: up == 0, GatewayWorkerDown.
+        # The dead targets stand for a worker and an API process that are down: up == 0,
+        # GatewayWorkerDown and GatewayApiDown.
         prometheus = Prometheus(tmp_path, {dashboard.JOB: [f"127.0.0.1:{p}" for p in (port, port + 1, dead_port)],
-                                           dashboard.API_JOB: [f"127.0.0.1:{api.port}"]})
+                                           dashboard.API_JOB: [f"127.0.0.1:{p}" for p in (api.port, dead_api_port)]})
         gateway.wait_ready([port, port + 1])
         publish_undecodable(topics)
         loader.start()
 
         queries = dashboard_queries() | rule_queries()
-        expected_alerts = {"GatewayDeadLetters", "GatewayDeliverySuccessRatioLow", "GatewayWorkerDown"}
+        expected_alerts = {"GatewayDeadLetters", "GatewayDeliverySuccessRatioLow", "GatewayWorkerDown",
+                           "GatewayApiDown"}
         missing: dict[str, str] = {}
         still: dict[str, str] = {}
         active: set[str] = set()
