@@ -95,20 +95,26 @@ def private_broker(kind: str, where: Path) -> Iterator[Any]:
             yield node
 
 
-@pytest.fixture
-def config(broker: Any) -> Config:
-    """A configuration of its own topics, with short delays and quick group joins."""
+def fresh_config(bootstrap: str, prefix: str, *, session_timeout_ms: int = 2000) -> Config:
+    """A configuration of its own topics (``prefix`` and a number), with short delays and
+    quick group joins."""
     return Config(
-        bootstrap_servers=broker.bootstrap,
-        topic_prefix=f"t{os.getpid()}-{next(_prefixes)}",
+        bootstrap_servers=bootstrap,
+        topic_prefix=f"{prefix}{os.getpid()}-{next(_prefixes)}",
         retry_delays=(1, 2, 3),
         defer_delays=(1, 2, 3),
         partitions=3,
-        session_timeout_ms=2000,
+        session_timeout_ms=session_timeout_ms,
         shutdown_timeout=10.0,
         request_timeout=5.0,
         allow_private_networks=True,
     )
+
+
+@pytest.fixture
+def config(broker: Any) -> Config:
+    """A configuration of its own topics, with short delays and quick group joins."""
+    return fresh_config(broker.bootstrap, "t")
 
 
 @pytest.fixture
@@ -361,14 +367,4 @@ def cluster_config(cluster: Any) -> Config:
     """:func:`config` on the cluster: topics of its own, every broker to bootstrap from
     (directly; ``cluster.proxied_bootstrap`` goes through the proxies), and a session
     that outlasts a broker's crash (:data:`CLUSTER_SESSION_MS`)."""
-    return Config(
-        bootstrap_servers=cluster.bootstrap,
-        topic_prefix=f"c{os.getpid()}-{next(_prefixes)}",
-        retry_delays=(1, 2, 3),
-        defer_delays=(1, 2, 3),
-        partitions=3,
-        session_timeout_ms=CLUSTER_SESSION_MS,
-        shutdown_timeout=10.0,
-        request_timeout=5.0,
-        allow_private_networks=True,
-    )
+    return fresh_config(cluster.bootstrap, "c", session_timeout_ms=CLUSTER_SESSION_MS)

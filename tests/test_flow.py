@@ -213,12 +213,11 @@ def test_return_slots_never_bunch_up(pace: float, in_hand: int, n: int, seed: in
 
 
 def test_an_endpoints_pace_is_what_it_completes_when_its_requests_look_slow() -> None:
-    """Fault: the pace was the lanes over the time a request took, and a busy event loop
-    adds its own delay to every request: a fast endpoint with 20 lanes timed at 20 ms
-    (1,000 a second) while it completed 2,000 a second had its backlog judged twice too
-    long for the wait, and put off while nothing else was waiting for it. Now the pace is
-    the larger of the two; an endpoint that completes few because it has few to do keeps
-    the pace its lanes give."""
+    """The pace was the lanes over the time a request took, and a busy event loop adds its
+    own delay to every request: an endpoint with 20 lanes timed at 20 ms (1,000 a second)
+    that completes 2,000 a second would have its backlog judged twice too long for the
+    wait. Now the pace is the larger of the two; an endpoint that completes few because it
+    has few to do keeps the pace its lanes give."""
     def unused() -> Any:
         raise AssertionError("no connection is made")
 

@@ -126,9 +126,10 @@ class EndpointPool:
         Both measures fall short of what the endpoint can take, in different cases: the
         completed requests when it has less work than lanes, the lanes over the time a
         request took when this process is the bottleneck (a busy event loop adds its own
-        delay to every request's time: a fast endpoint timed at 20 ms served 2,000 a
-        second, and its backlog was put off as if it served 1,000). The larger is the
-        better guess."""
+        delay to every request's time, so 20 lanes timed at 20 ms read as 1,000 a second
+        whatever the endpoint completes). The larger is the better guess. (Measured: it
+        does not keep a lone endpoint's burst from being partly put off on a machine
+        loaded several times over; see the README.)"""
         service = UNTIMED_SECONDS if self.service_seconds is None else max(self.service_seconds, 1e-4)
         pace = max(self.limit / service, self.throughput)
         return min(pace, self.bucket.rate) if self.bucket is not None else pace

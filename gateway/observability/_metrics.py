@@ -153,6 +153,27 @@ def _version() -> str:
         return "unknown"
 
 
+def _process_registry() -> CollectorRegistry:
+    """A registry of its own with the process, platform and garbage collector metrics."""
+    # The *_created series double every counter and histogram and no dashboard reads
+    # them. (A global switch of prometheus-client; flipping it again is harmless.)
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def _read_at_scrape(gauge: Gauge, labels: Sequence[str], counts: Callable[[], Mapping[str, int]]) -> None:
+    """Each of ``labels`` of ``gauge`` reads its value from ``counts`` at each scrape."""
+    def reader(label: str) -> Callable[[], float]:
+        return lambda: float(counts().get(label, 0))
+
+    for label in labels:
+        gauge.labels(label).set_function(reader(label))
+
+
 class Metrics:
     """Every metric of one process, in a registry of its own (``registry``), with every
     known label combination of ``tiers`` (all tier names of the configuration, events
@@ -168,13 +189,7 @@ class Metrics:
 
     def __init__(self, tiers: Sequence[str], *, deferrals: Sequence[str] = (), rungs: Sequence[str] = (),
                  health: Health | None = None) -> None:
-        # The *_created series double every counter and histogram and no dashboard reads
-        # them. (A global switch of prometheus-client; flipping it again is harmless.)
-        disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.registry = registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        self.registry = registry = _process_registry()
         self.health = health
         self.events_consumed = Counter(
             "gateway_events_consumed_total",
@@ -344,11 +359,8 @@ class Metrics:
 
     def count_circuits(self, counts: Callable[[], Mapping[CircuitState, int]]) -> None:
         """Read the circuit states from ``counts`` at each scrape (the sender's)."""
-        def reader(state: CircuitState) -> Callable[[], float]:
-            return lambda: float(counts().get(state, 0))
-
-        for circuit in _CIRCUIT_STATES:
-            self.circuits.labels(circuit.value).set_function(reader(circuit))
+        _read_at_scrape(self.circuits, [c.value for c in _CIRCUIT_STATES],
+                        lambda: {state.value: n for state, n in counts().items()})
 
     def time_open_circuits(self, oldest: Callable[[], float]) -> None:
         """Read the age of the oldest open circuit from ``oldest`` at each scrape (the
@@ -406,11 +418,7 @@ class ApiMetrics:
     """
 
     def __init__(self, *, job_states: Sequence[str], job_results: Sequence[str]) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # (as Metrics does)
-        self.registry = registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        self.registry = registry = _process_registry()
         self.requests = Counter(
             "gateway_api_requests_total",
             "Requests answered by the management API, by method, route template (unmatched: no route) and "
@@ -459,11 +467,7 @@ class ApiMetrics:
 
     def count_jobs(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Read the replay jobs by state from ``counts`` at each scrape (the jobs')."""
-        def reader(state: str) -> Callable[[], float]:
-            return lambda: float(counts().get(state, 0))
-
-        for state in self._job_states:
-            self.replay_jobs.labels(state).set_function(reader(state))
+        _read_at_scrape(self.replay_jobs, self._job_states, counts)
 
     def job_finished(self, result: str) -> None:
         self.replay_jobs_finished.labels(result).inc()
