@@ -164,6 +164,11 @@ def _log_format(text: str) -> str:
     return value
 
 
+SOCKET_TIMEOUT_MS = 30_000
+"""librdkafka's ``socket.timeout.ms`` for every client: how long a request may go
+unanswered before its connection is closed and it is sent again (see ``kafka_common``)."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: where it lives and how it is read."""
@@ -436,5 +441,5 @@ class Config:
             # tests/test_cluster_network.py measured it. 30 s is the Java clients'
             # request.timeout.ms; requests that may rightly wait longer (a JoinGroup waits
             # for the rebalance) get their own timeouts from librdkafka.
-            "socket.timeout.ms": 30_000,
+            "socket.timeout.ms": SOCKET_TIMEOUT_MS,
         }

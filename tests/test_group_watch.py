@@ -147,3 +147,32 @@ def test_a_real_consumer_holding_its_assignment_reports_steady(topics: Config) -
 def test_a_kip_848_consumer_holding_its_assignment_reports_steady(topics: Config) -> None:
     states = _join_states_once_assigned(topics.replace(group_protocol="consumer"))
     assert len(states) >= 3 and states[-3:] == ["steady"] * 3, states
+
+
+def test_a_consumer_out_of_its_group_with_no_coordinator_is_stuck_past_the_shorter_bound() -> None:
+    """Finding the coordinator waits on no rebalance: out of the group with no coordinator
+    (``cgrp.state`` not ``up``) past ``uncoordinated`` is stuck, long before the rebalance
+    bound; a coordinator found again, or the group rejoined, starts the count over."""
+    clock = FakeClock()
+    watch = GroupWatch("events", clock=clock)
+    watch.update(stats("steady", state="query-coord") | brokers("UP"))  # in the group: fetching
+    clock.advance(100)
+    assert not watch.stuck(300, uncoordinated=30)
+    watch.update(stats("init", state="query-coord") | brokers("UP"))
+    clock.advance(30)
+    assert not watch.stuck(300, uncoordinated=30)
+    watch.update(stats("init", state="up") | brokers("UP"))  # a coordinator: a rebalance may wait
+    clock.advance(1)
+    watch.update(stats("wait-join", state="wait-broker-transport") | brokers("UP"))
+    clock.advance(30)
+    assert not watch.stuck(300, uncoordinated=30)
+    clock.advance(0.5)
+    assert watch.stuck(300, uncoordinated=30) and not watch.stuck(300)
+    watch.update(stats("init", state="query-coord") | brokers("DOWN"))
+    assert not watch.stuck(300, uncoordinated=30)  # no broker answers: a new consumer does no better
+    watch.renewed()
+    watch.update(stats("init", state="query-coord") | brokers("UP"))
+    clock.advance(30.5)
+    assert watch.stuck(300, uncoordinated=30)
+    watch.update(stats("steady") | brokers("UP"))
+    assert not watch.stuck(300, uncoordinated=30)

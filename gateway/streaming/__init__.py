@@ -44,7 +44,7 @@ from ._statistics import (
     read_statistics,
 )
 from ._supervisor import supervise
-from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, rejoin_bound
+from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, coordinator_bound, rejoin_bound
 
 __all__ = [
     "BATCH",
@@ -74,6 +74,7 @@ __all__ = [
     "broker_binary",
     "broker_properties",
     "consumer_settings",
+    "coordinator_bound",
     "die_with_parent",
     "fair_room",
     "find_java",

@@ -158,6 +158,9 @@ class GroupWatch:
         self._clock = clock
         self._log = bind(_group_log, tier=tier)
         self._out_since: float | None = None
+        self._uncoordinated_since: float | None = None
+        """Since when the consumer has had no group coordinator (librdkafka's ``cgrp.state``
+        other than ``up``: finding one, or waiting for its connection)."""
         self.warned = False
         self.brokers_up = False
         """Whether the last statistics had a connection to some broker up: the cluster
@@ -168,13 +171,22 @@ class GroupWatch:
         since = self._out_since
         return 0.0 if since is None else self._clock.monotonic() - since
 
-    def stuck(self, bound: float) -> bool:
-        """Out of its group longer than ``bound`` while the cluster answers."""
-        return self.brokers_up and self.out_for() > bound
+    def stuck(self, bound: float, *, uncoordinated: float | None = None) -> bool:
+        """Out of its group longer than ``bound`` while the cluster answers, or out of it
+        with no coordinator for longer than ``uncoordinated`` (finding the coordinator is
+        one request to any broker: no rebalance waits on it, so it needs no long bound)."""
+        if not self.brokers_up:
+            return False
+        if self.out_for() > bound:
+            return True
+        since = self._uncoordinated_since
+        return (uncoordinated is not None and since is not None and self._out_since is not None
+                and self._clock.monotonic() - max(since, self._out_since) > uncoordinated)
 
     def renewed(self) -> None:
         """The consumer was replaced: the new one starts out of the group, from now."""
         self._out_since, self.warned, self.brokers_up = self._clock.monotonic(), False, False
+        self._uncoordinated_since = None
 
     def update(self, stats: Mapping[str, Any]) -> None:
         """Read one statistics document (``stats_cb``, on the consumer's thread)."""
@@ -186,6 +198,10 @@ class GroupWatch:
         if not isinstance(group, dict) or "join_state" not in group:
             return
         now = self._clock.monotonic()
+        if group.get("state") == "up":
+            self._uncoordinated_since = None
+        elif self._uncoordinated_since is None:
+            self._uncoordinated_since = now
         if group["join_state"] == "steady":
             if self._out_since is not None and self.warned:
                 self._log.info("consumer back in its group", extra={"out_for_s": round(now - self._out_since, 1)})

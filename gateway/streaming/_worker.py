@@ -50,7 +50,7 @@ from typing import Any, cast
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer
 
 from ..clock import SYSTEM, Clock, Timer
-from ..config import Config
+from ..config import SOCKET_TIMEOUT_MS, Config
 from ..delivery import Dispatcher, Job, Ownership, Pending
 from ..errors import DecodeError, RegistryUnavailable
 from ..observability import Health, Metrics, assigned, bind
@@ -115,6 +115,15 @@ def rejoin_bound(config: Config) -> float:
     return (config.max_poll_interval_ms + 2 * config.session_timeout_ms) / 1000
 
 
+def coordinator_bound(config: Config) -> float:
+    """How long a tier's consumer may stay out of its group with no coordinator, while the
+    cluster answers, before it is replaced (seconds). Finding the coordinator is one
+    request to any broker, answered or timed out within the socket timeout; no rebalance
+    waits on it. (Seen on Apache Kafka after the broker was frozen for 10 s: one tier's
+    consumer stayed in ``query-coord`` while the others rejoined, until replaced.)"""
+    return (SOCKET_TIMEOUT_MS + config.session_timeout_ms) / 1000
+
+
 class TierWorker:
     """Consumes one tier's topic in its consumer group and runs its records."""
 
@@ -164,8 +173,8 @@ class TierWorker:
         renew = None
         if consumer is None:
             consumer = self._new_consumer()
-            bound = rejoin_bound(config)
-            renew = Renewal(due=lambda: not self._stopping and self._group.stuck(bound),
+            bound, uncoordinated = rejoin_bound(config), coordinator_bound(config)
+            renew = Renewal(due=lambda: not self._stopping and self._group.stuck(bound, uncoordinated=uncoordinated),
                             create=self._replacement, close_timeout=min(config.shutdown_timeout, 5.0))
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
                                  watermark_interval=LAG_INTERVAL_MS / 1000,
