@@ -233,6 +233,22 @@ def test_an_endpoints_pace_is_what_it_completes_when_its_requests_look_slow() ->
     assert quiet.pace() == pytest.approx(1000)
 
 
+def test_a_bursts_first_second_is_judged_on_what_it_completes_so_far() -> None:
+    """The completed requests were counted only over whole seconds: a burst's first second,
+    when the shares are judged hardest, read 0 and left the lanes' inflated times alone to
+    judge it. A quarter of a second in, the window so far counts."""
+    def unused() -> Any:
+        raise AssertionError("no connection is made")
+
+    pool = EndpointPool("http://127.0.0.1:9/", 20, unused)
+    for n in range(200):  # 1,000 a second for 0.2 s, each timed at 100 ms (a loaded loop)
+        pool.served(0.100, n / 1000)
+    assert pool.pace() == pytest.approx(200)  # too early to count: the lanes' times alone
+    for n in range(200, 400):
+        pool.served(0.100, n / 1000)
+    assert pool.pace() == pytest.approx(1000, rel=0.01)
+
+
 def test_a_run_of_deferrals_keeps_one_line_and_spends_no_attempt() -> None:
     delivery = Delivery(event_id=str(uuid.uuid4()), event_type="MESSAGE", bot_id=BOT, session_id="s",
                         occurred_at=0, payload="{}", endpoint_id="e", attempt=1, due_at=0,

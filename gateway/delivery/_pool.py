@@ -59,7 +59,8 @@ class EndpointPool:
         self.limit = limit
         self.service_seconds: float | None = None
         self.throughput = 0.0
-        """Requests completed a second, over the last :data:`THROUGHPUT_WINDOW` counted."""
+        """Requests completed a second, over the last :data:`THROUGHPUT_WINDOW` counted, or
+        the current one so far when higher (from a quarter of it on)."""
         self._counted_since = float("-inf")
         self._counted = 0
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
@@ -119,9 +120,10 @@ class EndpointPool:
 
     def pace(self) -> float:
         """Deliveries a second the endpoint takes now: its lanes over the time its recent
-        requests took, or the requests it completed in the last second when more; its
-        rate limit when lower. Before any request was timed, an optimistic guess
-        (:data:`UNTIMED_SECONDS` a request).
+        requests took, or the requests it completed a second (over the last second, or the
+        part of one counted so far past a quarter) when more; its rate limit when lower.
+        Before any request was timed, an optimistic guess (:data:`UNTIMED_SECONDS` a
+        request).
 
         Both measures fall short of what the endpoint can take, in different cases: the
         completed requests when it has less work than lanes, the lanes over the time a
@@ -173,6 +175,10 @@ class EndpointPool:
             self.throughput = self._counted / counted_for
             self._counted_since, self._counted = now, 0
         self._counted += 1
+        if THROUGHPUT_WINDOW / 4 <= counted_for < THROUGHPUT_WINDOW:
+            # The window so far, when it is the higher rate: a burst's first second would
+            # otherwise be judged on its lanes' times alone.
+            self.throughput = max(self.throughput, self._counted / counted_for)
 
     def return_after(self, now: float) -> float:
         """Seconds until a delivery deferred now for this endpoint should come back: its
