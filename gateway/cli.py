@@ -286,7 +286,7 @@ WORKER_SETTINGS = (
     "bootstrap_servers", "topic_prefix", "retry_delays", "schema_registry_url", "group_id",
     "metrics_port", "concurrency", "endpoint_concurrency", "request_timeout",
     "max_response_bytes", "max_record_bytes", "shutdown_timeout", "session_timeout_ms",
-    "group_protocol", "max_poll_interval_ms", "fetch_wait_ms",
+    "group_protocol", "instance_id", "max_poll_interval_ms", "fetch_wait_ms",
     "allow_private_networks", "allowed_networks",
 )
 

@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,16 @@ def _optional_str(text: str) -> str | None:
     return text.strip() or None
 
 
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _instance_id(text: str) -> str | None:
+    value = text.strip()
+    if value and not _INSTANCE_ID.fullmatch(value):
+        raise ConfigError(f"{text!r} is not an instance id (letters, digits, '.', '_', '-'; at most 200)")
+    return value or None
+
+
 def _port_or_any(text: str) -> int:
     if text.strip() == "0":
         return 0  # any free port
@@ -251,6 +262,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("group_protocol", "--group-protocol", _group_protocol,
             "Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+; the broker then "
             "sets the session timeout)."),
+    Setting("instance_id", "--instance-id", _instance_id,
+            "Static group membership (Apache Kafka only): a name unique to this worker that it "
+            "keeps across restarts (a StatefulSet's pod name). A worker restarted with it, "
+            "even after kill -9, takes its partitions back at once instead of after the "
+            "session timeout; a worker stopped for good hands them on only after it. With "
+            "--workers N, worker i gets NAME-i."),
     Setting("max_poll_interval_ms", "--max-poll-interval-ms", _positive_int,
             "Longest gap between two polls before Kafka evicts a worker from its group; the "
             "worker polls on whatever it waits for."),
@@ -348,6 +365,8 @@ class Config:
     shutdown_timeout: float = 30.0
     session_timeout_ms: int = 30_000
     group_protocol: str = "classic"
+    instance_id: str | None = None
+    """Static group membership (``group.instance.id``); None: dynamic."""
     max_poll_interval_ms: int = 300_000
     fetch_wait_ms: int = 25
     reader_check: float = 30.0

@@ -78,6 +78,10 @@ def up(
             fixed["bootstrap_servers"] = broker.bootstrap
             defaults["partitions"] = 3
         config = Config.from_env(defaults=defaults, **{**overrides, **fixed})
+        if isinstance(broker, streaming.Broker) and config.instance_id is not None:
+            raise InputError("the bundled broker does not support static group membership "
+                             "(GATEWAY_INSTANCE_ID); use it with Apache Kafka (--data, or --bootstrap)",
+                             field="instance_id")
         created = store.create_topics(config)
         observed = streaming.observe(config, port=config.metrics_port)
         tiers = streaming.resolve_tiers(config, None)

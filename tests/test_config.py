@@ -229,6 +229,7 @@ def test_overrides_win_over_the_environment() -> None:
         ("GATEWAY_SHUTDOWN_TIMEOUT", "0", "greater than 0"),
         ("GATEWAY_ALLOW_PRIVATE_NETWORKS", "maybe", "not a boolean"),
         ("GATEWAY_ALLOWED_NETWORKS", "10.0.0.0/8,not-a-net", "not a network"),
+        ("GATEWAY_INSTANCE_ID", "pod 1", "not an instance id"),
     ],
 )
 def test_from_env_error_names_the_variable_and_value(
@@ -241,6 +242,11 @@ def test_from_env_error_names_the_variable_and_value(
     if value:
         bad = value.split(",")[-1]
         assert repr(bad) in message
+
+
+def test_an_instance_id_is_a_name_and_empty_means_none() -> None:
+    assert Config.from_env({"GATEWAY_INSTANCE_ID": " gateway-0 "}).instance_id == "gateway-0"
+    assert Config.from_env({"GATEWAY_INSTANCE_ID": ""}).instance_id is None
 
 
 def test_empty_bootstrap_servers_names_the_variable() -> None:

@@ -43,7 +43,7 @@ from ._statistics import (
     lag_from_stats,
     read_statistics,
 )
-from ._supervisor import supervise
+from ._supervisor import supervise, worker_config
 from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, coordinator_bound, rejoin_bound
 
 __all__ = [
@@ -93,4 +93,5 @@ __all__ = [
     "run",
     "serve",
     "supervise",
+    "worker_config",
 ]

@@ -292,6 +292,13 @@ class ConsumerPump:
             if error is None:
                 # (Records fetched before a pause may still come: they wait like the rest.)
                 self._waiting.append(msg)
+            elif error.fatal() or error.code() == KafkaError._FATAL:
+                # The consumer is unusable: with static membership, another process joined
+                # under the same instance id (GATEWAY_INSTANCE_ID) and fenced this one.
+                self.log.error("consumer failed for good: the tier stops", extra={
+                    "error": error.str(),
+                    "hint": "if fenced: another process runs with the same GATEWAY_INSTANCE_ID"})
+                raise KafkaException(error)
             elif error.code() != KafkaError._PARTITION_EOF:
                 self.log.error("consumer error", extra={"error": error.str()})
         if self._waiting:

@@ -24,9 +24,18 @@ from collections.abc import Sequence
 from ..config import Config
 from ._broker import die_with_parent
 
-__all__ = ["supervise"]
+__all__ = ["supervise", "worker_config"]
 
 log = logging.getLogger("gateway.supervisor")
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """Worker ``index``'s configuration: its own metrics port and, with static membership,
+    its own instance id, the same every time it is started again."""
+    own = config.replace(metrics_port=config.metrics_port + index)
+    if config.instance_id is not None:
+        own = own.replace(instance_id=f"{config.instance_id}-{index}")
+    return own
 
 
 def supervise(config: Config, workers: int, tiers: Sequence[str], *, metrics: bool = True) -> int:
@@ -41,7 +50,7 @@ def supervise(config: Config, workers: int, tiers: Sequence[str], *, metrics: bo
                 process.send_signal(signal.SIGTERM)
 
     def start(index: int) -> subprocess.Popen[bytes]:
-        env = os.environ | config.replace(metrics_port=config.metrics_port + index).to_env()
+        env = os.environ | worker_config(config, index).to_env()
         args = [sys.executable, "-m", "gateway", "run", "--tiers", ",".join(tiers)]
         if not metrics:
             args.append("--no-metrics")

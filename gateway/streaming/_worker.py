@@ -86,6 +86,11 @@ def consumer_settings(config: Config, tier: Tier) -> dict[str, Any]:
         # stored offsets), delivered on the consumer's thread by poll().
         "statistics.interval.ms": LAG_INTERVAL_MS,
     }
+    if config.instance_id is not None:
+        # Static membership: the member keeps its assignment while it is away up to the
+        # session timeout, and gets it back with no rebalance when it rejoins (one name
+        # per group: each tier has its own).
+        settings["group.instance.id"] = config.instance_id
     if config.group_protocol == "consumer":
         # KIP-848: the broker sets the session and heartbeat (librdkafka refuses these
         # settings with it) and assigns partitions itself.
