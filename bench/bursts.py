@@ -19,7 +19,8 @@ it prints, from one run on one machine:
   get 1,200 events: the receiver's busiest second (sliding), its peak concurrency, dead
   letters;
 * kill: 2,000 events to a fast endpoint, the worker killed (SIGKILL) at a quarter of them
-  and started again: when the last arrives after the restart, and how many never did.
+  and started again: when the last arrives after the restart, and how many never did; on
+  Kafka once more with the worker a static member (``GATEWAY_INSTANCE_ID``).
 
 Writes the numbers as JSON and a plot under bench/results/ (bursts-latest.*).
 """
@@ -301,11 +302,13 @@ def limits(
     return result
 
 
-def kill(broker: Any, workdir: Path, events: int = 2000) -> dict[str, Any]:
+def kill(broker: Any, workdir: Path, events: int = 2000, *, instance_id: str | None = None) -> dict[str, Any]:
+    """``instance_id``: the worker is a static member under that name, before and after."""
     receiver = ReceiverProcess(workdir / "kill.jsonl")
     config = fresh(broker, "kill")
     save_endpoint(config, new_endpoint(bot_id=BOT, url=receiver.url))
-    processes = start_workers(config, 1)
+    named = {"GATEWAY_INSTANCE_ID": instance_id} if instance_id else None
+    processes = start_workers(config, 1, env=named)
     warm(config, receiver, 1)
     batch = make_events(events)
     ids = {e.event_id for e in batch}
@@ -315,7 +318,7 @@ def kill(broker: Any, workdir: Path, events: int = 2000) -> dict[str, Any]:
     processes[0].wait()
     at_kill = receiver.unique("/hook")
     restarted = time.time()
-    processes = start_workers(config, 1)
+    processes = start_workers(config, 1, env=named)
     try:
         wait_until(lambda: receiver.unique("/hook") >= events, 180, "the rest of the burst after the restart")
     except RuntimeError as exc:
@@ -326,6 +329,7 @@ def kill(broker: Any, workdir: Path, events: int = 2000) -> dict[str, Any]:
     last = max(r[3] for r in requests)
     result = {
         "events": events,
+        "instance_id": instance_id,
         "delivered_at_kill": at_kill,
         "delivered": len(seen & ids),
         "lost": len(ids - seen),
@@ -335,7 +339,8 @@ def kill(broker: Any, workdir: Path, events: int = 2000) -> dict[str, Any]:
         "dead_letters": dead_letters(config),
     }
     print(
-        f"  kill -9 at {at_kill}/{events}: last {result['last_after_restart_s']} s after the restart, "
+        f"  kill -9 at {at_kill}/{events}{' (static member)' if instance_id else ''}: "
+        f"last {result['last_after_restart_s']} s after the restart, "
         f"lost {result['lost']}, requests {len(requests)} (sent twice: {len(requests) - len(seen)})",
         flush=True,
     )
@@ -380,6 +385,9 @@ def run_on(broker: Any, name: str, args: argparse.Namespace, workdir: Path) -> d
     if "kill" in only:
         print(f"[{name}] kill -9 mid-burst …", flush=True)
         results["kill"] = kill(broker, workdir)
+        if not isinstance(broker, Broker):  # the bundled broker fails with group.instance.id
+            print(f"[{name}] kill -9 mid-burst, the worker a static member (GATEWAY_INSTANCE_ID) …", flush=True)
+            results["kill_static"] = kill(broker, workdir, instance_id="bench-0")
     return results
 
 

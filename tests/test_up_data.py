@@ -278,3 +278,13 @@ def test_data_with_an_existing_kafka_is_a_usage_error(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60, env=clean_env())
     assert result.returncode == 2, result.stderr
     assert "--data" in result.stderr and "cannot be combined with --bootstrap" in result.stderr
+
+
+def test_an_instance_id_with_the_bundled_broker_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The bundled broker fails with static group membership: `gateway up` says so rather
+    than start workers whose groups misbehave."""
+    result = subprocess.run([sys.executable, "-m", "gateway", "up", "--instance-id", "gw-0",
+                             "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "static group membership" in result.stderr and "GATEWAY_INSTANCE_ID" in result.stderr, result.stderr
