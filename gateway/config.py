@@ -21,7 +21,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SETTINGS", "Config", "Setting", "given_settings", "parse_delays", "read_setting", "setting"]
+__all__ = [
+    "SETTINGS", "SOCKET_TIMEOUT_MS", "Config", "Setting", "given_settings", "parse_delays", "read_setting", "setting",
+]
 
 
 def parse_delays(text: str) -> tuple[int, ...]:

@@ -60,7 +60,9 @@ from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Renewal, Resume
 from ._partitions import PartitionState
 from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
 
-__all__ = ["SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "rebalance_grace", "rejoin_bound"]
+__all__ = [
+    "SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "coordinator_bound", "rebalance_grace", "rejoin_bound",
+]
 
 _log = logging.getLogger("gateway.worker")
 
