@@ -131,7 +131,6 @@ def worker_env(config: Config) -> dict[str, str]:
     env.update(
         GATEWAY_BOOTSTRAP_SERVERS=config.bootstrap_servers,
         GATEWAY_TOPIC_PREFIX=config.topic_prefix,
-        GATEWAY_SESSION_TIMEOUT_MS=str(config.session_timeout_ms),
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true",
         GATEWAY_LOG_LEVEL="warning",
         # The bench has one endpoint. A process gives each endpoint a bounded share of its
@@ -142,6 +141,8 @@ def worker_env(config: Config) -> dict[str, str]:
         GATEWAY_ENDPOINT_QUEUE=str(config.concurrency),
         GATEWAY_ENDPOINT_WAIT="60",
     )
+    if config.session_timeout_ms is not None:  # (else each worker chooses it from the cluster)
+        env["GATEWAY_SESSION_TIMEOUT_MS"] = str(config.session_timeout_ms)
     # BENCH_GATEWAY_X=v sets GATEWAY_X=v in the workers (to compare settings).
     env.update({k.removeprefix("BENCH_"): v for k, v in os.environ.items() if k.startswith("BENCH_GATEWAY_")})
     return env

@@ -258,9 +258,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_timeout", "--shutdown-timeout", _positive_float,
             "Seconds a stopping worker waits for in-flight deliveries."),
     Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
-            "Kafka consumer session timeout; a dead worker's partitions move after it. Keep it "
-            "well above the brokers' broker.session.timeout.ms (9 s by default): a dead broker "
-            "stalls offset commits until it is fenced, and heartbeats wait behind them."),
+            "Kafka consumer session timeout; a dead worker's partitions move after it. Unset, "
+            "each worker chooses it from the cluster when it starts: 10 s on a single broker, "
+            "else three times the brokers' broker.session.timeout.ms (27 s on Kafka's defaults; "
+            "30 s if they do not say). Keep it well above that: a dead broker stalls offset "
+            "commits until it is fenced, and heartbeats wait behind them."),
     Setting("group_protocol", "--group-protocol", _group_protocol,
             "Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+; the broker then "
             "sets the session timeout)."),
@@ -365,7 +367,8 @@ class Config:
     max_response_bytes: int = 64 * 1024
     max_record_bytes: int = 1024 * 1024
     shutdown_timeout: float = 30.0
-    session_timeout_ms: int = 30_000
+    session_timeout_ms: int | None = None
+    """None: chosen from the cluster when a worker starts (``streaming.settle_session``)."""
     group_protocol: str = "classic"
     instance_id: str | None = None
     """Static group membership (``group.instance.id``); None: dynamic."""

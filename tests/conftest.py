@@ -132,7 +132,6 @@ def gateway_env(config: Config, **extra: str) -> dict[str, str]:
         GATEWAY_RETRY_DELAYS=",".join(map(str, config.retry_delays)),
         GATEWAY_DEFER_DELAYS=",".join(map(str, config.defer_delays)),
         GATEWAY_PARTITIONS=str(config.partitions),
-        GATEWAY_SESSION_TIMEOUT_MS=str(config.session_timeout_ms),
         GATEWAY_GROUP_PROTOCOL=config.group_protocol,
         GATEWAY_CIRCUIT_FAILURES=str(config.circuit_failures),
         GATEWAY_CIRCUIT_FAILURE_RATE=str(config.circuit_failure_rate),
@@ -143,6 +142,8 @@ def gateway_env(config: Config, **extra: str) -> dict[str, str]:
         GATEWAY_ALLOW_PRIVATE_NETWORKS="true" if config.allow_private_networks else "false",
         PYTHONUNBUFFERED="1",
     )
+    if config.session_timeout_ms is not None:
+        env["GATEWAY_SESSION_TIMEOUT_MS"] = str(config.session_timeout_ms)
     if config.schema_registry_url:
         env["GATEWAY_SCHEMA_REGISTRY_URL"] = config.schema_registry_url
     env.update(extra)
@@ -358,8 +359,9 @@ sets; a group's heartbeats wait behind a stalled commit on the coordinator conne
 With the 2 s consumer session of the other tests, equal to the broker session, every
 consumer of the worker timed out of its group at each broker crash (measured: the leader
 killed mid-drain repeated 1,683 of 2,000 deliveries, re-read past the deferral rungs'
-oldest unsettled records; with 6 s, none). The defaults keep the same ratio: the gateway's
-30 s session against Kafka's 9 s ``broker.session.timeout.ms``."""
+oldest unsettled records; with 6 s, none). A worker without a session set keeps the same
+ratio on any cluster of several brokers (``streaming.session_for``: 27 s on Kafka's 9 s
+``broker.session.timeout.ms``)."""
 
 
 @pytest.fixture

@@ -37,9 +37,10 @@ from gateway.config import Config
 from gateway.events import parse_event
 from gateway.publisher import Publisher
 from gateway.store import Topics, plan_replication, topic_specs
+from gateway.streaming import settle_session
 
 from .chaos_support import ChaosReceiver, Load, conclude, make_events, read_all, register
-from .conftest import run_gateway
+from .conftest import CLUSTER_SESSION_MS, run_gateway
 from .kafka_cluster import (
     BROKERS,
     KafkaCluster,
@@ -79,6 +80,16 @@ def test_topics_create_on_three_brokers_makes_three_copies_two_in_sync(
     resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
     for resource, future in cluster.admin.describe_configs(resources, request_timeout=10).items():
         assert future.result(10)["min.insync.replicas"].value == "2", resource
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_without_a_session_set_takes_three_broker_sessions_on_a_cluster(
+    cluster: KafkaCluster, cluster_config: Config
+) -> None:
+    """The cluster's brokers have a 2 s ``broker.session.timeout.ms``: a worker left to
+    choose asks for 6 s, what :data:`~tests.conftest.CLUSTER_SESSION_MS` measured safe."""
+    settled = settle_session(cluster_config.replace(session_timeout_ms=None))
+    assert settled.session_timeout_ms == 3 * 2000 == CLUSTER_SESSION_MS
 
 
 def event_ids(config: Config, topic: str) -> set[str]:

@@ -9,6 +9,7 @@
 * ``_capacity``: the process's in-flight budget, shared fairly between tiers.
 * ``_statistics``: librdkafka's statistics: consumer lag, and a consumer out of its group.
 * ``_runner``: one process's workers: startup order, metrics, orderly shutdown.
+* ``_session``: the consumer session a worker chooses from the cluster when none is set.
 * ``_supervisor``: ``gateway run --workers N``: N worker processes, restarted when one dies.
 * ``_broker``: the bundled broker (Tansu) as a child process.
 * ``_kafka``: Apache Kafka from its jars as a child process (``--data DIR``, the tests' broker).
@@ -35,6 +36,7 @@ from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
 from ._runner import CircuitReporter, Observed, metrics_for, observe, resolve_tiers, run, serve
+from ._session import Session, session_for, session_ms, settle_session
 from ._statistics import (
     GROUP_WARN_AFTER,
     LAG_INTERVAL_MS,
@@ -69,6 +71,7 @@ __all__ = [
     "Pause",
     "Renewal",
     "Resume",
+    "Session",
     "TierReaders",
     "TierWorker",
     "broker_binary",
@@ -92,6 +95,9 @@ __all__ = [
     "resolve_tiers",
     "run",
     "serve",
+    "session_for",
+    "session_ms",
+    "settle_session",
     "supervise",
     "worker_config",
 ]

@@ -29,6 +29,7 @@ from ..records import CIRCUIT_SCHEMA, Circuit, Endpoint
 from ..store import AckedProducer, EndpointRegistry, EndpointTable, Tier, Topics
 from ._capacity import Capacity
 from ._readers import TierReaders
+from ._session import settle_session
 from ._worker import TierWorker
 
 __all__ = ["CircuitReporter", "Observed", "metrics_for", "observe", "resolve_tiers", "run", "serve"]
@@ -151,6 +152,7 @@ async def serve(
     health = health or Health()
     metrics = metrics or metrics_for(config, health)
     health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
+    config = await asyncio.to_thread(settle_session, config)
     partitions = await asyncio.to_thread(_check_topics, config, tiers)
     codec = Codec(config.schema_registry_url)
     await _register_schemas(codec, stop)

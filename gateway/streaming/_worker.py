@@ -58,6 +58,7 @@ from ..store import Tier
 from ._capacity import Capacity
 from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Renewal, Resume
 from ._partitions import PartitionState
+from ._session import session_ms
 from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
 
 __all__ = [
@@ -98,7 +99,7 @@ def consumer_settings(config: Config, tier: Tier) -> dict[str, Any]:
         # settings with it) and assigns partitions itself.
         settings["group.protocol"] = "consumer"
     else:
-        session = config.session_timeout_ms
+        session = session_ms(config)
         settings |= {"session.timeout.ms": session, "heartbeat.interval.ms": max(100, session // 4)}
     return settings
 
@@ -111,7 +112,7 @@ def rebalance_grace(config: Config) -> float:
     timeout. With KIP-848 the broker allows the rebalance timeout (max.poll.interval.ms)."""
     if config.group_protocol == "consumer":
         return min(config.shutdown_timeout, config.max_poll_interval_ms / 2000)
-    return min(config.shutdown_timeout, config.session_timeout_ms / 2000)
+    return min(config.shutdown_timeout, session_ms(config) / 2000)
 
 
 def rejoin_bound(config: Config) -> float:
@@ -119,7 +120,7 @@ def rejoin_bound(config: Config) -> float:
     before it is replaced by a new one (seconds). A rebalance waits for the members up to
     the rebalance timeout (``max.poll.interval.ms``) and notices a member gone within a
     session; past both, and a session more, the consumer is not coming back by itself."""
-    return (config.max_poll_interval_ms + 2 * config.session_timeout_ms) / 1000
+    return (config.max_poll_interval_ms + 2 * session_ms(config)) / 1000
 
 
 def coordinator_bound(config: Config) -> float:
@@ -128,7 +129,7 @@ def coordinator_bound(config: Config) -> float:
     request to any broker, answered or timed out within the socket timeout; no rebalance
     waits on it. (Seen on Apache Kafka after the broker was frozen for 10 s: one tier's
     consumer stayed in ``query-coord`` while the others rejoined, until replaced.)"""
-    return (SOCKET_TIMEOUT_MS + config.session_timeout_ms) / 1000
+    return (SOCKET_TIMEOUT_MS + session_ms(config)) / 1000
 
 
 class TierWorker:
