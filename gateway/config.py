@@ -148,6 +148,11 @@ def _instance_id(text: str) -> str | None:
     return value or None
 
 
+def _optional_positive_int(text: str) -> int | None:
+    """A whole number of at least 1; empty: None (the setting's own choice)."""
+    return _positive_int(text) if text.strip() else None
+
+
 def _port_or_any(text: str) -> int:
     if text.strip() == "0":
         return 0  # any free port
@@ -257,7 +262,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest event record accepted; larger ones are dead-lettered as invalid."),
     Setting("shutdown_timeout", "--shutdown-timeout", _positive_float,
             "Seconds a stopping worker waits for in-flight deliveries."),
-    Setting("session_timeout_ms", "--session-timeout-ms", _positive_int,
+    Setting("session_timeout_ms", "--session-timeout-ms", _optional_positive_int,
             "Kafka consumer session timeout; a dead worker's partitions move after it. Unset, "
             "each worker chooses it from the cluster when it starts: 10 s on a single broker, "
             "else three times the brokers' broker.session.timeout.ms (27 s on Kafka's defaults; "

@@ -244,6 +244,14 @@ def test_from_env_error_names_the_variable_and_value(
         assert repr(bad) in message
 
 
+def test_the_defaults_go_to_a_worker_process_and_back_unchanged() -> None:
+    """`gateway run --workers N` hands each worker its configuration as GATEWAY_*
+    variables: a setting left to choose (None) must stay so, not fail to parse."""
+    assert Config.from_env(Config().to_env()) == Config()
+    assert Config.from_env({"GATEWAY_SESSION_TIMEOUT_MS": ""}).session_timeout_ms is None
+    assert Config.from_env({"GATEWAY_SESSION_TIMEOUT_MS": "6000"}).session_timeout_ms == 6000
+
+
 def test_an_instance_id_is_a_name_and_empty_means_none() -> None:
     assert Config.from_env({"GATEWAY_INSTANCE_ID": " gateway-0 "}).instance_id == "gateway-0"
     assert Config.from_env({"GATEWAY_INSTANCE_ID": ""}).instance_id is None
