@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
+from gateway.errors import Unavailable
 from gateway.store import Topics
 from gateway.streaming import (
     Session,
@@ -77,13 +78,13 @@ def test_a_worker_on_a_single_broker_chooses_ten_seconds_and_says_why(
 
 
 @pytest.mark.timeout(60)
-def test_a_cluster_that_does_not_answer_gets_the_conservative_session() -> None:
-    """Nothing listens: the session is the conservative one (the topic check that follows
-    in a worker says what is wrong)."""
+def test_a_cluster_that_does_not_answer_is_said_so_at_once() -> None:
+    """Nothing listens: the worker stops with the address it tried, as its topic check
+    would (one wait for the cluster, not two)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settled = settle_session(Config(bootstrap_servers=f"127.0.0.1:{port}"), timeout=2)
-    assert settled.session_timeout_ms == 30_000
+    with pytest.raises(Unavailable, match=f"no Kafka broker answered at 127.0.0.1:{port}"):
+        settle_session(Config(bootstrap_servers=f"127.0.0.1:{port}"), timeout=2)

@@ -23,6 +23,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 
 from ..config import Config
+from ..errors import Unavailable
 
 __all__ = [
     "ONE_BROKER_SESSION_MS", "UNKNOWN_CLUSTER_SESSION_MS", "Session", "session_for", "session_ms", "settle_session",
@@ -94,20 +95,17 @@ def _described(admin: AdminClient, broker: int, timeout: float) -> dict[str, int
 def settle_session(config: Config, timeout: float = 15.0) -> Config:
     """``config`` with its consumer session chosen (:func:`session_for`) when the user set
     none, the choice logged. Blocking: asks the cluster for its brokers and one broker's
-    settings. A cluster that does not answer is left to the topic check that follows."""
+    settings. Raises :class:`~gateway.errors.Unavailable` when no broker answers."""
     if config.session_timeout_ms is not None:
         return config
     admin = AdminClient(config.kafka_common())
     try:
         brokers = sorted(admin.list_topics(timeout=timeout).brokers)
-    except Exception:
-        brokers = []
-    if not brokers:
-        session = Session(UNKNOWN_CLUSTER_SESSION_MS, "the cluster did not list its brokers")
-    else:
-        found = _described(admin, brokers[0], timeout)
-        session = session_for(len(brokers), found["broker.session.timeout.ms"],
-                              found["group.min.session.timeout.ms"], found["group.max.session.timeout.ms"])
+    except Exception as exc:  # (the worker's own check of its topics would say the same)
+        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc}") from None
+    found = _described(admin, brokers[0], timeout)
+    session = session_for(len(brokers), found["broker.session.timeout.ms"],
+                          found["group.min.session.timeout.ms"], found["group.max.session.timeout.ms"])
     log.info("consumer session chosen", extra={"session_ms": session.ms, "why": session.why,
                                                "set_it_with": "GATEWAY_SESSION_TIMEOUT_MS"})
     return config.replace(session_timeout_ms=session.ms)
