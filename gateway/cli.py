@@ -40,7 +40,8 @@ def config_options(*names: str, aliases: Mapping[str, str] = {}) -> Callable[[F]
         for option in reversed(chosen):
             assert option.flag is not None, f"{option.env} is read from the environment only"
             default = getattr(Config(), option.name)
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else \
+                "unset" if default is None else default
             flags = [option.flag, *([aliases[option.name]] if option.name in aliases else [])]
             func = click.option(
                 *flags,

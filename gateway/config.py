@@ -266,16 +266,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Kafka consumer session timeout; a dead worker's partitions move after it. Unset, "
             "each worker chooses it from the cluster when it starts: 10 s on a single broker, "
             "else three times the brokers' broker.session.timeout.ms (27 s on Kafka's defaults; "
-            "30 s if they do not say). Keep it well above that: a dead broker stalls offset "
-            "commits until it is fenced, and heartbeats wait behind them."),
+            "30 s if they do not say). Set by hand, keep it well above broker.session.timeout.ms: "
+            "a dead broker stalls offset commits until it is fenced, and heartbeats wait behind them."),
     Setting("group_protocol", "--group-protocol", _group_protocol,
             "Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+; the broker then "
             "sets the session timeout)."),
     Setting("instance_id", "--instance-id", _instance_id,
             "Static group membership (Apache Kafka only): a name unique to this worker that it "
-            "keeps across restarts (a StatefulSet's pod name). A worker restarted with it, "
-            "even after kill -9, takes its partitions back at once instead of after the "
-            "session timeout; a worker stopped for good hands them on only after it. With "
+            "keeps across restarts (a StatefulSet's pod name). A worker restarted with it "
+            "within its session, even after kill -9, takes its partitions back at once instead "
+            "of after the session timeout; a worker stopped for good hands them on only after "
+            "it. With "
             "--workers N, worker i gets NAME-i."),
     Setting("max_poll_interval_ms", "--max-poll-interval-ms", _positive_int,
             "Longest gap between two polls before Kafka evicts a worker from its group; the "

@@ -4,6 +4,8 @@ the rule, and what a real broker makes of it."""
 from __future__ import annotations
 
 import logging
+import socket
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from gateway.errors import Unavailable
 from gateway.store import Topics
 from gateway.streaming import (
     Session,
+    brokers_in,
     consumer_settings,
     session_for,
     session_ms,
@@ -45,6 +48,24 @@ def test_the_choice_is_held_to_the_brokers_group_session_bounds() -> None:
     assert high.ms == 20_000
     assert "held to the brokers' group session bounds (6000-20000 ms)" in high.why
     assert session_for(3, 9000, group_min_ms=6000, group_max_ms=1_800_000).ms == 27_000
+
+
+def _metadata(live: list[int], replicas: list[list[int]]) -> SimpleNamespace:
+    partitions = {i: SimpleNamespace(replicas=r) for i, r in enumerate(replicas)}
+    return SimpleNamespace(brokers=dict.fromkeys(live), topics={"t": SimpleNamespace(partitions=partitions)})
+
+
+def test_a_broker_down_while_a_worker_starts_still_counts() -> None:
+    """Metadata lists only the brokers that answer; the partitions' copies name the others
+    (one broker of two down must not make a cluster look like a single broker)."""
+    assert brokers_in(_metadata([1], [[1, 2], [2, 1]])) == 2
+    assert brokers_in(_metadata([1, 2, 3], [[1, 2, 3]])) == 3
+    assert brokers_in(_metadata([7], [])) == 1  # (no topics yet)
+
+
+def test_with_kip_848_the_broker_sets_the_session_and_nothing_is_asked() -> None:
+    config = Config(bootstrap_servers="127.0.0.1:1", group_protocol="consumer")
+    assert settle_session(config) is config  # (no broker listens there: it was not asked)
 
 
 def test_a_session_the_user_set_is_kept_without_asking_the_cluster() -> None:
@@ -81,8 +102,6 @@ def test_a_worker_on_a_single_broker_chooses_ten_seconds_and_says_why(
 def test_a_cluster_that_does_not_answer_is_said_so_at_once() -> None:
     """Nothing listens: the worker stops with the address it tried, as its topic check
     would (one wait for the cluster, not two)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -7,7 +7,7 @@ Apache Kafka only: the bundled broker fails with ``group.instance.id``
 (../shared/reference/tansu.md), and `gateway up` refuses the setting with it.
 
 Without the name, the restarted worker is a new member: the killed one keeps its
-partitions until its session (30 s here, the default) expires, so nothing can arrive in
+partitions until its session (30 s here, set) expires, so nothing can arrive in
 the first 15 s after the restart that the bound below asks for."""
 
 from __future__ import annotations

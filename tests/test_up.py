@@ -28,7 +28,7 @@ def test_gateway_up_delivers_end_to_end_and_sigint_stops_everything(
 ) -> None:
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(GATEWAY_RETRY_DELAYS="1,2,3", GATEWAY_SESSION_TIMEOUT_MS="2000", PYTHONUNBUFFERED="1")
+    env.update(GATEWAY_RETRY_DELAYS="1,2,3", PYTHONUNBUFFERED="1")  # (the session: up's own choice)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(
@@ -44,6 +44,8 @@ def test_gateway_up_delivers_end_to_end_and_sigint_stops_everything(
             text = log.read_text()
             assert f"127.0.0.1:{port}" in text and f":{metrics_port}/metrics" in text
             assert "gateway endpoints add" in text  # the next commands to try
+            # No session set: the workers chose one for the bundled broker, a single node.
+            assert 'event="consumer session chosen" session_ms=10000' in text, text
             config = Config(bootstrap_servers=f"127.0.0.1:{port}", retry_delays=(1, 2, 3))
             added = run_gateway(config, "endpoints", "add", "--json", "--bot-id",
                                 "6434515b-8541-4861-bb24-8acd6e77e8c4", "--url", receiver.url("/up"))

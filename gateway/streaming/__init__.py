@@ -36,7 +36,7 @@ from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
 from ._runner import CircuitReporter, Observed, metrics_for, observe, resolve_tiers, run, serve
-from ._session import Session, session_for, session_ms, settle_session
+from ._session import Session, brokers_in, session_for, session_ms, settle_session
 from ._statistics import (
     GROUP_WARN_AFTER,
     LAG_INTERVAL_MS,
@@ -76,6 +76,7 @@ __all__ = [
     "TierWorker",
     "broker_binary",
     "broker_properties",
+    "brokers_in",
     "consumer_settings",
     "coordinator_bound",
     "die_with_parent",

@@ -179,6 +179,7 @@ async def serve(
     # What exists now lives as long as the process (modules, the endpoint table): out of
     # the collector's sight, a full collection no longer walks it each time. Measured in
     # a 30,000-event burst: full collections held the loop 37 to 80 ms, 25 to 28 ms after.
+    gc.collect()  # (what is garbage already is not kept for good)
     gc.freeze()
     for worker in workers:
         worker.start()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
@@ -26,7 +28,8 @@ from ..config import Config
 from ..errors import Unavailable
 
 __all__ = [
-    "ONE_BROKER_SESSION_MS", "UNKNOWN_CLUSTER_SESSION_MS", "Session", "session_for", "session_ms", "settle_session",
+    "ONE_BROKER_SESSION_MS", "UNKNOWN_CLUSTER_SESSION_MS", "Session", "brokers_in", "session_for", "session_ms",
+    "settle_session",
 ]
 
 log = logging.getLogger("gateway.session")
@@ -45,11 +48,13 @@ BROKER_SESSIONS = 3
 
 @dataclass(frozen=True)
 class Session:
+    """A consumer session chosen, and why (what the worker logs)."""
+
     ms: int
     why: str
 
 
-def session_for(brokers: int, broker_session_ms: int | None, group_min_ms: int | None = None,
+def session_for(brokers: int, broker_session_ms: int | None, *, group_min_ms: int | None = None,
                 group_max_ms: int | None = None) -> Session:
     """The session for a cluster of ``brokers`` brokers that say their
     ``broker.session.timeout.ms`` (None: not said), within the group session bounds they
@@ -74,15 +79,23 @@ def session_for(brokers: int, broker_session_ms: int | None, group_min_ms: int |
     return chosen
 
 
+def brokers_in(metadata: Any) -> int:
+    """How many brokers a cluster's metadata (``AdminClient.list_topics``) shows: those
+    that answer, and those holding a copy of some partition (listed even while down)."""
+    replicas = {replica for topic in metadata.topics.values()
+                for partition in topic.partitions.values() for replica in partition.replicas}
+    return len(set(metadata.brokers) | replicas)
+
+
 def _described(admin: AdminClient, broker: int, timeout: float) -> dict[str, int | None]:
     """The broker's session settings; None for each it does not describe (the bundled
     broker describes none; a cluster may deny DescribeConfigs)."""
     names = ("broker.session.timeout.ms", "group.min.session.timeout.ms", "group.max.session.timeout.ms")
     resource = ConfigResource(ResourceType.BROKER, str(broker))
     try:
-        entries = admin.describe_configs([resource])[resource].result(timeout=timeout)
-    except Exception as exc:  # (any refusal: the conservative session is used)
-        log.info("broker configuration not described", extra={"broker": broker, "error": str(exc)})
+        entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout=timeout)
+    except (KafkaException, TimeoutError) as exc:  # (refused or unanswered: the conservative session)
+        log.warning("broker configuration not described", extra={"broker": broker, "error": str(exc)})
         entries = {}
     found: dict[str, int | None] = {}
     for name in names:
@@ -92,20 +105,28 @@ def _described(admin: AdminClient, broker: int, timeout: float) -> dict[str, int
     return found
 
 
-def settle_session(config: Config, timeout: float = 15.0) -> Config:
+def settle_session(config: Config, *, timeout: float = 15.0) -> Config:
     """``config`` with its consumer session chosen (:func:`session_for`) when the user set
-    none, the choice logged. Blocking: asks the cluster for its brokers and one broker's
-    settings. Raises :class:`~gateway.errors.Unavailable` when no broker answers."""
-    if config.session_timeout_ms is not None:
+    none, the choice logged. Blocking: asks the cluster for its metadata and one broker's
+    settings. Raises :class:`~gateway.errors.Unavailable` when no broker answers.
+
+    The brokers counted are those that answer and those holding a copy of any topic's
+    partition: a broker that is down while a worker starts still counts. The choice holds
+    until the worker restarts (a broker added later counts from then). With KIP-848
+    (``group_protocol`` ``consumer``) the broker sets the session: nothing is chosen."""
+    if config.session_timeout_ms is not None or config.group_protocol == "consumer":
         return config
     admin = AdminClient(config.kafka_common())
     try:
-        brokers = sorted(admin.list_topics(timeout=timeout).brokers)
-    except Exception as exc:  # (the worker's own check of its topics would say the same)
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:  # (the worker's own check of its topics would say the same)
         raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc}") from None
-    found = _described(admin, brokers[0], timeout)
-    session = session_for(len(brokers), found["broker.session.timeout.ms"],
-                          found["group.min.session.timeout.ms"], found["group.max.session.timeout.ms"])
+    if not metadata.brokers:
+        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: it listed no brokers")
+    found = _described(admin, min(metadata.brokers), timeout)
+    session = session_for(brokers_in(metadata), found["broker.session.timeout.ms"],
+                          group_min_ms=found["group.min.session.timeout.ms"],
+                          group_max_ms=found["group.max.session.timeout.ms"])
     log.info("consumer session chosen", extra={"session_ms": session.ms, "why": session.why,
                                                "set_it_with": "GATEWAY_SESSION_TIMEOUT_MS"})
     return config.replace(session_timeout_ms=session.ms)
