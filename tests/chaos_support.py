@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from gateway.codec import Codec
 from gateway.config import Config
@@ -427,18 +427,35 @@ def _ends(config: Config, topic: str) -> tuple[dict[int, int], dict[tuple[int, i
     return ends, {(m.partition(), m.offset()): m for m in records}
 
 
-def _committed(config: Config, group: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-    consumer = Consumer({
-        "bootstrap.servers": config.bootstrap_servers,
-        "group.id": group,
-        "enable.auto.commit": False,
-        "allow.auto.create.topics": False,
-    })
-    try:
-        got = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-        return {tp.partition: max(tp.offset, 0) for tp in got}
-    finally:
-        consumer.close()
+_COORDINATOR_MOVING = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+})
+
+
+def _committed(config: Config, group: str, topic: str, partitions: Iterable[int],
+               *, timeout: float = 60.0) -> dict[int, int]:
+    """The group's committed offsets. A group coordinator that moves meanwhile (a broker
+    killed, or the cluster's preferred leaders restored between two tests) answers
+    NOT_COORDINATOR or is still loading: asked again, up to ``timeout``. (Seen in CI:
+    librdkafka's committed() returned NOT_COORDINATOR and the drain failed the test.)"""
+    wanted = [TopicPartition(topic, p) for p in partitions]
+    deadline = time.monotonic() + timeout
+    while True:
+        consumer = Consumer({
+            "bootstrap.servers": config.bootstrap_servers,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "allow.auto.create.topics": False,
+        })
+        try:
+            got = consumer.committed(wanted, timeout=10)
+            return {tp.partition: max(tp.offset, 0) for tp in got}
+        except KafkaException as exc:
+            if exc.args[0].code() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                raise
+        finally:
+            consumer.close()
+        time.sleep(0.5)
 
 
 def lag(config: Config, stuck: list[str] | None = None,
