@@ -14,7 +14,16 @@ side meet Kafka, so neither has to import the other to name a topic or write a r
 The modules are private: import from ``gateway.store``.
 """
 
-from ._admin import DAY_MS, TopicSpec, TopicsPlan, TopicStatus, create_topics, plan_replication, topic_specs
+from ._admin import (
+    DAY_MS,
+    TopicSpec,
+    TopicsPlan,
+    TopicStatus,
+    cluster_metadata,
+    create_topics,
+    plan_replication,
+    topic_specs,
+)
 from ._headers import Headers, dead_letter_headers, delivery_headers
 from ._io import AckedProducer, TopicFollower, offsets_at, read_to_end, reader_consumer
 from ._registry import (
@@ -39,6 +48,7 @@ __all__ = [
     "TopicStatus",
     "Topics",
     "TopicsPlan",
+    "cluster_metadata",
     "create_topics",
     "dead_letter_headers",
     "delay_label",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -20,7 +21,10 @@ from ..config import Config
 from ..errors import Unavailable
 from ._topics import Topics, delay_label
 
-__all__ = ["DAY_MS", "TopicSpec", "TopicStatus", "TopicsPlan", "create_topics", "plan_replication", "topic_specs"]
+__all__ = [
+    "DAY_MS", "TopicSpec", "TopicStatus", "TopicsPlan", "cluster_metadata", "create_topics", "plan_replication",
+    "topic_specs",
+]
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -126,6 +130,18 @@ def plan_replication(requested: int | None, brokers: int) -> TopicsPlan:
     return TopicsPlan(brokers, factor, tuple(warnings))
 
 
+def cluster_metadata(admin: AdminClient, config: Config, *, timeout: float) -> Any:
+    """The cluster's metadata (its brokers, every topic); :class:`~gateway.errors.Unavailable`
+    naming the address when no broker answers."""
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc.args[0].str()}") from None
+    if not metadata.brokers:
+        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: it listed no brokers")
+    return metadata
+
+
 def create_topics(
     config: Config,
     *,
@@ -137,12 +153,7 @@ def create_topics(
     existing ones are left as they are, and checked: a partition count or cleanup
     policy that differs from what would be created is reported in their status."""
     admin = AdminClient(config.kafka_common())
-    try:
-        metadata = admin.list_topics(timeout=min(timeout, 10.0))
-    except KafkaException as exc:
-        raise Unavailable(
-            f"no Kafka broker answered at {config.bootstrap_servers}: {exc.args[0].str()}"
-        ) from None
+    metadata = cluster_metadata(admin, config, timeout=min(timeout, 10.0))
     plan = plan_replication(config.replication_factor, len(metadata.brokers))
     for warning in plan.warnings:
         if on_warning is not None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
@@ -27,7 +29,7 @@ from ..delivery import CircuitChange, Dispatcher, Ownership, Sender
 from ..errors import RegistryUnavailable, Unavailable
 from ..observability import ENDPOINTS_LOADED, Health, Metrics, assigned, serve_metrics
 from ..records import CIRCUIT_SCHEMA, Circuit, Endpoint
-from ..store import AckedProducer, EndpointRegistry, EndpointTable, Tier, Topics
+from ..store import AckedProducer, EndpointRegistry, EndpointTable, Tier, Topics, cluster_metadata
 from ._capacity import Capacity
 from ._readers import TierReaders
 from ._session import settle_session
@@ -51,9 +53,10 @@ def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
     return chosen if owner in chosen else [*chosen, owner]
 
 
-def _check_topics(config: Config, tiers: Sequence[Tier]) -> int:
-    """Refuse to start without the topics this process reads or may write; returns the
-    deliveries topic's partition count (what an endpoint's owner is derived from)."""
+def _check_topics(config: Config, tiers: Sequence[Tier], existing: Mapping[str, Any]) -> int:
+    """Refuse to start without the topics this process reads or may write (``existing``:
+    the cluster's, by name); returns the deliveries topic's partition count (what an
+    endpoint's owner is derived from)."""
     topics = Topics.from_config(config)
     wanted = {t.topic for t in tiers} | {topics.dlq, topics.endpoints, topics.deliveries}
     wanted |= {t.topic for t in topics.deferral_tiers}  # any worker may put a delivery off
@@ -61,10 +64,6 @@ def _check_topics(config: Config, tiers: Sequence[Tier]) -> int:
         wanted.add(topics.attempts)
     schedule = [t.index for t in tiers if not t.routes]
     wanted |= {t.topic for t in topics.tiers if t.index > min(schedule, default=0)}
-    try:
-        existing = AdminClient(config.kafka_common()).list_topics(timeout=15).topics
-    except Exception as exc:
-        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc}") from None
     missing = sorted(wanted - set(existing))
     if missing:
         raise Unavailable(
@@ -153,8 +152,10 @@ async def serve(
     health = health or Health()
     metrics = metrics or metrics_for(config, health)
     health.expect([ENDPOINTS_LOADED, *(assigned(t.name) for t in tiers)])
-    config = await asyncio.to_thread(settle_session, config)
-    partitions = await asyncio.to_thread(_check_topics, config, tiers)
+    admin = AdminClient(config.kafka_common())
+    metadata = await asyncio.to_thread(functools.partial(cluster_metadata, admin, config, timeout=15))
+    config = await asyncio.to_thread(functools.partial(settle_session, config, cluster=(admin, metadata)))
+    partitions = _check_topics(config, tiers, metadata.topics)
     codec = Codec(config.schema_registry_url)
     await _register_schemas(codec, stop)
     registry = EndpointRegistry(config, codec=codec, on_change=_count_endpoints(metrics))

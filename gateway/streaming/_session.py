@@ -25,7 +25,7 @@ from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 
 from ..config import Config
-from ..errors import Unavailable
+from ..store import cluster_metadata
 
 __all__ = [
     "ONE_BROKER_SESSION_MS", "UNKNOWN_CLUSTER_SESSION_MS", "Session", "brokers_in", "session_for", "session_ms",
@@ -105,7 +105,7 @@ def _described(admin: AdminClient, broker: int, timeout: float) -> dict[str, int
     return found
 
 
-def settle_session(config: Config, *, timeout: float = 15.0) -> Config:
+def settle_session(config: Config, *, timeout: float = 15.0, cluster: tuple[AdminClient, Any] | None = None) -> Config:
     """``config`` with its consumer session chosen (:func:`session_for`) when the user set
     none, the choice logged. Blocking: asks the cluster for its metadata and one broker's
     settings. Raises :class:`~gateway.errors.Unavailable` when no broker answers.
@@ -113,16 +113,14 @@ def settle_session(config: Config, *, timeout: float = 15.0) -> Config:
     The brokers counted are those that answer and those holding a copy of any topic's
     partition: a broker that is down while a worker starts still counts. The choice holds
     until the worker restarts (a broker added later counts from then). With KIP-848
-    (``group_protocol`` ``consumer``) the broker sets the session: nothing is chosen."""
+    (``group_protocol`` ``consumer``) the broker sets the session: nothing is chosen.
+    ``cluster``: a client and the metadata it already read (a worker's start reads it once)."""
     if config.session_timeout_ms is not None or config.group_protocol == "consumer":
         return config
-    admin = AdminClient(config.kafka_common())
-    try:
-        metadata = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:  # (the worker's own check of its topics would say the same)
-        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc}") from None
-    if not metadata.brokers:
-        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: it listed no brokers")
+    if cluster is None:
+        admin = AdminClient(config.kafka_common())
+        cluster = admin, cluster_metadata(admin, config, timeout=timeout)
+    admin, metadata = cluster
     found = _described(admin, min(metadata.brokers), timeout)
     session = session_for(brokers_in(metadata), found["broker.session.timeout.ms"],
                           group_min_ms=found["group.min.session.timeout.ms"],
