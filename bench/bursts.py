@@ -55,8 +55,8 @@ from run import (  # noqa: E402
     free_port,
     make_events,
     publish,
-    start_workers,
 )
+from run import start_workers as start_run_workers  # noqa: E402
 
 from gateway.config import Config  # noqa: E402
 from gateway.events import Event  # noqa: E402
@@ -67,6 +67,16 @@ from tests.conftest import read_topic  # noqa: E402
 from tests.test_limits_across_workers import busiest_second  # noqa: E402  (the test's own measure)
 
 WARM_BOT = "0b0b0b0b-1111-4222-8333-444444444444"
+
+DEFAULTS = {"GATEWAY_ENDPOINT_WAIT": str(Config().endpoint_wait)}
+"""What bench/run.py's workers change and a user's do not: its steady-load bench lets its
+one endpoint's share be the whole budget; here every worker has the default share."""
+
+
+def start_workers(config: Config, n: int, env: dict[str, str] | None = None,
+                  logs: Path | None = None) -> list[subprocess.Popen[bytes]]:
+    """``n`` `gateway run` workers on the settings a user gets (and ``env``)."""
+    return start_run_workers(config, n, env=DEFAULTS | (env or {}), logs=logs)
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
