@@ -341,6 +341,56 @@ def test_while_others_wait_a_slow_endpoint_keeps_its_share_and_the_rest_come_bac
     assert shares[0] >= 0.2  # behind what the endpoint has in hand
 
 
+def test_an_endpoint_alone_at_work_keeps_its_backlog_while_records_wait_for_room() -> None:
+    """Fault: while any records waited for room, an endpoint kept only what it served within
+    GATEWAY_ENDPOINT_WAIT (or its fair share), so a lone fast endpoint's burst was partly
+    deferred on a loaded machine, where its measured pace falls below its backlog: the
+    waiting records were its own, and putting them off helped nobody (1,703 of 2,000
+    deferred in the restart bench). Alone at work it keeps what it serves within
+    ALONE_WAITS of the wait; once another endpoint holds deliveries, the usual share holds.
+
+    2 connections, 0.2 s answers (10 a second), a 0.3 s wait, a budget of 10: alone it keeps
+    15 waiting (what it serves in 5 x 0.3 s), so a burst of 12 all goes; beside another, at
+    most 8 (the budget less its 2 in flight)."""
+    release = threading.Event()
+
+    def answer(conn: Conn, request: bytes) -> bool:
+        if b"/held" in request.split(b"\r\n", 1)[0]:
+            release.wait(10)
+        else:
+            conn.wait(0.2)
+        return respond(204)(conn, request)
+
+    async def burst(url: str, *, beside: bool) -> list[Attempt | Deferral]:
+        sender = Sender(_config(endpoint_concurrency=2, endpoint_wait=0.3, concurrency=10), contended=lambda: True)
+        target = endpoint(url)
+        try:
+            await sender.send(target, str(uuid.uuid4()), b"{}", "events")  # its pace, timed
+            held = None
+            if beside:  # another bot's endpoint holding a delivery
+                held = asyncio.ensure_future(sender.send(endpoint(url + "held"), str(uuid.uuid4()), b"{}", "events"))
+            await asyncio.sleep(0.3)  # a tick judges shares
+            assert (sender.alone is None) is beside
+            results = await asyncio.gather(*(sender.send(target, str(uuid.uuid4()), b"{}", "events")
+                                             for _ in range(12)))
+            release.set()
+            if held is not None:
+                await held
+            return list(results)
+        finally:
+            release.set()
+            await sender.aclose()
+
+    with RawServer(answer) as server:
+        alone = asyncio.run(burst(server.url(), beside=False))
+        release.clear()
+        beside = asyncio.run(burst(server.url(), beside=True))
+    assert all(isinstance(r, Attempt) and r.succeeded for r in alone), alone
+    put_off = [r for r in beside if isinstance(r, Deferral)]
+    assert len(put_off) >= 12 - 2 - 8, beside  # beside another, the usual share
+    assert all(isinstance(r, Attempt) and r.succeeded for r in beside if not isinstance(r, Deferral))
+
+
 def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> None:
     """Fault: shares shed an endpoint's whole excess at once: when a slow endpoint's burst
     filled the budget, hundreds of deferrals ran back to back on the event loop and a

@@ -41,6 +41,7 @@ from ._pool import UNTIMED_SECONDS, USER_AGENT, EndpointPool
 from ._retry import Decision, Delivered, GiveUp, Retry, Step, decide, first_delivery, is_due, next_step
 from ._routing import Ownership
 from ._sender import (
+    ALONE_WAITS,
     MAX_OPEN_SECONDS,
     MIN_PROBE_WAIT,
     SHED_SLICE,
@@ -52,6 +53,7 @@ from ._sender import (
 from ._transport import KEEPALIVE_EXPIRY, MAX_HEAD_BYTES, Answer, Connection, check_header, destination, head, head_of
 
 __all__ = [
+    "ALONE_WAITS",
     "BLOCKED_PREFIX",
     "DOMAIN_QUEUE_LIMIT",
     "FAILURE_WINDOW",

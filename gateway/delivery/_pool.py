@@ -63,6 +63,8 @@ class EndpointPool:
         the current one so far when higher (from a quarter of it on)."""
         self._counted_since = float("-inf")
         self._counted = 0
+        self.answered_at = float("-inf")
+        """When its last request ended (the loop's clock)."""
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
         self.bucket: TokenBucket | None = None
         self.window: SendWindow | None = None
@@ -136,6 +138,11 @@ class EndpointPool:
         pace = max(self.limit / service, self.throughput)
         return min(pace, self.bucket.rate) if self.bucket is not None else pace
 
+    def at_work(self, now: float) -> bool:
+        """Holding deliveries, or answered within the last :data:`THROUGHPUT_WINDOW`: the
+        records waiting for room may be its own."""
+        return bool(self.in_hand) or now - self.answered_at < THROUGHPUT_WINDOW
+
     def allowance(self, wait: float, fair_share: int) -> int:
         """How many may wait while others are short of room: what the endpoint serves
         within ``wait`` seconds, or what its fair share of the process leaves beside its
@@ -168,6 +175,7 @@ class EndpointPool:
     def served(self, seconds: float, now: float) -> None:
         """A request took ``seconds`` and ended at ``now``: the pace :meth:`pace` reads (a
         moving average of the time, and the requests completed a second)."""
+        self.answered_at = now
         previous = self.service_seconds
         self.service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         counted_for = now - self._counted_since

@@ -44,7 +44,7 @@ from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral, SendWindo
 from ._pool import EndpointPool
 from ._transport import KEEPALIVE_EXPIRY, Connection, check_header
 
-__all__ = ["MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SHED_SLICE", "SNIPPET_CHARS", "Sender", "Signing",
+__all__ = ["ALONE_WAITS", "MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SHED_SLICE", "SNIPPET_CHARS", "Sender", "Signing",
            "parse_retry_after"]
 
 _log = logging.getLogger("gateway.sender")
@@ -54,6 +54,12 @@ SHED_SLICE = 64
 """Most waiters put off at once; the rest a moment later, after what else is ready to run
 (the records of other endpoints among it): each put-off costs event-loop time (its
 deferral's writes), and a slow endpoint's excess can be hundreds."""
+ALONE_WAITS = 5
+"""An endpoint alone at work in the process (no other endpoint holds deliveries or answered
+within the last second) keeps what it serves within this many GATEWAY_ENDPOINT_WAITs
+while records wait for room: they are most likely its own, and putting its burst off
+then helps nobody. Whoever else's records wait behind it wait that long at most (or it
+keeps its fair share of the budget, whichever is more, as any endpoint does)."""
 MAX_OPEN_SECONDS = 300.0
 """Longest a circuit stays open between probes (it doubles from GATEWAY_CIRCUIT_OPEN)."""
 MIN_PROBE_WAIT = 1.0
@@ -115,6 +121,8 @@ class Sender:
         self.fair_share: int | None = None
         """While others are short of room: the in-flight budget over the endpoints holding
         records (and the records waiting to come in); None while nobody is."""
+        self.alone: EndpointPool | None = None
+        """The one endpoint at work in the process, when only one is (:data:`ALONE_WAITS`)."""
         self._judging_again = False
         self.policy = policy or DestinationPolicy(
             allow_private=config.allow_private_networks, allowed=config.allowed_networks,
@@ -155,21 +163,29 @@ class Sender:
         for pool in self._retired:  # their URL changed: they come back to the new one
             pool.shed(0)
         if self.contended is None or not self.contended():
-            self.fair_share = None
+            self.fair_share = self.alone = None
             return 0
         holding = sum(1 for pool in self._pools.values() if pool.in_hand)
         # One share more than the endpoints holding records: the records waiting to come
         # in may be another endpoint's.
         self.fair_share = fair = self.config.concurrency // (holding + 1)
-        wait = self.config.endpoint_wait
+        now = asyncio.get_running_loop().time()
+        at_work = [pool for pool in self._pools.values() if pool.at_work(now)]
+        self.alone = at_work[0] if len(at_work) == 1 else None
         shed = 0
         for pool in self._pools.values():
             if pool.waiting and shed < SHED_SLICE:
-                shed += pool.shed(pool.allowance(wait, fair), SHED_SLICE - shed)
+                shed += pool.shed(pool.allowance(self._share_wait(pool), fair), SHED_SLICE - shed)
         if shed >= SHED_SLICE and not self._judging_again:  # more to put off: after what is ready
             self._judging_again = True
             asyncio.get_running_loop().call_soon(self._judge_again)
         return shed
+
+    def _share_wait(self, pool: EndpointPool) -> float:
+        """How long an endpoint's waiters may take to serve while others are short of room:
+        ``GATEWAY_ENDPOINT_WAIT``, or :data:`ALONE_WAITS` of it for an endpoint alone at work."""
+        wait = self.config.endpoint_wait
+        return wait * ALONE_WAITS if pool is self.alone else wait
 
     def _judge_again(self) -> None:
         self._judging_again = False
@@ -232,7 +248,7 @@ class Sender:
         recorded = False
         try:
             wait = self.config.endpoint_wait
-            if pool.full(wait, self.fair_share):
+            if pool.full(self._share_wait(pool), self.fair_share):
                 return Deferral(DeferReason.SHARE, f"the endpoint's share of this process is full while others wait "
                                 f"({pool.busy} in flight, {pool.waiting} waiting)", pool.return_after(loop.time()))
             if pool.bucket is not None:
