@@ -41,6 +41,11 @@ THROUGHPUT_WINDOW = 1.0
 """Seconds over which an endpoint's completed requests are counted (:meth:`EndpointPool.pace`)."""
 
 
+def _was_shed(waiter: asyncio.Future[Connection]) -> bool:
+    """Whether :meth:`EndpointPool.shed` put this waiter off."""
+    return waiter.done() and not waiter.cancelled() and isinstance(waiter.exception(), TimeoutError)
+
+
 class EndpointPool:
     """One endpoint's lanes (single-connection, made as they are first needed), the
     deliveries waiting for one, its rate limit, its circuit breaker and its return
@@ -103,7 +108,8 @@ class EndpointPool:
                     self._hand_over(waiter.result())  # handed a lane as it was cancelled
                 raise
             finally:
-                self.waiting -= 1
+                if not _was_shed(waiter):  # (shed stopped counting it at once)
+                    self.waiting -= 1
         self.busy += 1
         return lane
 
@@ -169,6 +175,9 @@ class EndpointPool:
             waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_exception(TimeoutError())
+                # No longer in hand from now on, not from when its task next runs: the
+                # return slots of the ones shed with it start after what the endpoint keeps.
+                self.waiting -= 1
                 shed += 1
         return shed
 
