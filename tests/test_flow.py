@@ -251,31 +251,32 @@ def test_a_bursts_first_second_is_judged_on_what_it_completes_so_far() -> None:
 
 def test_waiters_put_off_leave_the_endpoints_hands_at_once_and_come_back_after_what_it_keeps() -> None:
     """Fault: a waiter put off by :meth:`EndpointPool.shed` still counted as in hand until
-    its task next ran, so the return slots of a shed excess were computed behind the
-    whole excess as well as what the endpoint kept: in the bursts bench, 3,000 events to a
-    25/s endpoint kept 500, served them in 20 s, and the first returns came 25 s after
-    that, the endpoint idle meanwhile (1.3x its own time, busy 77%). Now a shed waiter
-    leaves the count at once, and is not counted out twice, cancelled or not."""
+    its task next ran, and shedding goes in slices, so the return slots of a shed excess
+    were computed behind the rest of the excess as well as what the endpoint kept: in the
+    bursts bench, 3,000 events to a 25/s endpoint kept 500, served them in 20 s, and the
+    first returns came 25 s after that, the endpoint idle meanwhile (1.3x its own time,
+    busy 77%). Now a shed waiter leaves the count at once, the slots of a slice start
+    after what the endpoint keeps, and a waiter is counted out once, cancelled or not."""
     class Lane:
         pass
 
     async def go() -> None:
         pool = EndpointPool("http://127.0.0.1:9/", 1, lambda: Lane())  # type: ignore[arg-type,return-value]
-        lane = await pool.acquire()
-        waiters = [asyncio.ensure_future(pool.acquire()) for _ in range(10)]
-        await asyncio.sleep(0)
-        assert (pool.busy, pool.waiting) == (1, 10)
         pool.service_seconds = 0.1  # 10 a second on its one lane
-        assert pool.shed(4) == 6
-        assert pool.in_hand == 5  # at once, before the shed waiters run
-        now = asyncio.get_running_loop().time()
-        first = pool.return_after(now)
-        assert 0.5 <= first < 0.6, first  # after the 5 it keeps, not the 11 it had
-        waiters[-1].cancel()  # shed, then cancelled before it ran: counted out once
-        waiters[0].cancel()  # kept, then cancelled
-        await asyncio.gather(*waiters[-6:], return_exceptions=True)
+        lane = await pool.acquire()
+        waiters = [asyncio.ensure_future(pool.acquire()) for _ in range(104)]
         await asyncio.sleep(0)
-        assert pool.waiting == 3
+        assert (pool.busy, pool.waiting) == (1, 104)
+        assert pool.shed(4, most=64) == 64  # the first slice; 36 more to put off
+        assert pool.in_hand == 1 + 40  # at once, before the shed waiters run
+        slot = pool.return_after(asyncio.get_running_loop().time())
+        assert 0.5 <= slot < 0.6, slot  # after the 1 in flight and the 4 kept: not the 40 left
+        assert pool.shed(4) == 36 and pool.in_hand == 5
+        waiters[-1].cancel()  # put off in the first slice, then cancelled before it ran
+        waiters[4].cancel()  # put off in the second, the same
+        waiters[0].cancel()  # kept, then cancelled
+        await asyncio.gather(waiters[0], *waiters[4:], return_exceptions=True)
+        assert pool.waiting == 3, pool.waiting
         for kept in waiters[1:4]:  # each kept one in turn gets the lane
             pool.release(lane)
             lane = await kept

@@ -87,6 +87,8 @@ class EndpointPool:
         self.busy = 0
         self.waiting = 0
         """Waiting for a lane or for the rate limit's slot."""
+        self._keeping: int | None = None
+        """While :meth:`shed` has more to put off: how many waiters it keeps."""
         self._closing: set[asyncio.Task[None]] = set()
 
     async def acquire(self) -> Connection:
@@ -179,6 +181,9 @@ class EndpointPool:
                 # return slots of the ones shed with it start after what the endpoint keeps.
                 self.waiting -= 1
                 shed += 1
+        # While more beyond ``keep`` is left to put off (the next slice), the ones put off
+        # now take their return slots after what the endpoint keeps, not after that rest.
+        self._keeping = keep if len(self._waiters) > keep else None
         return shed
 
     def served(self, seconds: float, now: float) -> None:
@@ -200,7 +205,8 @@ class EndpointPool:
     def return_after(self, now: float) -> float:
         """Seconds until a delivery deferred now for this endpoint should come back: its
         slot in the return schedule, after what the endpoint has in hand."""
-        return self.returns.slot(now, self.in_hand, self.pace())
+        in_hand = self.in_hand if self._keeping is None else min(self.in_hand, self.busy + self._keeping)
+        return self.returns.slot(now, in_hand, self.pace())
 
     def keys(self, endpoint: Endpoint, now_ms: int) -> tuple[bytes, ...]:
         """The HMAC keys to sign with now (the current secret, and the previous one in its
