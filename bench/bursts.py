@@ -58,9 +58,11 @@ from run import (  # noqa: E402
 )
 from run import start_workers as start_run_workers  # noqa: E402
 
+from gateway.codec import Codec  # noqa: E402
 from gateway.config import Config  # noqa: E402
 from gateway.events import Event  # noqa: E402
 from gateway.ops import new_endpoint  # noqa: E402
+from gateway.records import Delivery  # noqa: E402
 from gateway.store import Topics, create_topics, save_endpoint  # noqa: E402
 from gateway.streaming import Broker  # noqa: E402
 from tests.conftest import read_topic  # noqa: E402
@@ -138,6 +140,15 @@ def dead_letters(config: Config) -> int:
 
 def deferrals(config: Config) -> int:
     return count(config, [t.topic for t in Topics.from_config(config).deferral_tiers])
+
+
+def returns_due(config: Config, started: float) -> list[float]:
+    """When the deferred deliveries were due back, in seconds since ``started``, sorted:
+    the first says how long the endpoint waited for its first return."""
+    codec = Codec()
+    return sorted(round(Delivery.from_record(codec.decode(m.value())[1]).due_at / 1000 - started, 1)
+                  for rung in Topics.from_config(config).deferral_tiers
+                  for m in read_topic(config, rung.topic, timeout=60))
 
 
 # -- the ceiling ------------------------------------------------------------------------------
@@ -256,10 +267,14 @@ def slow(
         "deferrals": deferrals(config),
         "per_second": per_second([r[3] for r in requests], started),
     }
+    due = returns_due(config, started)
+    if due:
+        result["returns_due_s"] = {"first": due[0], "median": due[len(due) // 2], "last": due[-1]}
     print(
         f"  slow, {workers} worker(s): {result['delivered']}/{events} delivered, last at {last:.1f} s "
         f"({result['of_own_time']}x of {own_time:.0f} s), busy {busy:.0%}, dead letters "
-        f"{result['dead_letters']}, deferrals {result['deferrals']}",
+        f"{result['dead_letters']}, deferrals {result['deferrals']}"
+        + (f", returns due {due[0]:.1f} to {due[-1]:.1f} s after publishing" if due else ""),
         flush=True,
     )
     return result

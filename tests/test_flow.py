@@ -352,15 +352,15 @@ def test_while_others_wait_a_slow_endpoint_keeps_its_share_and_the_rest_come_bac
         sender = Sender(_config(endpoint_concurrency=2, endpoint_wait=0.3, concurrency=10), contended=lambda: True)
         target = endpoint(url)
         try:
-            # one first, so the pool knows the endpoint's pace, and another bot's endpoint at
-            # work (answered just now): the records waiting may be its own
-            first, _ = await asyncio.gather(sender.send(target, str(uuid.uuid4()), b"{}", "events"),
-                                            sender.send(endpoint(url), str(uuid.uuid4()), b"{}", "events"))
+            # its pace timed over a second first (it is not judged before), then another
+            # bot's endpoint at work (answered just now): the records waiting may be its own
+            timing = [await sender.send(target, str(uuid.uuid4()), b"{}", "events") for _ in range(6)]
+            await sender.send(endpoint(url), str(uuid.uuid4()), b"{}", "events")
             await asyncio.sleep(0.3)  # a tick judges shares
             assert sender.fair_share == 10 // 1  # nobody holds records: one share beside the waiting
             rest = await asyncio.gather(*(sender.send(target, str(uuid.uuid4()), b"{}", "events")
                                           for _ in range(20)))
-            return [first, *rest]
+            return [*timing, *rest]
         finally:
             await sender.aclose()
 
@@ -371,7 +371,7 @@ def test_while_others_wait_a_slow_endpoint_keeps_its_share_and_the_rest_come_bac
     deferred = [r for r in results if isinstance(r, Deferral)]
     assert all(a.succeeded for a in sent) and requests == len(sent) + 1  # (and the other endpoint's)
     # 2 in flight and 10 - 2 = 8 waiting at most (its share), before the tick shrinks it
-    assert 4 <= len(sent) <= 11 and len(deferred) == 21 - len(sent), (len(sent), len(deferred))
+    assert 4 <= len(sent) - 5 <= 11 and len(deferred) == 26 - len(sent), (len(sent), len(deferred))
     assert {d.reason for d in deferred} <= {DeferReason.SHARE, DeferReason.BUSY}
     shares = [d.after for d in deferred if d.reason is DeferReason.SHARE and d.after is not None]
     assert len(shares) == sum(1 for d in deferred if d.reason is DeferReason.SHARE) > 0
@@ -403,7 +403,8 @@ def test_an_endpoint_alone_at_work_keeps_its_backlog_while_records_wait_for_room
         sender = Sender(_config(endpoint_concurrency=2, endpoint_wait=0.3, concurrency=10), contended=lambda: True)
         target = endpoint(url)
         try:
-            await sender.send(target, str(uuid.uuid4()), b"{}", "events")  # its pace, timed
+            for _ in range(6):  # its pace, timed over a second (it is not judged before)
+                await sender.send(target, str(uuid.uuid4()), b"{}", "events")
             held = None
             if beside:  # another bot's endpoint holding a delivery
                 held = asyncio.ensure_future(sender.send(endpoint(url + "held"), str(uuid.uuid4()), b"{}", "events"))
@@ -437,9 +438,11 @@ def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> N
     release = threading.Event()
     answered: list[bool] = []
 
+    holding = threading.Event()
+
     def held(conn: Conn, request: bytes) -> bool:
         answered.append(True)
-        if len(answered) > 2:  # the first two at once: one times the endpoint, one is another's
+        if holding.is_set():  # the ones before at once: they time the endpoint, one is another's
             release.wait(10)
         return respond(204)(conn, request)
 
@@ -451,11 +454,15 @@ def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> N
                         contended=lambda: others_wait)
         target = endpoint(url)
         try:
-            await asyncio.gather(sender.send(target, str(uuid.uuid4()), b"{}", "events"),  # timed now
-                                 sender.send(endpoint(url), str(uuid.uuid4()), b"{}", "events"))  # another at work
+            for _ in range(11):  # its pace timed over a second (it is not judged before)
+                await sender.send(target, str(uuid.uuid4()), b"{}", "events")
+                await asyncio.sleep(0.1)
+            await sender.send(endpoint(url), str(uuid.uuid4()), b"{}", "events")  # another at work
+            before = len(answered)
+            holding.set()
             sends = [asyncio.ensure_future(sender.send(target, str(uuid.uuid4()), b"{}", "events"))
                      for _ in range(300)]
-            while len(answered) < 3:  # one in flight (held), the rest waiting for its connection
+            while len(answered) < before + 1:  # one in flight (held), the rest waiting for its connection
                 await asyncio.sleep(0.005)
             others_wait = True
             first = sender.judge_shares()

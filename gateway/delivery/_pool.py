@@ -70,6 +70,10 @@ class EndpointPool:
         self._counted = 0
         self.answered_at = float("-inf")
         """When its last request ended (the loop's clock)."""
+        self._timed_since: float | None = None
+        self.settled = False
+        """Whether its requests were timed over a whole :data:`THROUGHPUT_WINDOW`: only then is
+        its pace judged (:meth:`allowance`)."""
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
         self.bucket: TokenBucket | None = None
         self.window: SendWindow | None = None
@@ -154,9 +158,12 @@ class EndpointPool:
     def allowance(self, wait: float, fair_share: int) -> int:
         """How many may wait while others are short of room: what the endpoint serves
         within ``wait`` seconds, or what its fair share of the process leaves beside its
-        requests in flight, whichever is more. No limit before a request to it was timed:
-        nothing is put off on a guess of its pace."""
-        if self.service_seconds is None:
+        requests in flight, whichever is more. No limit before its requests were timed over
+        a whole :data:`THROUGHPUT_WINDOW` (:attr:`settled`): nothing is put off on a guess
+        of its pace, nor on its first answers alone, which come while the event loop takes
+        in the burst that made them and read slow (a 25/s endpoint's first answers read
+        about 11/s, and its excess was scheduled back 25 s after it could take it)."""
+        if not self.settled:
             return sys.maxsize
         return max(int(self.pace() * wait), fair_share - self.busy, 0)
 
@@ -190,6 +197,9 @@ class EndpointPool:
         """A request took ``seconds`` and ended at ``now``: the pace :meth:`pace` reads (a
         moving average of the time, and the requests completed a second)."""
         self.answered_at = now
+        if self._timed_since is None:
+            self._timed_since = now
+        self.settled = now - self._timed_since >= THROUGHPUT_WINDOW
         previous = self.service_seconds
         self.service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         counted_for = now - self._counted_since
