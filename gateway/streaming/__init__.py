@@ -18,7 +18,7 @@ The modules are private: import from ``gateway.streaming``.
 """
 
 from ._broker import Broker, broker_binary, die_with_parent, port_in_use
-from ._capacity import Capacity, fair_room, share_of
+from ._capacity import Capacity, fair_room
 from ._consumer import (
     BATCH,
     Command,
@@ -99,7 +99,6 @@ __all__ = [
     "session_for",
     "session_ms",
     "settle_session",
-    "share_of",
     "supervise",
     "worker_config",
 ]
