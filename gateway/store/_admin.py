@@ -9,11 +9,11 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
+from confluent_kafka.admin._metadata import ClusterMetadata
 from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
@@ -130,7 +130,7 @@ def plan_replication(requested: int | None, brokers: int) -> TopicsPlan:
     return TopicsPlan(brokers, factor, tuple(warnings))
 
 
-def cluster_metadata(admin: AdminClient, config: Config, *, timeout: float) -> Any:
+def cluster_metadata(admin: AdminClient, config: Config, *, timeout: float) -> ClusterMetadata:
     """The cluster's metadata (its brokers, every topic); :class:`~gateway.errors.Unavailable`
     naming the address when no broker answers."""
     try:

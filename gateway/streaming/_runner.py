@@ -19,9 +19,9 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._metadata import TopicMetadata
 
 from ..codec import Codec
 from ..config import Config
@@ -53,7 +53,7 @@ def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
     return chosen if owner in chosen else [*chosen, owner]
 
 
-def _check_topics(config: Config, tiers: Sequence[Tier], existing: Mapping[str, Any]) -> int:
+def _check_topics(config: Config, tiers: Sequence[Tier], existing: Mapping[str, TopicMetadata]) -> int:
     """Refuse to start without the topics this process reads or may write (``existing``:
     the cluster's, by name); returns the deliveries topic's partition count (what an
     endpoint's owner is derived from)."""

@@ -22,6 +22,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
+from confluent_kafka.admin._metadata import ClusterMetadata
 from confluent_kafka.admin._resource import ResourceType
 
 from ..config import Config
@@ -105,7 +106,9 @@ def _described(admin: AdminClient, broker: int, timeout: float) -> dict[str, int
     return found
 
 
-def settle_session(config: Config, *, timeout: float = 15.0, cluster: tuple[AdminClient, Any] | None = None) -> Config:
+def settle_session(
+    config: Config, *, timeout: float = 15.0, cluster: tuple[AdminClient, ClusterMetadata] | None = None
+) -> Config:
     """``config`` with its consumer session chosen (:func:`session_for`) when the user set
     none, the choice logged. Blocking: asks the cluster for its metadata and one broker's
     settings. Raises :class:`~gateway.errors.Unavailable` when no broker answers.
