@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -243,6 +244,27 @@ def test_an_idle_tier_reserves_nothing() -> None:
         assert capacity.claim(tier, 0) == 0 and not capacity.starved(tier)
     capacity.give("events", 8)
     assert capacity.claim("events", 8) == 8
+
+
+def test_a_waiter_is_woken_once_the_room_it_waits_for_is_free_not_at_each_record() -> None:
+    capacity = Capacity(10, ["events"])
+    assert capacity.claim("events", 10) == 10
+    woken = threading.Event()
+
+    def waiter() -> None:
+        capacity.wait(60, room=3)
+        woken.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while not capacity._wanted:  # (the waiter is waiting)
+        time.sleep(0.001)
+    capacity.give("events")
+    capacity.give("events")
+    assert not woken.wait(0.2)  # two records' room: not yet
+    capacity.give("events")
+    assert woken.wait(30)  # three: now
+    thread.join()
 
 
 @given(st.lists(st.tuples(st.sampled_from(["events", "retry-1s"]), st.integers(0, 30), st.integers(0, 30)),

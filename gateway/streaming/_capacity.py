@@ -44,8 +44,11 @@ class Capacity:
         self.limit = limit
         self._used = dict.fromkeys(tiers, 0)
         self._starved: set[str] = set()
+        self._total = 0
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
+        self._wanted: list[int] = []
+        """The room each waiting thread waits for (see :meth:`wait`)."""
 
     def claim(self, tier: str, wanted: int) -> int:
         """Take room for up to ``wanted`` records of ``tier``; returns how many it got.
@@ -53,6 +56,7 @@ class Capacity:
         with self._lock:
             granted = min(wanted, fair_room(self.limit, self._used, self._starved, tier))
             self._used[tier] += granted
+            self._total += granted
             if granted < wanted:
                 self._starved.add(tier)
             else:
@@ -69,16 +73,25 @@ class Capacity:
         under the budget already)."""
         with self._lock:
             self._used[tier] += n
+            self._total += n
 
     def give(self, tier: str, n: int = 1) -> None:
         with self._lock:
             self._used[tier] -= n
-            self._room.notify_all()
+            self._total -= n
+            if self._wanted and self.limit - self._total >= min(self._wanted):
+                self._room.notify_all()
 
-    def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for room to be given back (by any tier)."""
+    def wait(self, timeout: float, room: int = 1) -> None:
+        """Wait up to ``timeout`` seconds for ``room`` records' room to be free (given back
+        by any tier). Waiting for more than one lets a busy process hand records over in
+        batches, not one by one as each settles (a thread woken per record, measured)."""
         with self._lock:
-            self._room.wait(timeout)
+            self._wanted.append(room)
+            try:
+                self._room.wait(timeout)
+            finally:
+                self._wanted.remove(room)
 
     def used(self, tier: str | None = None) -> int:
         """Records in progress, of ``tier`` or of all tiers."""

@@ -72,6 +72,9 @@ _log = logging.getLogger("gateway.consumer")
 BATCH = 500
 """Most records handed to the event loop at once."""
 
+REFILL_PARTS = 20
+"""A full budget is refilled in parts of this share of it (or at the poll timeout)."""
+
 
 def in_turns(records: Sequence[Any]) -> list[Any]:
     """A fetched batch taken one record from each partition in turn, each partition's own
@@ -191,6 +194,8 @@ class ConsumerPump:
         self.capacity = capacity
         self.owner = owner
         self.poll_timeout = poll_timeout
+        self.refill = max(1, capacity.limit // REFILL_PARTS)
+        """Room waited for before a full budget hands more over (at most what waits)."""
         self.on_watermarks = on_watermarks
         """Told the high watermarks listed for paused partitions, every
         ``watermark_interval`` seconds while any is paused (for the lag metric: a paused
@@ -274,7 +279,8 @@ class ConsumerPump:
             if self._full_since is None:
                 self._full_since = self.clock.monotonic()
             if not self.budget_paused and self.clock.monotonic() - self._full_since < self.pause_after:
-                self.capacity.wait(self.poll_timeout)  # room comes back within milliseconds when busy
+                # Room comes back within milliseconds when busy: wait for a batch's worth.
+                self.capacity.wait(self.poll_timeout, min(len(self._waiting), self.refill))
                 return
             self._pause_budget()
         else:
