@@ -161,6 +161,11 @@ class Unavailable(GatewayError):
     """What the gateway needs did not answer or is not there: Kafka, a topic, the schema
     registry, a port, the bundled broker. Trying again later may work."""
 
+    @classmethod
+    def no_broker(cls, bootstrap_servers: str, why: str) -> Unavailable:
+        """No broker of the cluster at ``bootstrap_servers`` answered, for this reason."""
+        return cls(f"no Kafka broker answered at {bootstrap_servers}: {why}")
+
 
 class RegistryUnavailable(Unavailable):
     """The schema registry could not answer; the record may be fine: try again later."""

@@ -250,8 +250,8 @@ class ApiService:
                 else:
                     check = Check(True, f"{self.config.bootstrap_servers} answers", now_ms)
             except KafkaException as exc:
-                check = Check(False, f"no Kafka broker answered at {self.config.bootstrap_servers}: "
-                                     f"{exc.args[0].str()}", now_ms)
+                check = Check(False, str(Unavailable.no_broker(self.config.bootstrap_servers, exc.args[0].str())),
+                              now_ms)
             self._kafka_check, self._kafka_checked = check, time.monotonic()
             return check
 

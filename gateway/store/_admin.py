@@ -136,9 +136,9 @@ def cluster_metadata(admin: AdminClient, config: Config, *, timeout: float) -> C
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc.args[0].str()}") from None
+        raise Unavailable.no_broker(config.bootstrap_servers, exc.args[0].str()) from None
     if not metadata.brokers:
-        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: it listed no brokers")
+        raise Unavailable.no_broker(config.bootstrap_servers, "it listed no brokers")
     return metadata
 
 

@@ -224,7 +224,7 @@ def _partitions(consumer: Consumer, config: Config, topic: str, timeout: float) 
     try:
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
     except KafkaException as exc:
-        raise Unavailable(f"no Kafka broker answered at {config.bootstrap_servers}: {exc.args[0].str()}") from None
+        raise Unavailable.no_broker(config.bootstrap_servers, exc.args[0].str()) from None
     if metadata is None or metadata.error is not None or not metadata.partitions:
         raise Unavailable(
             f"topic {topic} does not exist on {config.bootstrap_servers}; run `gateway topics create`"
