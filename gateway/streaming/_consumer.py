@@ -155,8 +155,10 @@ class PartitionOwner(Protocol):
         """Release the partitions: drop what is held, and unless ``lost`` wait (bounded)
         for their records in flight and store their settled positions. Blocks."""
 
-    def accept(self, records: list[Any]) -> None:
-        """Records to process (must not block); their room is already taken."""
+    def accept(self, records: list[Any], claimed: list[bool]) -> None:
+        """Records to process (must not block). Room in the budget is already taken for
+        each whose ``claimed`` flag is set: the others were not due when handed over (the
+        worker holds them, or takes room for one that came due meanwhile)."""
 
     def stopped(self, failure: BaseException | None) -> None:
         """The pump ended: closed normally, or because ``failure`` broke its loop."""
@@ -179,8 +181,12 @@ class ConsumerPump:
         pause_after: float = 2.0,
         clock: Clock = SYSTEM,
         renew: Renewal | None = None,
+        due_at: Callable[[Any], int | None] | None = None,
     ) -> None:
         self.consumer = consumer
+        self.due_at = due_at
+        """A record's due time (ms since the epoch) from its headers, None when it has
+        none; None for a tier whose records are all due when read (the events topic)."""
         self.renew = renew
         """When to replace the consumer with a new one, and how (None: never)."""
         self.topics: list[str] = []
@@ -313,10 +319,29 @@ class ConsumerPump:
                 self._pause_budget()
 
     def _hand_over(self) -> None:
-        granted = self.capacity.claim(self.tier, len(self._waiting))
-        if granted:
-            records, self._waiting = self._waiting[:granted], self._waiting[granted:]
-            self.owner.accept(records)
+        """Hand over, in order, what the budget has room for. A record not due yet (a
+        retry tier's, a deferral rung's) needs no room: the worker holds it, at no cost,
+        until it comes due. Claiming room for it anyway made a rung that read a batch
+        of returns due seconds later *starved*, and a starved tier stops the tiers above
+        their share: a fast bot's events waited seconds behind a slow bot's returns."""
+        waiting = self._waiting
+        due_at = self.due_at
+        if due_at is None:
+            granted = self.capacity.claim(self.tier, len(waiting))
+            if granted:
+                self._waiting = waiting[granted:]
+                self.owner.accept(waiting[:granted], [True] * granted)
+            return
+        now = self.clock.now_ms()
+        runs = [i for i, msg in enumerate(waiting) if (due := due_at(msg)) is None or due <= now]
+        granted = self.capacity.claim(self.tier, len(runs))
+        cut = runs[granted] if granted < len(runs) else len(waiting)  # (the first due one without room)
+        if cut:
+            claimed = [False] * cut
+            for i in runs[:granted]:
+                claimed[i] = True
+            self._waiting = waiting[cut:]
+            self.owner.accept(waiting[:cut], claimed)
 
     def serve(self) -> None:
         """Store the positions and carry out the commands the event loop sent."""

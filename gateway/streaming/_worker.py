@@ -62,7 +62,8 @@ from ._session import session_ms
 from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
 
 __all__ = [
-    "SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "coordinator_bound", "rebalance_grace", "rejoin_bound",
+    "SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "coordinator_bound", "header_due_at", "rebalance_grace",
+    "rejoin_bound",
 ]
 
 _log = logging.getLogger("gateway.worker")
@@ -187,7 +188,7 @@ class TierWorker:
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
                                  watermark_interval=LAG_INTERVAL_MS / 1000,
                                  pause_after=min(2.0, config.max_poll_interval_ms / 1000 / 4), clock=clock,
-                                 renew=renew)
+                                 renew=renew, due_at=None if tier.is_events or tier.owner else header_due_at)
 
     # -- lifecycle (event loop) ----------------------------------------------------------
 
@@ -257,8 +258,8 @@ class TierWorker:
         future = asyncio.run_coroutine_threadsafe(self._release(partitions, grace), self.loop)
         future.result(grace + 5)
 
-    def accept(self, records: list[Any]) -> None:
-        self.loop.call_soon_threadsafe(self._accept, records)
+    def accept(self, records: list[Any], claimed: list[bool]) -> None:
+        self.loop.call_soon_threadsafe(self._accept, records, claimed)
 
     def stopped(self, failure: BaseException | None) -> None:
         self._lag.clear()
@@ -307,12 +308,14 @@ class TierWorker:
             "handed_over_in_flight": len(running), "cancelled": len(running) if self.ownership else 0,
         })
 
-    def _accept(self, records: list[Any]) -> None:
+    def _accept(self, records: list[Any], claimed: list[bool]) -> None:
         now = self.clock.now_ms()
-        for msg in records:
+        capacity, tier = self.capacity, self.tier.name
+        for msg, has_room in zip(records, claimed, strict=True):
             state = self.partitions.get((msg.topic(), msg.partition()))
             if state is None:
-                self.capacity.give(self.tier.name)
+                if has_room:
+                    capacity.give(tier)
                 continue
             job = self.dispatcher.prepare(self.tier, msg)
             try:
@@ -320,13 +323,17 @@ class TierWorker:
             except ValueError:
                 self.log.warning("offset received twice, skipped",
                                  extra={"partition": msg.partition(), "offset": msg.offset()})
-                self.capacity.give(self.tier.name)
+                if has_room:
+                    capacity.give(tier)
                 continue
             self._stamps[state.key][job.offset] = _timestamp(msg, now)
             if run_now:
+                if not has_room:  # (came due since it was handed over, as a held one does)
+                    capacity.take(tier)
                 self._start(state, job)
                 continue
-            self.capacity.give(self.tier.name)  # a held record costs no slot
+            if has_room:
+                capacity.give(tier)  # a held record costs no slot
             if isinstance(job.content, Pending):
                 self._fetch_schema(job.content.schema_id)
             self._sync(state)
@@ -415,6 +422,18 @@ class TierWorker:
 
     def _redecode(self, job: Job) -> Job:
         return self.dispatcher.prepare(self.tier, job.message)
+
+
+def header_due_at(msg: Any) -> int | None:
+    """A retry record's due time (ms since the epoch) from its ``due-at`` header
+    (:func:`~gateway.store.delivery_headers`); None without one."""
+    for name, value in msg.headers() or ():
+        if name == "due-at":
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
 
 
 def _timestamp(msg: Any, default: int) -> int:
