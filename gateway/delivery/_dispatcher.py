@@ -60,10 +60,10 @@ __all__ = ["MIN_DEFERRAL", "SCHEDULE_HEADER", "BadRecord", "Dispatcher", "Job", 
 log = logging.getLogger("gateway.dispatcher")
 
 SCHEDULE_HEADER = "schedule-tier"
+"""The header naming, on the deliveries topic, whose attempt a forwarded delivery makes."""
 OWNERSHIP_WAIT = 30.0
 """Longest a record waits, when a process starts, to learn which endpoints it owns
 (seconds); after it, records of endpoints not known to be owned here are forwarded."""
-"""The header naming, on the deliveries topic, whose attempt a forwarded delivery makes."""
 
 MIN_DEFERRAL = 0.25
 """Shortest a deferred delivery stays away (seconds): a Kafka round trip is not free."""
