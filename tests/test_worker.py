@@ -47,7 +47,7 @@ from gateway.records import (
     Endpoint,
     Outcome,
 )
-from gateway.store import EndpointTable, Topics
+from gateway.store import EndpointTable, Topics, due_at_of
 from gateway.streaming import (
     Capacity,
     ConsumerPump,
@@ -57,7 +57,6 @@ from gateway.streaming import (
     Resume,
     TierWorker,
     fair_room,
-    header_due_at,
     in_turns,
 )
 
@@ -347,7 +346,7 @@ def test_records_not_due_yet_take_no_room_and_starve_no_tier() -> None:
     capacity = Capacity(4, ["events", "deferred-5s"])
     assert capacity.claim("events", 4) == 4  # the budget is full
     pump = ConsumerPump(consumer, "deferred-5s", capacity, owner, pause_after=0, clock=clock,
-                        due_at=header_due_at)
+                        due_at=due_at_of)
     owner.pump = pump
     pump.subscribe(["t"])
     consumer.rebalance([("t", 0)])
@@ -668,6 +667,35 @@ def test_the_worker_holds_a_retry_until_due_then_settles_in_order() -> None:
         await _until(lambda: consumer.stored.get((topic, 0)) == 3 and (topic, 0) not in consumer.paused)
         await worker.stop()
         assert consumer.closed
+
+    asyncio.run(go())
+
+
+def test_the_budget_is_even_whether_a_record_was_handed_over_with_room_or_without() -> None:
+    """A record not due by its header is handed over without room (67d847e): the worker
+    takes room for it when it runs (held until due, or due by the time it arrived) and
+    gives back room only for one that had it. Every path ends with the budget at 0."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        consumer, dispatcher, clock = FakeConsumer(), _Dispatcher(), FakeClock()
+        worker = _worker(consumer, dispatcher, loop, clock)
+        topic, now = "t.retry-1s", clock.now_ms()
+        later = [("due-at", str(now + 5_000).encode())]
+        consumer.add(
+            FakeMessage(topic, 0, 0, f"due:{now + 5_000}".encode(), headers_=later),  # held, no room
+            FakeMessage(topic, 0, 1, b"ok", headers_=[("due-at", str(now).encode())]),  # room, held behind 0
+            FakeMessage(topic, 1, 0, b"ok", headers_=later),  # no room, but due when it arrives
+        )
+        worker.start()
+        consumer.rebalance([(topic, 0), (topic, 1)])
+        await _until(lambda: dispatcher.ran == [0] and clock.timers == 1)
+        await _settle()
+        assert worker.capacity.used() == 0  # what ran settled, what is held costs nothing
+        clock.advance(5)
+        await _until(lambda: sorted(dispatcher.ran) == [0, 0, 1])
+        await _settle()
+        assert worker.capacity.used() == 0
+        await worker.stop()
 
     asyncio.run(go())
 

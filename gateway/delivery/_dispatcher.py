@@ -49,7 +49,7 @@ from ..records import (
     Outcome,
     bounded,
 )
-from ..store import EndpointTable, Headers, Tier, Topics, dead_letter_headers, delivery_headers
+from ..store import EndpointTable, Headers, Tier, Topics, dead_letter_headers, delivery_headers, record_header
 from ._flow import Deferral, deferral_rung
 from ._retry import Decision, Delivered, GiveUp, Retry, decide, first_delivery
 from ._routing import Ownership
@@ -178,7 +178,7 @@ class Dispatcher:
                 raise DecodeError(f"a {name} record on a retry tier, not a delivery")
             delivery = Delivery.from_record(record)
             if tier.owner:  # forwarded when due: due now, for the attempt its header names
-                return Job(message, delivery, 0, _header(message, SCHEDULE_HEADER))
+                return Job(message, delivery, 0, record_header(message, SCHEDULE_HEADER))
             return Job(message, delivery, delivery.due_at)
         except SchemaPending as pending:
             return Job(message, Pending(pending.schema_id), 0)
@@ -482,13 +482,6 @@ class Dispatcher:
         value = self.codec.encode(DEAD_LETTER_SCHEMA, dead.to_record(), topic=self.topics.dlq)
         await self.producer.send(self.topics.dlq, key, value, dead_letter_headers(dead))
         self.metrics.dead_letters.labels(dead.reason.value).inc()
-
-
-def _header(message: Any, name: str) -> str | None:
-    for key, value in message.headers() or ():
-        if key == name and value is not None:
-            return bytes(value).decode(errors="replace")
-    return None
 
 
 def _source(job: Job) -> tuple[str, int, int]:

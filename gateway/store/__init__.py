@@ -24,7 +24,7 @@ from ._admin import (
     plan_replication,
     topic_specs,
 )
-from ._headers import Headers, dead_letter_headers, delivery_headers
+from ._headers import Headers, dead_letter_headers, delivery_headers, due_at_of, record_header
 from ._io import AckedProducer, TopicFollower, offsets_at, read_to_end, reader_consumer
 from ._registry import (
     EndpointRegistry,
@@ -54,6 +54,7 @@ __all__ = [
     "delay_label",
     "delete_endpoint",
     "delivery_headers",
+    "due_at_of",
     "endpoint_partition",
     "load_circuits",
     "load_endpoints",
@@ -61,6 +62,7 @@ __all__ = [
     "plan_replication",
     "read_to_end",
     "reader_consumer",
+    "record_header",
     "save_endpoint",
     "topic_specs",
 ]

@@ -9,9 +9,31 @@ from typing import Any
 
 from ..records import DeadLetter, Delivery
 
-__all__ = ["Headers", "dead_letter_headers", "delivery_headers"]
+__all__ = ["DUE_AT_HEADER", "Headers", "dead_letter_headers", "delivery_headers", "due_at_of", "record_header"]
 
 Headers = list[tuple[str, str | bytes | None]]
+
+DUE_AT_HEADER = "due-at"
+"""When a retry or deferral record is due (ms since the epoch, in decimal)."""
+
+
+def record_header(message: Any, name: str) -> str | None:
+    """The first value of header ``name`` of a received record (a confluent_kafka
+    Message), decoded; None without one."""
+    for key, value in message.headers() or ():
+        if key == name and value is not None:
+            return bytes(value).decode(errors="replace")
+    return None
+
+
+def due_at_of(message: Any) -> int | None:
+    """A retry or deferral record's due time from its header, read without decoding the
+    record (the consumer's thread uses it); None without a readable one."""
+    value = record_header(message, DUE_AT_HEADER)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 def _source_headers(topic: str, partition: int, offset: int) -> Headers:
@@ -30,7 +52,7 @@ def delivery_headers(delivery: Delivery, *, source: Sequence[Any]) -> Headers:
         ("event-type", delivery.event_type.encode()),
         ("endpoint-id", delivery.endpoint_id.encode()),
         ("attempt", str(delivery.attempt).encode()),
-        ("due-at", str(delivery.due_at).encode()),
+        (DUE_AT_HEADER, str(delivery.due_at).encode()),
     ]
     if last is not None:
         headers.append(("last-error", last.describe().encode()))

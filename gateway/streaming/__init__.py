@@ -46,7 +46,7 @@ from ._statistics import (
     read_statistics,
 )
 from ._supervisor import supervise, worker_config
-from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, coordinator_bound, header_due_at, rejoin_bound
+from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, coordinator_bound, rejoin_bound
 
 __all__ = [
     "BATCH",
@@ -82,7 +82,6 @@ __all__ = [
     "die_with_parent",
     "fair_room",
     "find_java",
-    "header_due_at",
     "in_turns",
     "jar_cache",
     "kafka_jars",

@@ -96,7 +96,7 @@ class Capacity:
     def used(self, tier: str | None = None) -> int:
         """Records in progress, of ``tier`` or of all tiers."""
         with self._lock:
-            return self._used[tier] if tier is not None else sum(self._used.values())
+            return self._used[tier] if tier is not None else self._total
 
     def starved(self, tier: str) -> bool:
         with self._lock:

@@ -54,7 +54,7 @@ from ..config import SOCKET_TIMEOUT_MS, Config
 from ..delivery import Dispatcher, Job, Ownership, Pending
 from ..errors import DecodeError, RegistryUnavailable
 from ..observability import Health, Metrics, assigned, bind
-from ..store import Tier
+from ..store import Tier, due_at_of
 from ._capacity import Capacity
 from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Renewal, Resume
 from ._partitions import PartitionState
@@ -62,8 +62,7 @@ from ._session import session_ms
 from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
 
 __all__ = [
-    "SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "coordinator_bound", "header_due_at", "rebalance_grace",
-    "rejoin_bound",
+    "SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "coordinator_bound", "rebalance_grace", "rejoin_bound",
 ]
 
 _log = logging.getLogger("gateway.worker")
@@ -188,7 +187,7 @@ class TierWorker:
         self.pump = ConsumerPump(consumer, tier.name, capacity, self, on_watermarks=self._lag.listed,
                                  watermark_interval=LAG_INTERVAL_MS / 1000,
                                  pause_after=min(2.0, config.max_poll_interval_ms / 1000 / 4), clock=clock,
-                                 renew=renew, due_at=None if tier.is_events or tier.owner else header_due_at)
+                                 renew=renew, due_at=None if tier.is_events or tier.owner else due_at_of)
 
     # -- lifecycle (event loop) ----------------------------------------------------------
 
@@ -422,18 +421,6 @@ class TierWorker:
 
     def _redecode(self, job: Job) -> Job:
         return self.dispatcher.prepare(self.tier, job.message)
-
-
-def header_due_at(msg: Any) -> int | None:
-    """A retry record's due time (ms since the epoch) from its ``due-at`` header
-    (:func:`~gateway.store.delivery_headers`); None without one."""
-    for name, value in msg.headers() or ():
-        if name == "due-at":
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
-    return None
 
 
 def _timestamp(msg: Any, default: int) -> int:
