@@ -233,10 +233,9 @@ def http_ceiling(receiver_url: str, events: list[Event], config: Config) -> floa
     endpoint = new_endpoint(bot_id=BOT, url=receiver_url)
     bodies = [(e.event_id, e.json_body()) for e in events]
 
-    # One endpoint's share of a process is bounded (its connections plus a short queue;
-    # beyond that the gateway defers). The ceiling is the sender's pace through those
-    # connections, so the queue here may hold the whole budget and nothing is deferred.
-    config = config.replace(endpoint_queue=config.concurrency, endpoint_wait=60.0)
+    # The ceiling is the sender's pace through the endpoint's connections: a request may
+    # wait for one as long as it takes, so nothing is put off.
+    config = config.replace(endpoint_wait=60.0)
 
     async def run() -> float:
         sender = Sender(config)
