@@ -41,6 +41,11 @@ THROUGHPUT_WINDOW = 1.0
 """Seconds over which an endpoint's completed requests are counted (:meth:`EndpointPool.pace`)."""
 
 
+def _was_shed(waiter: asyncio.Future[Connection]) -> bool:
+    """Whether :meth:`EndpointPool.shed` put this waiter off."""
+    return waiter.done() and not waiter.cancelled() and isinstance(waiter.exception(), TimeoutError)
+
+
 class EndpointPool:
     """One endpoint's lanes (single-connection, made as they are first needed), the
     deliveries waiting for one, its rate limit, its circuit breaker and its return
@@ -65,6 +70,10 @@ class EndpointPool:
         self._counted = 0
         self.answered_at = float("-inf")
         """When its last request ended (the loop's clock)."""
+        self._timed_since: float | None = None
+        self.settled = False
+        """Whether its requests were timed over a whole :data:`THROUGHPUT_WINDOW`: only then is
+        its pace judged (:meth:`allowance`)."""
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
         self.bucket: TokenBucket | None = None
         self.window: SendWindow | None = None
@@ -82,6 +91,8 @@ class EndpointPool:
         self.busy = 0
         self.waiting = 0
         """Waiting for a lane or for the rate limit's slot."""
+        self._keeping: int | None = None
+        """While :meth:`shed` has more to put off: how many waiters it keeps."""
         self._closing: set[asyncio.Task[None]] = set()
 
     async def acquire(self) -> Connection:
@@ -103,7 +114,8 @@ class EndpointPool:
                     self._hand_over(waiter.result())  # handed a lane as it was cancelled
                 raise
             finally:
-                self.waiting -= 1
+                if not _was_shed(waiter):  # (shed stopped counting it at once)
+                    self.waiting -= 1
         self.busy += 1
         return lane
 
@@ -146,9 +158,12 @@ class EndpointPool:
     def allowance(self, wait: float, fair_share: int) -> int:
         """How many may wait while others are short of room: what the endpoint serves
         within ``wait`` seconds, or what its fair share of the process leaves beside its
-        requests in flight, whichever is more. No limit before a request to it was timed:
-        nothing is put off on a guess of its pace."""
-        if self.service_seconds is None:
+        requests in flight, whichever is more. No limit before its requests were timed over
+        a whole :data:`THROUGHPUT_WINDOW` (:attr:`settled`): nothing is put off on a guess
+        of its pace, nor on its first answers alone, which come while the event loop takes
+        in the burst that made them and read slow (a 25/s endpoint's first answers read
+        about 11/s, and its excess was scheduled back 25 s after it could take it)."""
+        if not self.settled:
             return sys.maxsize
         return max(int(self.pace() * wait), fair_share - self.busy, 0)
 
@@ -169,13 +184,22 @@ class EndpointPool:
             waiter = self._waiters.pop()
             if not waiter.done():
                 waiter.set_exception(TimeoutError())
+                # No longer in hand from now on, not from when its task next runs: the
+                # return slots of the ones shed with it start after what the endpoint keeps.
+                self.waiting -= 1
                 shed += 1
+        # While more beyond ``keep`` is left to put off (the next slice), the ones put off
+        # now take their return slots after what the endpoint keeps, not after that rest.
+        self._keeping = keep if len(self._waiters) > keep else None
         return shed
 
     def served(self, seconds: float, now: float) -> None:
         """A request took ``seconds`` and ended at ``now``: the pace :meth:`pace` reads (a
         moving average of the time, and the requests completed a second)."""
         self.answered_at = now
+        if self._timed_since is None:
+            self._timed_since = now
+        self.settled = now - self._timed_since >= THROUGHPUT_WINDOW
         previous = self.service_seconds
         self.service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         counted_for = now - self._counted_since
@@ -191,7 +215,8 @@ class EndpointPool:
     def return_after(self, now: float) -> float:
         """Seconds until a delivery deferred now for this endpoint should come back: its
         slot in the return schedule, after what the endpoint has in hand."""
-        return self.returns.slot(now, self.in_hand, self.pace())
+        in_hand = self.in_hand if self._keeping is None else min(self.in_hand, self.busy + self._keeping)
+        return self.returns.slot(now, in_hand, self.pace())
 
     def keys(self, endpoint: Endpoint, now_ms: int) -> tuple[bytes, ...]:
         """The HMAC keys to sign with now (the current secret, and the previous one in its
