@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from gateway.config import Config
 from gateway.delivery import (
+    JUDGE_GAP,
     SHED_SLICE,
     Admission,
     CircuitBreaker,
@@ -483,6 +484,39 @@ def test_an_endpoints_excess_is_put_off_in_slices_with_other_work_between() -> N
     deferred = [r for r in results if isinstance(r, Deferral)]
     assert len(deferred) == 300 - 1 - 49, len(deferred)  # in flight, and its allowance, kept
     assert all(isinstance(r, Attempt) and r.succeeded for r in results if not isinstance(r, Deferral))
+
+
+def test_records_waiting_for_room_have_the_shares_judged_at_once_once_for_many_calls() -> None:
+    """Fault: shares were judged only at the tick (four times a second), so a fast bot's
+    records waited behind a slow endpoint's excess for up to a tick more (its spikes of
+    150-400 ms in the fairness bench). ``judge_soon`` (a consumer short of room calls it)
+    judges on the loop's next turn, the calls while one is pending coalesced, and no
+    sooner than JUDGE_GAP after the judgement before."""
+    async def go() -> list[float]:
+        sender = Sender(_config(), contended=lambda: True)  # no pool: no tick judges
+        judged: list[float] = []
+        judge = sender.judge_shares
+
+        def counted() -> int:
+            judged.append(asyncio.get_running_loop().time())
+            return judge()
+
+        sender.judge_shares = counted  # type: ignore[method-assign]
+        try:
+            for _ in range(10):
+                sender.judge_soon()
+            await asyncio.sleep(0.01)
+            assert len(judged) == 1  # at once, once for the ten
+            sender.judge_soon()
+            while len(judged) < 2:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)
+            return judged
+        finally:
+            await sender.aclose()
+
+    judged = asyncio.run(go())
+    assert len(judged) == 2 and judged[1] - judged[0] >= JUDGE_GAP - 0.001, judged  # not again before the gap
 
 
 def test_a_rate_limit_holds_for_requests_written_even_when_connections_come_late() -> None:

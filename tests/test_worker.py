@@ -246,6 +246,19 @@ def test_an_idle_tier_reserves_nothing() -> None:
     assert capacity.claim("events", 8) == 8
 
 
+def test_a_claim_not_met_in_full_tells_the_process_at_once() -> None:
+    """A claim short of room calls ``on_short`` (the runner has the sender judge the shares
+    then, not at its next tick); a claim met in full does not."""
+    capacity = Capacity(4, ["events"])
+    short: list[int] = []
+    capacity.on_short = lambda: short.append(capacity.used())
+    assert capacity.claim("events", 3) == 3 and short == []
+    assert capacity.claim("events", 3) == 1 and short == [4]  # called once the room was taken
+    assert capacity.claim("events", 1) == 0 and short == [4, 4]
+    capacity.give("events", 4)
+    assert capacity.claim("events", 2) == 2 and short == [4, 4]
+
+
 def test_a_waiter_is_woken_once_the_room_it_waits_for_is_free_not_at_each_record() -> None:
     capacity = Capacity(10, ["events"])
     assert capacity.claim("events", 10) == 10

@@ -42,6 +42,7 @@ from ._retry import Decision, Delivered, GiveUp, Retry, Step, decide, first_deli
 from ._routing import Ownership
 from ._sender import (
     ALONE_WAITS,
+    JUDGE_GAP,
     MAX_OPEN_SECONDS,
     MIN_PROBE_WAIT,
     SHED_SLICE,
@@ -57,6 +58,7 @@ __all__ = [
     "BLOCKED_PREFIX",
     "DOMAIN_QUEUE_LIMIT",
     "FAILURE_WINDOW",
+    "JUDGE_GAP",
     "KEEPALIVE_EXPIRY",
     "LOOKUPS_PER_DOMAIN",
     "MAX_HEAD_BYTES",

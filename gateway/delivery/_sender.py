@@ -54,6 +54,9 @@ SHED_SLICE = 64
 """Most waiters put off at once; the rest a moment later, after what else is ready to run
 (the records of other endpoints among it): each put-off costs event-loop time (its
 deferral's writes), and a slow endpoint's excess can be hundreds."""
+JUDGE_GAP = 0.05
+"""Shortest time between two judgements of the shares made because records wait for room
+(:meth:`Sender.judge_soon`; the tick judges four times a second whatever happens)."""
 ALONE_WAITS = 5
 """An endpoint alone at work in the process (no other endpoint holds deliveries or answered
 within the last second) keeps what it serves within this many GATEWAY_ENDPOINT_WAITs
@@ -124,6 +127,9 @@ class Sender:
         self.alone: EndpointPool | None = None
         """The one endpoint at work in the process, when only one is (:data:`ALONE_WAITS`)."""
         self._judging_again = False
+        self.judging_soon = False
+        """A judgement asked for by :meth:`judge_soon` is pending."""
+        self._judged_at = float("-inf")
         self.policy = policy or DestinationPolicy(
             allow_private=config.allow_private_networks, allowed=config.allowed_networks,
             # Waiting for a lookup's turn is the gateway's own limit: deferred, not timed out.
@@ -159,7 +165,8 @@ class Sender:
         its max-min fair share of the budget) and its youngest other waiters are put off,
         to come back paced. At most :data:`SHED_SLICE` are put off at once, the rest right
         after what is ready to run. Returns how many were put off. Called a few times a
-        second."""
+        second, and soon after records wait for room (:meth:`judge_soon`)."""
+        self._judged_at = asyncio.get_running_loop().time()
         for pool in self._retired:  # their URL changed: they come back to the new one
             pool.shed(0)
         if self.contended is None or not self.contended():
@@ -180,6 +187,21 @@ class Sender:
             self._judging_again = True
             asyncio.get_running_loop().call_soon(self._judge_again)
         return shed
+
+    def judge_soon(self) -> None:
+        """Records wait for room: judge the shares now rather than at the next tick, at
+        most once every :data:`JUDGE_GAP` (the excess a slow endpoint's burst holds is put
+        off while other bots' records wait behind it, not up to a tick later)."""
+        if self.judging_soon or self._closed:
+            return
+        self.judging_soon = True
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, self._judged_at + JUDGE_GAP - loop.time()), self._judge_soon)
+
+    def _judge_soon(self) -> None:
+        self.judging_soon = False
+        if not self._closed:
+            self.judge_shares()
 
     def _share_wait(self, pool: EndpointPool) -> float:
         """How long an endpoint's waiters may take to serve while others are short of room:

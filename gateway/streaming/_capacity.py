@@ -18,7 +18,7 @@ reserves nothing. The rule is :func:`fair_room`, pure.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 
 __all__ = ["Capacity", "fair_room"]
 
@@ -42,6 +42,10 @@ class Capacity:
 
     def __init__(self, limit: int, tiers: Iterable[str]) -> None:
         self.limit = limit
+        self.on_short: Callable[[], None] | None = None
+        """Called (on the claiming thread, outside the lock) each time a claim is not met in
+        full: the process may shrink endpoints' shares at once rather than at its next
+        judgement (it must be cheap and thread-safe)."""
         self._used = dict.fromkeys(tiers, 0)
         self._starved: set[str] = set()
         self._total = 0
@@ -57,11 +61,14 @@ class Capacity:
             granted = min(wanted, fair_room(self.limit, self._used, self._starved, tier))
             self._used[tier] += granted
             self._total += granted
-            if granted < wanted:
+            short = granted < wanted
+            if short:
                 self._starved.add(tier)
             else:
                 self._starved.discard(tier)
-            return granted
+        if short and self.on_short is not None:
+            self.on_short()
+        return granted
 
     def withdraw(self, tier: str) -> None:
         """``tier`` has nothing waiting any more (its records were revoked)."""

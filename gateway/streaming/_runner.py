@@ -135,6 +135,19 @@ def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
     return count
 
 
+def _judge_soon(loop: asyncio.AbstractEventLoop, sender: Sender) -> Callable[[], None]:
+    """What a consumer thread calls when its records wait for room: the sender judges the
+    shares on the event loop (one wake-up while a judgement is pending, not one a claim)."""
+
+    def on_short() -> None:
+        if sender.judging_soon:  # (read across threads: a stale read costs one more wake-up)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is stopping
+            loop.call_soon_threadsafe(sender.judge_soon)
+
+    return on_short
+
+
 async def serve(
     config: Config,
     tiers: Sequence[Tier],
@@ -167,6 +180,7 @@ async def serve(
     table = registry.table
     sender = Sender(config, on_circuit=circuits.report, contended=capacity.contended,
                     registered=lambda endpoint_id: table.get(endpoint_id) is not None)
+    capacity.on_short = _judge_soon(loop, sender)
     metrics.count_circuits(sender.circuit_counts)
     # A disabled endpoint's circuit stays open (nothing probes it): not one to alert on.
     metrics.time_open_circuits(lambda: sender.oldest_open_circuit(
