@@ -85,8 +85,33 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+    return _cpu_of(Path(f"/proc/{pid}/stat").read_text())
+
+
+def _cpu_of(stat: str) -> float:
+    """The CPU seconds a ``/proc/.../stat`` line counts (utime and stime)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+THREAD_KINDS = ("event loop", "librdkafka", "other threads")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """A process's CPU seconds by thread kind: its event loop (the main thread),
+    librdkafka's threads (named ``rdk:*``), and its other threads (the consumers' and the
+    producer's poll threads, the metrics server). A thread that ended meanwhile is missed."""
+    seconds = dict.fromkeys(THREAD_KINDS, 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        loop, librdkafka, other = THREAD_KINDS
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        kind = loop if int(task.name) == pid else librdkafka if name.startswith("rdk:") else other
+        seconds[kind] += _cpu_of(stat)
+    return seconds
 
 
 def fresh(broker: Any, name: str) -> Config:
@@ -202,8 +227,14 @@ def burst(
     # Each worker's CPU while the backlog drains (from the first delivery), in cores.
     wait_until(lambda: receiver.unique() > 0, 120, "the first delivery")
     cpu_before, since = [cpu_seconds(p.pid) for p in processes], time.time()
+    threads_before = [thread_cpu_seconds(p.pid) for p in processes]
     wait_until(lambda: receiver.unique() >= len(events), 900, f"draining {len(events):,} events")
     cores = [(cpu_seconds(p.pid) - c) / (time.time() - since) for p, c in zip(processes, cpu_before, strict=True)]
+    # Where a delivery's CPU goes, in µs, summed over the workers' threads of each kind
+    # (from the first delivery on, so the few taken before it are counted too: a bound).
+    threads = [thread_cpu_seconds(p.pid) for p in processes]
+    per_delivery = {kind: round(sum(a[kind] - b[kind] for a, b in zip(threads, threads_before, strict=True))
+                                * 1e6 / len(events), 1) for kind in THREAD_KINDS}
     stop(processes)
     requests = receiver.requests()
     answered = sorted(r[3] for r in requests)
@@ -220,11 +251,13 @@ def burst(
         "deferrals": deferrals(config),
         "forwarded_to_owner": count(config, [Topics.from_config(config).deliveries]),
         "cores_per_worker": [round(c, 2) for c in cores],
+        "cpu_us_per_delivery": per_delivery,
         "per_second": per_second(answered, first),
     }
     print(
         f"  {label}: {rate:,.0f}/s, deferrals {result['deferrals']}, forwarded {result['forwarded_to_owner']}, "
-        f"cores {result['cores_per_worker']}",
+        f"cores {result['cores_per_worker']}, CPU a delivery: "
+        + ", ".join(f"{kind} {us:.0f} µs" for kind, us in per_delivery.items()),
         flush=True,
     )
     return result
@@ -454,7 +487,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=30_000)
-    parser.add_argument("--brokers", default="tansu,kafka")
+    parser.add_argument(
+        "--brokers",
+        default="tansu,kafka",
+        help="where to measure, in order: tansu (bundled), kafka (one Apache Kafka node), kafka-cluster "
+        "(a controller and three Apache Kafka brokers on this machine, as tests/kafka_cluster.py runs them)",
+    )
     parser.add_argument("--only", default="burst,slow,limits,kill", help="which runs, comma-separated")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -475,8 +513,16 @@ def main() -> None:
 
                 with KafkaNode(workdir / "kafka") as node:
                     results["brokers"][name] = run_on(node, f"Apache Kafka {kafka_version()}", args, workdir)
+            elif name == "kafka-cluster":
+                from tests.apache_kafka import kafka_version
+                from tests.kafka_cluster import KafkaCluster
+
+                print("[cluster] starting a controller and three brokers …", flush=True)
+                with KafkaCluster(workdir / "cluster") as cluster:
+                    label = f"Apache Kafka {kafka_version()}, 3 brokers"
+                    results["brokers"][name] = run_on(cluster, label, args, workdir)
             else:
-                parser.error(f"--brokers: unknown broker {name!r} (tansu, kafka)")
+                parser.error(f"--brokers: unknown broker {name!r} (tansu, kafka, kafka-cluster)")
     finally:
         for child in _children:
             if child.poll() is None:
