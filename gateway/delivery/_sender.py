@@ -44,8 +44,8 @@ from ._flow import Admission, CircuitBreaker, CircuitChange, Deferral, SendWindo
 from ._pool import EndpointPool
 from ._transport import KEEPALIVE_EXPIRY, Connection, check_header
 
-__all__ = ["ALONE_WAITS", "MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SHED_SLICE", "SNIPPET_CHARS", "Sender", "Signing",
-           "parse_retry_after"]
+__all__ = ["ALONE_WAITS", "JUDGE_GAP", "MAX_OPEN_SECONDS", "MIN_PROBE_WAIT", "SHED_SLICE", "SNIPPET_CHARS", "Sender",
+           "Signing", "parse_retry_after"]
 
 _log = logging.getLogger("gateway.sender")
 
