@@ -102,12 +102,12 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     librdkafka's threads (named ``rdk:*``), and its other threads (the consumers' and the
     producer's poll threads, the metrics server). A thread that ended meanwhile is missed."""
     seconds = dict.fromkeys(THREAD_KINDS, 0.0)
+    loop, librdkafka, other = THREAD_KINDS
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        loop, librdkafka, other = THREAD_KINDS
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         kind = loop if int(task.name) == pid else librdkafka if name.startswith("rdk:") else other
         seconds[kind] += _cpu_of(stat)

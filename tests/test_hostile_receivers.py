@@ -845,7 +845,7 @@ def test_a_busy_endpoints_waiters_wait_alone_and_are_deferred_only_while_others_
         for put_off in (third, fourth):
             assert isinstance(put_off, Deferral) and put_off.reason is DeferReason.BUSY, put_off
             assert put_off.after is not None and put_off.after > 0
-        assert max(at, at_third) < 1.5, (at_third, at)  # shed, not sent after the others (1.6 s on)
+        assert max(at, at_third) < 2.2, (at_third, at)  # shed, not sent (a sent one is answered 2.4 s on)
         time.sleep(0.3)
         assert len(server.requests) == 3 + 2 + 1  # the timing, two sent, and the other endpoint's
 

@@ -71,9 +71,7 @@ class EndpointPool:
         self.answered_at = float("-inf")
         """When its last request ended (the loop's clock)."""
         self._timed_since: float | None = None
-        self.settled = False
-        """Whether its requests were timed over a whole :data:`THROUGHPUT_WINDOW`: only then is
-        its pace judged (:meth:`allowance`)."""
+        """When its first request ended (the loop's clock)."""
         self.breaker = breaker or CircuitBreaker(1_000_000, 1.0, 1.0)
         self.bucket: TokenBucket | None = None
         self.window: SendWindow | None = None
@@ -150,6 +148,12 @@ class EndpointPool:
         pace = max(self.limit / service, self.throughput)
         return min(pace, self.bucket.rate) if self.bucket is not None else pace
 
+    @property
+    def settled(self) -> bool:
+        """Whether its requests were timed over a whole :data:`THROUGHPUT_WINDOW`: only then is
+        its pace judged (:meth:`allowance`)."""
+        return self._timed_since is not None and self.answered_at - self._timed_since >= THROUGHPUT_WINDOW
+
     def at_work(self, now: float) -> bool:
         """Holding deliveries, or answered within the last :data:`THROUGHPUT_WINDOW`: the
         records waiting for room may be its own."""
@@ -199,7 +203,6 @@ class EndpointPool:
         self.answered_at = now
         if self._timed_since is None:
             self._timed_since = now
-        self.settled = now - self._timed_since >= THROUGHPUT_WINDOW
         previous = self.service_seconds
         self.service_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         counted_for = now - self._counted_since
