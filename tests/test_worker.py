@@ -57,6 +57,7 @@ from gateway.streaming import (
     Resume,
     TierWorker,
     fair_room,
+    flow_control,
     in_turns,
 )
 
@@ -257,6 +258,32 @@ def test_a_claim_not_met_in_full_tells_the_process_at_once() -> None:
     assert capacity.claim("events", 1) == 0 and short == [4, 4]
     capacity.give("events", 4)
     assert capacity.claim("events", 2) == 2 and short == [4, 4]
+
+
+def test_a_process_whose_consumer_finds_no_room_judges_the_shares_at_once() -> None:
+    """How a process wires its budget to its sender (``flow_control``, what ``serve``
+    uses): shares shrink only while records wait for room, and a consumer thread short of
+    room has the sender judge them at once on the event loop, not at its next tick."""
+    config = Config(concurrency=4)
+    tiers = Topics.from_config(config).worker_tiers
+
+    async def go() -> None:
+        capacity, sender = flow_control(config, tiers, asyncio.get_running_loop())
+        try:
+            assert sender.contended is not None and not sender.contended()
+            got = await asyncio.to_thread(capacity.claim, "events", 3)  # (a consumer thread)
+            assert got == 3 and not sender.contended() and not sender.judging_soon
+            judged_before = sender._judged_at
+            assert await asyncio.to_thread(capacity.claim, "events", 3) == 1  # short of room
+            assert sender.contended()
+            async with asyncio.timeout(10):  # (no tick is running: only the short claim judges)
+                while sender._judged_at == judged_before:
+                    await asyncio.sleep(0.005)
+            assert sender._ticker is None
+        finally:
+            await sender.aclose()
+
+    asyncio.run(go())
 
 
 def test_a_waiter_is_woken_once_the_room_it_waits_for_is_free_not_at_each_record() -> None:

@@ -35,7 +35,7 @@ from ._kafka import KafkaNode, broker_properties, find_java, jar_cache, kafka_ja
 from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
-from ._runner import CircuitReporter, Observed, metrics_for, observe, resolve_tiers, run, serve
+from ._runner import CircuitReporter, Observed, flow_control, metrics_for, observe, resolve_tiers, run, serve
 from ._session import Session, brokers_in, session_for, session_ms, settle_session
 from ._statistics import (
     GROUP_WARN_AFTER,
@@ -82,6 +82,7 @@ __all__ = [
     "die_with_parent",
     "fair_room",
     "find_java",
+    "flow_control",
     "in_turns",
     "jar_cache",
     "kafka_jars",

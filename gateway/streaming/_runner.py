@@ -35,7 +35,7 @@ from ._readers import TierReaders
 from ._session import settle_session
 from ._worker import TierWorker
 
-__all__ = ["CircuitReporter", "Observed", "metrics_for", "observe", "resolve_tiers", "run", "serve"]
+__all__ = ["CircuitReporter", "Observed", "flow_control", "metrics_for", "observe", "resolve_tiers", "run", "serve"]
 
 log = logging.getLogger("gateway.runner")
 
@@ -135,6 +135,23 @@ def _count_endpoints(metrics: Metrics) -> Callable[[EndpointTable], None]:
     return count
 
 
+def flow_control(
+    config: Config,
+    tiers: Sequence[Tier],
+    loop: asyncio.AbstractEventLoop,
+    *,
+    on_circuit: Callable[[Endpoint, CircuitChange], None] | None = None,
+    registered: Callable[[str], bool] | None = None,
+) -> tuple[Capacity, Sender]:
+    """The process's in-flight budget over ``tiers`` and its HTTP sender, wired together:
+    endpoints' shares shrink only while records wait for room in the budget, and are
+    judged at once when a consumer finds none (not at the sender's next tick)."""
+    capacity = Capacity(config.concurrency, [t.name for t in tiers])
+    sender = Sender(config, on_circuit=on_circuit, contended=capacity.contended, registered=registered)
+    capacity.on_short = _judge_soon(loop, sender)
+    return capacity, sender
+
+
 def _judge_soon(loop: asyncio.AbstractEventLoop, sender: Sender) -> Callable[[], None]:
     """What a consumer thread calls when its records wait for room: the sender judges the
     shares on the event loop (one wake-up while a judgement is pending, not one a claim)."""
@@ -176,11 +193,9 @@ async def serve(
     health.met(ENDPOINTS_LOADED)
     producer = AckedProducer(config, loop)
     circuits = CircuitReporter(config, codec, producer)
-    capacity = Capacity(config.concurrency, [t.name for t in tiers])
     table = registry.table
-    sender = Sender(config, on_circuit=circuits.report, contended=capacity.contended,
-                    registered=lambda endpoint_id: table.get(endpoint_id) is not None)
-    capacity.on_short = _judge_soon(loop, sender)
+    capacity, sender = flow_control(config, tiers, loop, on_circuit=circuits.report,
+                                    registered=lambda endpoint_id: table.get(endpoint_id) is not None)
     metrics.count_circuits(sender.circuit_counts)
     # A disabled endpoint's circuit stays open (nothing probes it): not one to alert on.
     metrics.time_open_circuits(lambda: sender.oldest_open_circuit(
