@@ -35,7 +35,17 @@ from ._kafka import KafkaNode, broker_properties, find_java, jar_cache, kafka_ja
 from ._offsets import OffsetTracker
 from ._partitions import HOLD_LIMIT, PartitionState
 from ._readers import TierReaders
-from ._runner import CircuitReporter, Observed, flow_control, metrics_for, observe, resolve_tiers, run, serve
+from ._runner import (
+    GC_YOUNG_THRESHOLD,
+    CircuitReporter,
+    Observed,
+    flow_control,
+    metrics_for,
+    observe,
+    resolve_tiers,
+    run,
+    serve,
+)
 from ._session import Session, brokers_in, session_for, session_ms, settle_session
 from ._statistics import (
     GROUP_WARN_AFTER,
@@ -50,6 +60,7 @@ from ._worker import SCHEMA_RETRY_MAX, TierWorker, consumer_settings, coordinato
 
 __all__ = [
     "BATCH",
+    "GC_YOUNG_THRESHOLD",
     "GROUP_WARN_AFTER",
     "HOLD_LIMIT",
     "LAG_INTERVAL_MS",

@@ -35,9 +35,15 @@ from ._readers import TierReaders
 from ._session import settle_session
 from ._worker import TierWorker
 
-__all__ = ["CircuitReporter", "Observed", "flow_control", "metrics_for", "observe", "resolve_tiers", "run", "serve"]
+__all__ = [
+    "GC_YOUNG_THRESHOLD", "CircuitReporter", "Observed", "flow_control", "metrics_for", "observe", "resolve_tiers",
+    "run", "serve",
+]
 
 log = logging.getLogger("gateway.runner")
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Objects allocated (less those freed) between two young collections in a worker."""
 
 
 def resolve_tiers(config: Config, names: Sequence[str] | None) -> list[Tier]:
@@ -211,6 +217,14 @@ async def serve(
     # a 30,000-event burst: full collections held the loop 37 to 80 ms, 25 to 28 ms after.
     gc.collect()  # (what is garbage already is not kept for good)
     gc.freeze()
+    # A record in flight holds a few dozen objects (its job, task, coroutines, futures)
+    # for as long as it takes: at Python's default threshold (700) they outlive young
+    # collections, get promoted and make older ones run. Measured in a 20,000-event
+    # burst: 580 to 610 young, 52 to 54 middle and 5 full collections, 276 to 412 ms,
+    # 14 to 21 µs a delivery; at 10,000: 11 or 12 young ones, no other, under 1 µs a
+    # delivery. Garbage in cycles waits a little longer for its collection (at most
+    # 10,000 objects more).
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
     for worker in workers:
         worker.start()
     readers = TierReaders(config, tiers, metrics.tier_readers)
