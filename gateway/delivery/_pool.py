@@ -215,10 +215,13 @@ class EndpointPool:
             # otherwise be judged on its lanes' times alone.
             self.throughput = max(self.throughput, self._counted / counted_for)
 
-    def return_after(self, now: float) -> float:
+    def return_after(self, now: float, keep: int | None = None) -> float:
         """Seconds until a delivery deferred now for this endpoint should come back: its
-        slot in the return schedule, after what the endpoint has in hand."""
-        in_hand = self.in_hand if self._keeping is None else min(self.in_hand, self.busy + self._keeping)
+        slot in the return schedule, after what the endpoint has in hand, or after the
+        ``keep`` waiters it keeps when more wait (the rest are put off too, and take the
+        slots after this one)."""
+        kept = [k for k in (self._keeping, keep) if k is not None]
+        in_hand = min(self.in_hand, self.busy + min(kept)) if kept else self.in_hand
         return self.returns.slot(now, in_hand, self.pace())
 
     def keys(self, endpoint: Endpoint, now_ms: int) -> tuple[bytes, ...]:

@@ -270,9 +270,13 @@ class Sender:
         recorded = False
         try:
             wait = self.config.endpoint_wait
-            if pool.full(self._share_wait(pool), self.fair_share):
+            fair, share_wait = self.fair_share, self._share_wait(pool)
+            if fair is not None and pool.full(share_wait, fair):
+                # Back after what the endpoint keeps, not after its excess still waiting to
+                # be put off (its pace may have been judged only since the last judgement).
                 return Deferral(DeferReason.SHARE, f"the endpoint's share of this process is full while others wait "
-                                f"({pool.busy} in flight, {pool.waiting} waiting)", pool.return_after(loop.time()))
+                                f"({pool.busy} in flight, {pool.waiting} waiting)",
+                                pool.return_after(loop.time(), keep=pool.allowance(share_wait, fair)))
             if pool.bucket is not None:
                 delay = pool.bucket.reserve(loop.time(), wait)
                 if delay is None:
