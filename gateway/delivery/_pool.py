@@ -171,12 +171,11 @@ class EndpointPool:
             return sys.maxsize
         return max(int(self.pace() * wait), fair_share - self.busy, 0)
 
-    def full(self, wait: float, fair_share: int | None) -> bool:
-        """Whether a new delivery must be put off: no lane free or to be made, and others
-        short of room (``fair_share`` given) while this endpoint already has its
-        allowance waiting. Never while nobody else waits: a lone endpoint may use the
-        whole budget."""
-        if fair_share is None or self.idle or len(self.lanes) < self.limit:
+    def full(self, wait: float, fair_share: int) -> bool:
+        """Whether a new delivery must be put off while others are short of room (the
+        caller asks only then: a lone endpoint may use the whole budget): no lane free or
+        to be made, and this endpoint already has its allowance waiting."""
+        if self.idle or len(self.lanes) < self.limit:
             return False
         return self.waiting >= self.allowance(wait, fair_share)
 
