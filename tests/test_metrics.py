@@ -99,7 +99,7 @@ class GatewayProcess:
             [sys.executable, "-m", "gateway", "run", "--metrics-port", str(port), *args],
             stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
             # A `--workers N` supervisor must not outlive a test run that was killed.
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
             env=gateway_env(config, GATEWAY_LOG_LEVEL="info", **env),
         )
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -50,11 +51,21 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def die_with_parent() -> None:
-    """For ``preexec_fn``: the child gets SIGTERM when the thread that started it exits."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets ``signum`` when the thread that started it exits
+    (Linux). Made in the parent, which it remembers: a parent that died between the fork
+    and the child's asking (a supervisor killed as it starts its workers) sends nothing, so
+    the child, finding itself adopted, leaves at once instead of running on unwatched."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:
+                # Not os.kill: before exec the child still has the parent's Python handlers.
+                os._exit(128 + int(signum))
+
+    return arm
 
 
 class Broker:
@@ -105,7 +116,7 @@ class Broker:
             # Its own session: a Ctrl-C in the terminal reaches the gateway, which stops the
             # broker only after the workers have drained and committed.
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + timeout
         while True:

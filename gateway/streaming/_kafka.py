@@ -34,14 +34,12 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import ctypes
 import functools
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -52,7 +50,7 @@ from types import TracebackType
 from typing import Self
 
 from ..errors import Unavailable
-from ._broker import port_in_use
+from ._broker import die_with_parent, port_in_use
 
 __all__ = ["ONE_MACHINE", "KafkaNode", "broker_properties", "find_java", "jar_cache", "kafka_jars", "kafka_version",
            "new_cluster_id"]
@@ -252,16 +250,6 @@ def new_cluster_id() -> str:
             return text
 
 
-def _parent_death(signum: int) -> Callable[[], None]:
-    """For ``preexec_fn``: the child gets ``signum`` when the thread that started it exits."""
-
-    def arm() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
-
-    return arm
-
-
 class KafkaNode:
     """One Apache Kafka node on ``host``, broker and controller in one JVM, everything of
     it in ``root``: ``server.properties``, ``data/`` (the log) and ``broker.log`` (its
@@ -375,7 +363,7 @@ class KafkaNode:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
                 # Its own session: a Ctrl-C in the terminal reaches the gateway, which stops
                 # the broker only after the workers have drained and committed.
-                start_new_session=True, preexec_fn=_parent_death(self.on_parent_death),
+                start_new_session=True, preexec_fn=die_with_parent(self.on_parent_death),
             )
         return self
 

@@ -55,7 +55,7 @@ def supervise(config: Config, workers: int, tiers: Sequence[str], *, metrics: bo
         if not metrics:
             args.append("--no-metrics")
         # die_with_parent: a supervisor killed with SIGKILL must not leave workers behind.
-        process = subprocess.Popen(args, env=env, preexec_fn=die_with_parent)
+        process = subprocess.Popen(args, env=env, preexec_fn=die_with_parent())
         log.info("worker started", extra={"worker": index, "pid": process.pid,
                                            "metrics_port": config.metrics_port + index if metrics else None})
         return process
