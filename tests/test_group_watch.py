@@ -16,7 +16,7 @@ from confluent_kafka import Consumer
 
 from gateway.config import Config
 from gateway.store import Topics
-from gateway.streaming import GroupWatch, consumer_settings, read_statistics
+from gateway.streaming import ClusterContact, GroupWatch, consumer_settings, read_statistics
 
 from .fakes import FakeClock
 
@@ -176,3 +176,24 @@ def test_a_consumer_out_of_its_group_with_no_coordinator_is_stuck_past_the_short
     assert watch.stuck(300, uncoordinated=30)
     watch.update(stats("steady") | brokers("UP"))
     assert not watch.stuck(300, uncoordinated=30)
+
+
+def test_a_consumer_with_no_broker_of_its_own_is_stuck_while_the_processs_others_reach_the_cluster() -> None:
+    """Fault (CI on Apache Kafka, the broker frozen for 10 s): the events tier's consumer
+    stayed hunting for a coordinator with no broker connection up in its own statistics
+    (no assignment to fetch for), so it never counted as stuck while the cluster answered
+    and was never replaced; the other seven tiers had rejoined. Now whether the cluster
+    answers is what any consumer of the process reached lately."""
+    clock = FakeClock()
+    contact = ClusterContact(within=15, clock=clock)
+    lost = GroupWatch("events", clock=clock, contact=contact)
+    other = GroupWatch("retry-1s", clock=clock, contact=contact)
+    alone = GroupWatch("events", clock=clock)  # (the rule before: its own view only)
+    for watch in (lost, alone):
+        watch.update(stats("init", state="query-coord") | brokers("DOWN"))
+    clock.advance(31)
+    assert not lost.stuck(300, uncoordinated=30)  # nobody reached the cluster: nothing to gain
+    other.update(stats("steady") | brokers("UP"))
+    assert lost.stuck(300, uncoordinated=30) and not alone.stuck(300, uncoordinated=30)
+    clock.advance(16)  # the others' last contact is too old: the cluster may be gone
+    assert not lost.stuck(300, uncoordinated=30)

@@ -50,6 +50,7 @@ from ._session import Session, brokers_in, session_for, session_ms, settle_sessi
 from ._statistics import (
     GROUP_WARN_AFTER,
     LAG_INTERVAL_MS,
+    ClusterContact,
     ConsumerLag,
     GroupWatch,
     lag_from_stats,
@@ -68,6 +69,7 @@ __all__ = [
     "Broker",
     "Capacity",
     "CircuitReporter",
+    "ClusterContact",
     "Command",
     "ConsumerLag",
     "ConsumerLike",

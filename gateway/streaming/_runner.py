@@ -33,6 +33,7 @@ from ..store import AckedProducer, EndpointRegistry, EndpointTable, Tier, Topics
 from ._capacity import Capacity
 from ._readers import TierReaders
 from ._session import settle_session
+from ._statistics import ClusterContact
 from ._worker import TierWorker
 
 __all__ = [
@@ -209,8 +210,9 @@ async def serve(
     ownership = Ownership(partitions)
     dispatcher = Dispatcher(config, codec=codec, endpoints=table, sender=sender,
                             producer=producer, metrics=metrics, ownership=ownership)
+    contact = ClusterContact()  # a tier's consumer is judged by what the others reach too
     workers = [TierWorker(tier, config, dispatcher, capacity, loop, metrics=metrics, health=health,
-                          ownership=ownership if tier.owner else None)
+                          ownership=ownership if tier.owner else None, contact=contact)
                for tier in tiers]
     # What exists now lives as long as the process (modules, the endpoint table): out of
     # the collector's sight, a full collection no longer walks it each time. Measured in

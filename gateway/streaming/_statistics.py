@@ -20,7 +20,10 @@ from prometheus_client import Gauge
 from ..clock import SYSTEM, Clock
 from ..observability import bind
 
-__all__ = ["GROUP_WARN_AFTER", "LAG_INTERVAL_MS", "ConsumerLag", "GroupWatch", "lag_from_stats", "read_statistics"]
+__all__ = [
+    "GROUP_WARN_AFTER", "LAG_INTERVAL_MS", "ClusterContact", "ConsumerLag", "GroupWatch", "lag_from_stats",
+    "read_statistics",
+]
 
 log = logging.getLogger("gateway.metrics")
 _group_log = logging.getLogger("gateway.consumer")
@@ -140,6 +143,28 @@ GROUP_WARN_AFTER = 30.0
 """How long a consumer may stay out of its group before :class:`GroupWatch` says so (seconds)."""
 
 
+class ClusterContact:
+    """Whether the process reaches the cluster: some consumer of it had a broker connection
+    up in its last statistics, lately. Shared by the tiers' :class:`GroupWatch`es: a
+    consumer with no connection of its own (no assignment to fetch, hunting for a
+    coordinator) is judged by what the others reach. (Seen on Apache Kafka after the
+    broker was frozen for 10 s: the events tier's consumer stayed in ``query-coord`` with
+    no broker up in its statistics, so it never counted as stuck while the cluster
+    answered, and was never replaced, while the other seven tiers rejoined.)"""
+
+    def __init__(self, *, within: float = 3 * LAG_INTERVAL_MS / 1000, clock: Clock = SYSTEM) -> None:
+        self.within = within
+        self._clock = clock
+        self._up_at: float | None = None
+
+    def up(self) -> None:
+        """A consumer's statistics showed a broker connection up."""
+        self._up_at = self._clock.monotonic()
+
+    def answers(self) -> bool:
+        return self._up_at is not None and self._clock.monotonic() - self._up_at <= self.within
+
+
 class GroupWatch:
     """Says when a tier's consumer stays out of its consumer group.
 
@@ -152,8 +177,11 @@ class GroupWatch:
     for 10 s, one tier's consumer never rejoined while the others did within 5 s.)
     """
 
-    def __init__(self, tier: str, *, warn_after: float = GROUP_WARN_AFTER, clock: Clock = SYSTEM) -> None:
+    def __init__(self, tier: str, *, warn_after: float = GROUP_WARN_AFTER, clock: Clock = SYSTEM,
+                 contact: ClusterContact | None = None) -> None:
         self.tier = tier
+        self.contact = contact
+        """What the process's other consumers reach (None: this consumer's own view only)."""
         self.warn_after = warn_after
         self._clock = clock
         self._log = bind(_group_log, tier=tier)
@@ -175,7 +203,7 @@ class GroupWatch:
         """Out of its group longer than ``bound`` while the cluster answers, or out of it
         with no coordinator for longer than ``uncoordinated`` (finding the coordinator is
         one request to any broker: no rebalance waits on it, so it needs no long bound)."""
-        if not self.brokers_up:
+        if not (self.brokers_up or (self.contact is not None and self.contact.answers())):
             return False
         if self.out_for() > bound:
             return True
@@ -194,6 +222,8 @@ class GroupWatch:
         if isinstance(brokers, dict):
             self.brokers_up = any(isinstance(b, dict) and b.get("state") == "UP" and b.get("nodeid", -1) >= 0
                                   for b in brokers.values())
+            if self.brokers_up and self.contact is not None:
+                self.contact.up()
         group = stats.get("cgrp")
         if not isinstance(group, dict) or "join_state" not in group:
             return

@@ -59,7 +59,7 @@ from ._capacity import Capacity
 from ._consumer import ConsumerLike, ConsumerPump, Key, Pause, Renewal, Resume
 from ._partitions import PartitionState
 from ._session import session_ms
-from ._statistics import LAG_INTERVAL_MS, ConsumerLag, GroupWatch, read_statistics
+from ._statistics import LAG_INTERVAL_MS, ClusterContact, ConsumerLag, GroupWatch, read_statistics
 
 __all__ = [
     "SCHEMA_RETRY_MAX", "TierWorker", "consumer_settings", "coordinator_bound", "rebalance_grace", "rejoin_bound",
@@ -148,6 +148,7 @@ class TierWorker:
         consumer: ConsumerLike | None = None,
         clock: Clock = SYSTEM,
         ownership: Ownership | None = None,
+        contact: ClusterContact | None = None,
     ) -> None:
         self.tier = tier
         self.clock = clock
@@ -167,7 +168,7 @@ class TierWorker:
         self._schema_fetches: dict[int, asyncio.Task[None]] = {}
         self._done: asyncio.Future[None] = loop.create_future()
         self._lag = ConsumerLag(tier.name, metrics.consumer_lag)
-        self._group = GroupWatch(tier.name, clock=clock)
+        self._group = GroupWatch(tier.name, clock=clock, contact=contact)
         metrics.out_of_group.labels(tier.name).set_function(self._group.out_for)
         self._stamps: dict[Key, dict[int, int]] = {}
         """Per partition, the Kafka timestamps (ms) of the records taken and not settled, by
