@@ -30,6 +30,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes ``pid`` forked (and did not reap), from ``/proc``."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def processes_mentioning(text: str) -> list[int]:
     """Live processes whose command line holds ``text`` (what a test expects stopped)."""
     found = []
@@ -38,10 +51,9 @@ def processes_mentioning(text: str) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(") ", 1)[1][0]
         except OSError:
             continue
-        if text in cmdline and state != "Z":
+        if text in cmdline and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 

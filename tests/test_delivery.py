@@ -21,7 +21,7 @@ from gateway.records import DeadLetter, Delivery, Endpoint, Outcome
 from gateway.store import Topics, save_endpoint
 from gateway.verify import verify
 
-from .conftest import read_topic
+from .conftest import alive, children_of, read_topic
 from .receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -245,12 +245,10 @@ def test_workers_option_runs_a_supervised_group(
     ids = publish(topics, events)
     receiver.wait_for(lambda: len({r.event_id for r in receiver.at("/hook")}) >= 200, 30, "200 deliveries")
     assert {r.event_id for r in receiver.at("/hook")} == set(ids)
-    children = [int(p) for p in Path(f"/proc/{supervisor.process.pid}/task/{supervisor.process.pid}/children")
-                .read_text().split()]
+    children = children_of(supervisor.process.pid)
     assert len(children) == 2
     assert supervisor.terminate() == 0, supervisor.text()
-    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-                   for pid in children)
+    assert not any(alive(pid) for pid in children)
 
 
 def test_a_slow_endpoint_does_not_stall_another(
@@ -329,10 +327,9 @@ def test_killing_the_supervisor_leaves_no_worker_behind(topics: Config, worker_f
     while len(children) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-        task = Path(f"/proc/{supervisor.process.pid}/task/{supervisor.process.pid}/children")
-        children = [int(p) for p in task.read_text().split()]
+        children = children_of(supervisor.process.pid)
     supervisor.kill()
     deadline = time.monotonic() + 15
-    while any(Path(f"/proc/{pid}").exists() for pid in children):
+    while any(alive(pid) for pid in children):
         assert time.monotonic() < deadline, "workers outlived their killed supervisor"
         time.sleep(0.1)

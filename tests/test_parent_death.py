@@ -10,7 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
+
+from .conftest import alive, children_of
 
 # The middle process stands for the supervisor. Its child waits, before exec, until the
 # middle has been killed, and only then arms: the signal it asks for can no longer come.
@@ -31,14 +32,6 @@ MIDDLE = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 def test_a_child_whose_parent_dies_before_it_arms_leaves_at_once() -> None:
     middle = subprocess.Popen([sys.executable, "-c", MIDDLE], start_new_session=True)
     children: list[int] = []
@@ -48,8 +41,7 @@ def test_a_child_whose_parent_dies_before_it_arms_leaves_at_once() -> None:
             assert middle.poll() is None, "the middle process died on its own"
             assert time.monotonic() < deadline, "the middle process never forked its child"
             time.sleep(0.05)
-            children = [int(p) for p in
-                        Path(f"/proc/{middle.pid}/task/{middle.pid}/children").read_text().split()]
+            children = children_of(middle.pid)
         middle.kill()
         middle.wait()
         deadline = time.monotonic() + 10
