@@ -59,8 +59,10 @@ from gateway.streaming import (
     fair_room,
     flow_control,
     in_turns,
+    tier_workers,
 )
 
+from .conftest import free_port
 from .fakes import FakeClock, FakeConsumer, FakeMessage, RecordingProducer, ScriptedSender
 
 TOPIC = "t.retry-1s"
@@ -281,6 +283,36 @@ def test_a_process_whose_consumer_finds_no_room_judges_the_shares_at_once() -> N
                     await asyncio.sleep(0.005)
             assert sender._ticker is None
         finally:
+            await sender.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_process_judges_each_tier_s_consumer_by_what_all_of_its_consumers_reach() -> None:
+    """How a process wires its workers (``tier_workers``, what ``serve`` uses): one
+    dispatcher and budget for all, ownership for the deliveries tier alone, and one
+    ``ClusterContact`` shared by every tier's group watch, so that a consumer hunting for
+    a coordinator while the process's others reach the cluster is replaced."""
+    config = Config(bootstrap_servers=f"127.0.0.1:{free_port()}")  # (nothing listens: never joins)
+    tiers = Topics.from_config(config).worker_tiers
+    metrics = Metrics([t.name for t in Topics.from_config(config).tiers])
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        capacity, sender = flow_control(config, tiers, loop)
+        dispatcher = _Dispatcher()
+        ownership = Ownership(4)
+        workers = tier_workers(config, tiers, dispatcher, capacity, loop,  # type: ignore[arg-type]
+                               metrics=metrics, health=Health(), ownership=ownership)
+        try:
+            assert [w.tier for w in workers] == list(tiers)
+            assert all(w.dispatcher is dispatcher and w.capacity is capacity for w in workers)
+            assert [w.ownership for w in workers] == [ownership if t.owner else None for t in tiers]
+            contacts = {id(w._group.contact) for w in workers}
+            assert len(contacts) == 1 and workers[0]._group.contact is not None
+        finally:
+            for worker in workers:
+                worker.pump.consumer.close()
             await sender.aclose()
 
     asyncio.run(go())

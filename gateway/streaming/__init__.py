@@ -45,6 +45,7 @@ from ._runner import (
     resolve_tiers,
     run,
     serve,
+    tier_workers,
 )
 from ._session import Session, brokers_in, session_for, session_ms, settle_session
 from ._statistics import (
@@ -114,5 +115,6 @@ __all__ = [
     "session_ms",
     "settle_session",
     "supervise",
+    "tier_workers",
     "worker_config",
 ]
