@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import TopicPartition
@@ -306,7 +306,7 @@ def test_a_process_judges_each_tier_s_consumer_by_what_all_of_its_consumers_reac
                                metrics=metrics, health=Health(), ownership=ownership)
         try:
             assert [w.tier for w in workers] == list(tiers)
-            assert all(w.dispatcher is dispatcher and w.capacity is capacity for w in workers)
+            assert all(w.dispatcher is cast(Any, dispatcher) and w.capacity is capacity for w in workers)
             assert [w.ownership for w in workers] == [ownership if t.owner else None for t in tiers]
             contacts = {id(w._group.contact) for w in workers}
             assert len(contacts) == 1 and workers[0]._group.contact is not None
