@@ -11,9 +11,12 @@ to it, ``--concurrency`` requests at a time over ``--lanes`` connections, throug
    transport);
 3. ``--lanes`` ``AsyncClient`` s over the gateway's :class:`~gateway.delivery.Connection`;
 4. the gateway's :class:`~gateway.delivery.Sender` (its Connections, called without a
-   client, plus signing and the attempt record: what a worker runs).
+   client, plus signing and the attempt record: what a worker runs);
+5. aiohttp, ``--lanes`` connections each posting in turn (the ceiling ``bench/bursts.py``
+   holds a worker to, there with 50 connections; with ``pip install -e '.[bench]'``).
 
-and prints requests per second for each, with its ratio to the first. One run, one
+and prints requests per second for each, with its ratio to the first, and the client's
+CPU a request (its process, all threads; the receiver runs in another). One run, one
 machine: the ratios are what to quote.
 """
 
@@ -33,6 +36,7 @@ import httpx
 from gateway.config import Config
 from gateway.delivery import Connection, DestinationPolicy, Sender
 from gateway.ops import new_endpoint
+from gateway.records import Attempt
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -99,7 +103,7 @@ async def sender(url: str, args: argparse.Namespace) -> float:
 
     async def one(i: int) -> None:
         attempt = await gateway_sender.send(endpoint, str(i), BODY, "events")
-        assert attempt.succeeded, attempt
+        assert isinstance(attempt, Attempt) and attempt.succeeded, attempt
 
     try:
         return await timed(args.requests, args.concurrency, one)
@@ -107,11 +111,32 @@ async def sender(url: str, args: argparse.Namespace) -> float:
         await gateway_sender.aclose()
 
 
+async def with_aiohttp(url: str, args: argparse.Namespace) -> float:
+    import aiohttp
+
+    requests: int = args.requests
+    left = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=args.lanes)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_connection() -> None:
+            for i in left:
+                headers = {"content-type": "application/json", "webhook-id": str(i)}
+                async with session.post(url, data=BODY, headers=headers) as response:
+                    assert response.status == 204, response.status
+                    await response.read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_connection() for _ in range(args.lanes)))
+        return requests / (time.perf_counter() - started)
+
+
 WAYS = {
     "one AsyncClient pooling the connections (httpx default transport)": pooled,
     "single-connection AsyncClients (httpx default transport)": single_connection_clients,
     "single-connection AsyncClients over gateway.delivery.Connection": clients_over_connections,
     "the gateway's Sender (Connections, no client; signs each request)": sender,
+    "aiohttp, one ClientSession (what bench/bursts.py compares a worker with)": with_aiohttp,
 }
 
 
@@ -131,9 +156,11 @@ def main() -> None:
               f"to a receiver process on 127.0.0.1")
         first = None
         for name, way in WAYS.items():
+            cpu = time.process_time()
             rate = asyncio.run(way(url, args))
+            cpu = (time.process_time() - cpu) / args.requests * 1e6
             first = first or rate
-            print(f"  {rate:>8,.0f}/s  x{rate / first:4.1f}  {name}", flush=True)
+            print(f"  {rate:>8,.0f}/s  x{rate / first:4.1f}  {cpu:5.0f} µs CPU a request  {name}", flush=True)
     finally:
         receiver.terminate()
         receiver.wait(10)
