@@ -55,8 +55,7 @@ from gateway.events import Event  # noqa: E402
 from gateway.ops import new_endpoint  # noqa: E402
 from gateway.records import Attempt  # noqa: E402
 from gateway.store import AckedProducer, EndpointTable, Headers, Topics, create_topics  # noqa: E402
-from gateway.streaming import GC_YOUNG_THRESHOLD, Broker, metrics_for  # noqa: E402
-from gateway.streaming._consumer import REFILL_PARTS  # noqa: E402
+from gateway.streaming import GC_YOUNG_THRESHOLD, REFILL_PARTS, Broker, metrics_for  # noqa: E402
 from tests.fakes import FakeMessage  # noqa: E402
 
 ARMS = ("sender", "dispatch", "decode", "lines", "history")

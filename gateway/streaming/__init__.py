@@ -21,6 +21,7 @@ from ._broker import Broker, broker_binary, die_with_parent, port_in_use
 from ._capacity import Capacity, fair_room
 from ._consumer import (
     BATCH,
+    REFILL_PARTS,
     Command,
     ConsumerLike,
     ConsumerPump,
@@ -66,6 +67,7 @@ __all__ = [
     "GROUP_WARN_AFTER",
     "HOLD_LIMIT",
     "LAG_INTERVAL_MS",
+    "REFILL_PARTS",
     "SCHEMA_RETRY_MAX",
     "Broker",
     "Capacity",

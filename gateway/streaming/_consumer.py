@@ -56,6 +56,7 @@ from ._capacity import Capacity
 
 __all__ = [
     "BATCH",
+    "REFILL_PARTS",
     "Command",
     "ConsumerLike",
     "ConsumerPump",
