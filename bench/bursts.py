@@ -54,6 +54,7 @@ from run import (  # noqa: E402
     _children,
     free_port,
     make_events,
+    post_with_aiohttp,
     publish,
 )
 from run import start_workers as start_run_workers  # noqa: E402
@@ -182,34 +183,9 @@ def returns_due(config: Config, started: float) -> list[float]:
 
 
 def aiohttp_ceiling(url: str, events: list[Event], connections: int = 50) -> float:
-    """aiohttp posting the same bodies, with the same headers' names, ``connections`` at
-    a time, no Kafka: deliveries a second."""
-    import aiohttp
-
-    bodies = [(e.event_id, e.json_body()) for e in events]
-
-    async def run() -> float:
-        queue = iter(bodies)
-        connector = aiohttp.TCPConnector(limit=connections)
-        async with aiohttp.ClientSession(connector=connector) as session:
-
-            async def one_connection() -> None:
-                for event_id, body in queue:
-                    headers = {
-                        "content-type": "application/json",
-                        "webhook-id": event_id,
-                        "webhook-timestamp": str(int(time.time())),
-                        "webhook-signature": "v1,bench",
-                    }
-                    async with session.post(url, data=body, headers=headers) as response:
-                        assert response.status == 204, response.status
-                        await response.read()
-
-            started = time.perf_counter()
-            await asyncio.gather(*(one_connection() for _ in range(connections)))
-            return len(bodies) / (time.perf_counter() - started)
-
-    return asyncio.run(run())
+    """aiohttp posting the same bodies, ``connections`` at a time, no Kafka: deliveries a
+    second."""
+    return asyncio.run(post_with_aiohttp(url, [(e.event_id, e.json_body()) for e in events], connections))
 
 
 # -- the runs ---------------------------------------------------------------------------------

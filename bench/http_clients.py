@@ -12,8 +12,9 @@ to it, ``--concurrency`` requests at a time over ``--lanes`` connections, throug
 3. ``--lanes`` ``AsyncClient`` s over the gateway's :class:`~gateway.delivery.Connection`;
 4. the gateway's :class:`~gateway.delivery.Sender` (its Connections, called without a
    client, plus signing and the attempt record: what a worker runs);
-5. aiohttp, ``--lanes`` connections each posting in turn (the ceiling ``bench/bursts.py``
-   holds a worker to, there with 50 connections; with ``pip install -e '.[bench]'``).
+5. aiohttp, ``--lanes`` connections each posting in turn, with the same headers' names as
+   a worker (``run.post_with_aiohttp``: the ceiling ``bench/bursts.py`` holds a worker to,
+   there with 50 connections; with ``pip install -e '.[bench]'``).
 
 and prints requests per second for each, with its ratio to the first, and the client's
 CPU a request (its process, all threads; the receiver runs in another). One run, one
@@ -40,7 +41,7 @@ from gateway.records import Attempt
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import BOT, free_port  # noqa: E402
+from run import BOT, free_port, post_with_aiohttp  # noqa: E402
 
 BODY = (b'{"event":"MESSAGE","botId":"6434515b-8541-4861-bb24-8acd6e77e8c4","sessionId":'
         b'"9a0c4d2e-27f1-4f0e-8a44-1f2c3b4d5e6f","role":"USER","message":"hi, I would like '
@@ -112,23 +113,7 @@ async def sender(url: str, args: argparse.Namespace) -> float:
 
 
 async def with_aiohttp(url: str, args: argparse.Namespace) -> float:
-    import aiohttp
-
-    requests: int = args.requests
-    left = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=args.lanes)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one_connection() -> None:
-            for i in left:
-                headers = {"content-type": "application/json", "webhook-id": str(i)}
-                async with session.post(url, data=BODY, headers=headers) as response:
-                    assert response.status == 204, response.status
-                    await response.read()
-
-        started = time.perf_counter()
-        await asyncio.gather(*(one_connection() for _ in range(args.lanes)))
-        return requests / (time.perf_counter() - started)
+    return await post_with_aiohttp(url, [(str(i), BODY) for i in range(args.requests)], args.lanes)
 
 
 WAYS = {

@@ -15,7 +15,8 @@ before it:
 1. ``sender``: the gateway's Sender alone, the signed POST and its attempt record (what
    ``bench/http_clients.py`` compares with aiohttp);
 2. ``dispatch``: + the dispatcher, records already decoded: fan-out to the bot's
-   endpoints, the ownership check, the decision after the attempt, metrics; history off;
+   endpoints, the decision after the attempt, metrics; history off (no ownership check:
+   as a lone process, it owns every endpoint);
 3. ``decode``: + each record decoded and validated from its Avro bytes
    (``Dispatcher.prepare``, as a worker does on its event loop);
 4. ``lines``: + each attempt's line in the delivery history, built and encoded, handed to

@@ -79,6 +79,33 @@ def make_events(n: int, bot: str = BOT) -> list[Event]:
     return [parse_event(shapes[i % 4](sessions[i % 1000])) for i in range(n)]
 
 
+async def post_with_aiohttp(url: str, bodies: list[tuple[str, bytes]], connections: int) -> float:
+    """aiohttp posting ``bodies`` ((webhook id, JSON body) pairs) with a worker's headers'
+    names, ``connections`` at a time, no Kafka: requests a second (the ceiling the
+    benches compare a worker with)."""
+    import aiohttp
+
+    queue = iter(bodies)
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_connection() -> None:
+            for webhook_id, body in queue:
+                headers = {
+                    "content-type": "application/json",
+                    "webhook-id": webhook_id,
+                    "webhook-timestamp": str(int(time.time())),
+                    "webhook-signature": "v1,bench",
+                }
+                async with session.post(url, data=body, headers=headers) as response:
+                    assert response.status == 204, response.status
+                    await response.read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_connection() for _ in range(connections)))
+        return len(bodies) / (time.perf_counter() - started)
+
+
 class ReceiverProcess:
     """bench/receiver.py in its own process; ``delays``: seconds before a path's answer."""
 
